@@ -1,0 +1,294 @@
+//! `nagare bench`: fixed workloads run through nagare and through a baseline in the same run, each in its own
+//! process (so peak memory is measured per run), with the figures printed as ratios.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit};
+use clap::Subcommand;
+use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::datasource::file_format::options::JsonReadOptions;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use nagare_connectors::generator::{EventStream, w1_config};
+
+/// The W1 pipeline, with `${INPUT}` and `${OUTPUT}` for paths.
+pub const W1_SQL: &str = include_str!("../../../sql/bench/w1.sql");
+
+/// The same job as a DataFusion batch query.
+const W1_BATCH_SQL: &str = r#"
+SELECT id, "detail-type", time,
+       detail['tenant_id'] AS tenant_id, detail['document_id'] AS document_id,
+       detail['amount'] AS amount, detail['currency'] AS currency, detail['status'] AS status
+FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM events)
+WHERE rn = 1"#;
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// W1: keep the first event per id, project, write Parquet; nagare streaming vs DataFusion batch.
+    W1 {
+        /// Input events (generated once per size and kept in --dir).
+        #[arg(long, default_value_t = 2_200_000)]
+        rows: u64,
+        /// Working directory for input and outputs.
+        #[arg(long, default_value = "target/bench-w1")]
+        dir: PathBuf,
+        /// Threads for both engines (default: CPU cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Repetitions of each run; the best time counts.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+    },
+    /// The DataFusion batch baseline of W1 (run by `bench w1` as a child process).
+    #[command(hide = true)]
+    W1Batch {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        stats_json: PathBuf,
+    },
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Writes `rows` W1 events to `out` (gzip or zstd by extension); returns bytes written before compression.
+pub fn write_w1(out: &Path, rows: u64, seed: u64, duplicate_rate: f64) -> Result<u64> {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = out.with_extension("partial");
+    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let name = out.to_string_lossy().to_string();
+    let mut w: Box<dyn Write> = if name.ends_with(".gz") {
+        Box::new(flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast()))
+    } else if name.ends_with(".zst") {
+        Box::new(zstd::stream::write::Encoder::new(std::io::BufWriter::new(file), 3)?.auto_finish())
+    } else {
+        Box::new(std::io::BufWriter::with_capacity(1 << 20, file))
+    };
+    let mut stream = EventStream::new(w1_config(seed, duplicate_rate), 0, 1);
+    let mut buf = String::with_capacity(1 << 20);
+    let mut bytes = 0u64;
+    for i in 0..rows {
+        stream.next_line(&mut buf);
+        if buf.len() > (1 << 20) - 1024 || i + 1 == rows {
+            bytes += buf.len() as u64;
+            w.write_all(buf.as_bytes())?;
+            buf.clear();
+        }
+    }
+    w.flush()?;
+    drop(w);
+    std::fs::rename(&tmp, out)?;
+    Ok(bytes)
+}
+
+fn w1_schema() -> Arc<Schema> {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("version", DataType::Utf8, true),
+        Field::new("id", DataType::Utf8, true),
+        Field::new("detail-type", DataType::Utf8, true),
+        Field::new("source", DataType::Utf8, true),
+        Field::new("account", DataType::Utf8, true),
+        Field::new("time", ts, true),
+        Field::new("region", DataType::Utf8, true),
+        Field::new("resources", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), true),
+        Field::new(
+            "detail",
+            DataType::Struct(Fields::from(vec![
+                Field::new("tenant_id", DataType::Int64, true),
+                Field::new("document_id", DataType::Utf8, true),
+                Field::new("amount", DataType::Float64, true),
+                Field::new("currency", DataType::Utf8, true),
+                Field::new("status", DataType::Utf8, true),
+            ])),
+            true,
+        ),
+    ]))
+}
+
+async fn w1_batch(input: &Path, output: &Path, threads: usize) -> Result<()> {
+    let config = SessionConfig::new().with_target_partitions(threads.max(1));
+    let ctx = SessionContext::new_with_config(config);
+    let schema = w1_schema();
+    let ext = input.extension().and_then(|e| e.to_str()).map(|e| format!(".{e}")).unwrap_or_default();
+    let opts = JsonReadOptions::default().schema(&schema).file_extension(&ext);
+    ctx.register_json("events", input.to_string_lossy().as_ref(), opts).await?;
+    let df = ctx.sql(W1_BATCH_SQL).await?;
+    let mut parquet = datafusion::config::TableParquetOptions::default();
+    parquet.global.compression = Some("snappy".into());
+    df.write_parquet(&format!("{}/", output.display()), DataFrameWriteOptions::new(), Some(parquet)).await?;
+    Ok(())
+}
+
+struct Measured {
+    label: String,
+    seconds: f64,
+    peak_rss: u64,
+    rows_out: u64,
+}
+
+fn run_child(label: &str, args: &[String], stats: &Path, output: &Path, repeat: usize) -> Result<Measured> {
+    let exe = std::env::current_exe().context("locating the nagare binary")?;
+    let mut best: Option<Measured> = None;
+    for _ in 0..repeat.max(1) {
+        let _ = std::fs::remove_dir_all(output);
+        std::fs::create_dir_all(output)?;
+        let started = Instant::now();
+        let status = Command::new(&exe).args(args).status().with_context(|| format!("running {label}"))?;
+        let seconds = started.elapsed().as_secs_f64();
+        if !status.success() {
+            bail!("{label} failed ({status})");
+        }
+        let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(stats)?)?;
+        let peak_rss = stats["peak_rss_bytes"].as_u64().unwrap_or(0);
+        let rows_out = parquet_rows(output)?;
+        if best.as_ref().is_none_or(|b| seconds < b.seconds) {
+            best = Some(Measured { label: label.to_string(), seconds, peak_rss, rows_out });
+        }
+    }
+    best.context("no run")
+}
+
+/// Rows in all Parquet files under `dir` (from their footers).
+fn parquet_rows(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let p = entry?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "parquet") {
+                let f = std::fs::File::open(&p)?;
+                let reader = parquet::file::reader::SerializedFileReader::new(f)?;
+                use parquet::file::reader::FileReader;
+                total += reader.metadata().file_metadata().num_rows() as u64;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Runs a benchmark command.
+pub async fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::W1Batch { input, output, threads, stats_json } => {
+            w1_batch(&input, &output, threads).await?;
+            std::fs::write(&stats_json, serde_json::json!({"peak_rss_bytes": peak_rss_bytes()}).to_string())?;
+            Ok(())
+        }
+        BenchCommand::W1 { rows, dir, threads, repeat } => {
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            std::fs::create_dir_all(&dir)?;
+            let dir = dir.canonicalize()?;
+            let input = dir.join(format!("w1-{rows}.jsonl"));
+            if !input.exists() {
+                eprintln!("generating {} ...", input.display());
+                write_w1(&input, rows, 42, 0.1)?;
+            }
+            let size = std::fs::metadata(&input)?.len();
+            let sql = dir.join("w1.sql");
+            std::fs::write(&sql, W1_SQL)?;
+            let s = |p: &Path| p.to_string_lossy().to_string();
+            let nagare = |label: &str, p: usize, out: &str| -> Result<Measured> {
+                let output = dir.join(out);
+                let stats = dir.join(format!("{out}.json"));
+                let args = vec![
+                    "run".into(),
+                    s(&sql),
+                    "--quiet".into(),
+                    "--var".into(),
+                    format!("INPUT={}", s(&input)),
+                    "--var".into(),
+                    format!("OUTPUT={}", s(&output)),
+                    "--parallelism".into(),
+                    p.to_string(),
+                    "--threads".into(),
+                    p.to_string(),
+                    "--stats-json".into(),
+                    s(&stats),
+                ];
+                run_child(label, &args, &stats, &output, repeat)
+            };
+            let df_out = dir.join("out-datafusion");
+            let df_stats = dir.join("out-datafusion.json");
+            let df_args = vec![
+                "bench".into(),
+                "w1-batch".into(),
+                "--input".into(),
+                s(&input),
+                "--output".into(),
+                s(&df_out),
+                "--threads".into(),
+                threads.to_string(),
+                "--stats-json".into(),
+                s(&df_stats),
+            ];
+            println!(
+                "W1: {rows} events, {:.0} MB of JSON lines ({:.0} bytes/event), {threads} threads",
+                size as f64 / 1e6,
+                size as f64 / rows as f64
+            );
+            let baseline = run_child(
+                "DataFusion 55 batch (ROW_NUMBER() = 1, JSON in, Parquet out)",
+                &df_args,
+                &df_stats,
+                &df_out,
+                repeat,
+            )?;
+            let streaming = nagare(&format!("nagare streaming, parallelism {threads}"), threads, "out-nagare")?;
+            let one_core = nagare("nagare streaming, 1 core", 1, "out-nagare-1")?;
+            println!(
+                "{:<64} {:>8} {:>12} {:>10} {:>10} {:>8}",
+                "run", "seconds", "events/s", "peak MB", "rows out", "ratio"
+            );
+            for m in [&baseline, &streaming, &one_core] {
+                println!(
+                    "{:<64} {:>8.2} {:>12.0} {:>10.0} {:>10} {:>8.2}",
+                    m.label,
+                    m.seconds,
+                    rows as f64 / m.seconds,
+                    m.peak_rss as f64 / 1e6,
+                    m.rows_out,
+                    m.seconds / baseline.seconds
+                );
+            }
+            println!(
+                "ratio nagare/DataFusion = {:.2} (target <= 1.25); one core: {:.0} events/s (target >= 400000)",
+                streaming.seconds / baseline.seconds,
+                rows as f64 / one_core.seconds
+            );
+            if streaming.rows_out != baseline.rows_out || one_core.rows_out != baseline.rows_out {
+                bail!(
+                    "outputs differ: DataFusion wrote {} rows, nagare {} and {}",
+                    baseline.rows_out,
+                    streaming.rows_out,
+                    one_core.rows_out
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! `nagare`: run, explain and benchmark streaming SQL pipelines.
+
+mod bench;
+mod progress;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Parser, Subcommand};
+use nagare_connectors::Connectors;
+use nagare_engine::{JobOptions, JobSummary};
+use nagare_sql::{Pipeline, Planner, Variables};
+
+/// nagare (流れ): streaming SQL pipelines on Arrow, landing data exactly once.
+#[derive(Debug, Parser)]
+#[command(name = "nagare", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options shared by commands that plan a pipeline.
+#[derive(Debug, clap::Args)]
+struct PlanArgs {
+    /// The pipeline: a SQL file of SET, CREATE TABLE and INSERT INTO statements.
+    file: PathBuf,
+    /// Subtasks per parallel operator (default: CPU cores; overrides SET parallelism).
+    #[arg(long, short = 'p')]
+    parallelism: Option<usize>,
+    /// Overrides a pipeline setting, e.g. --set dedup_ttl=5m (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+    /// A value for ${NAME} in option values, e.g. --var INPUT=/data/in (repeatable; the environment is used too).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    vars: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs a pipeline until its sources end, or until Ctrl-C.
+    Run {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics_addr: Option<String>,
+        /// Worker threads (default: CPU cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// No progress line.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+        /// Write the final summary (and peak memory) as JSON to this file.
+        #[arg(long, hide = true)]
+        stats_json: Option<PathBuf>,
+    },
+    /// Prints the dataflow graph of a pipeline: operators, parallelism, edges and keys.
+    Explain {
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Lists connectors and their options.
+    Connectors,
+    /// Generates input data for benchmarks and tests.
+    Gen {
+        #[command(subcommand)]
+        what: GenCommand,
+    },
+    /// Runs a benchmark and prints its figures against a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GenCommand {
+    /// W1: EventBridge-shaped JSON lines, ~315 bytes each, a share of them re-deliveries up to 30 s late.
+    W1 {
+        /// Lines to write (re-deliveries included).
+        #[arg(long, default_value_t = 2_200_000)]
+        rows: u64,
+        /// Output file (.jsonl; .gz or .zst compresses).
+        #[arg(long)]
+        out: PathBuf,
+        /// Random seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Share of re-deliveries.
+        #[arg(long, default_value_t = 0.1)]
+        duplicate_rate: f64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing();
+    let threads = match &cli.command {
+        Command::Run { threads, .. } => *threads,
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(t) = threads {
+        builder.worker_threads(t.max(1));
+    }
+    let result = builder.build().context("starting the runtime").and_then(|rt| rt.block_on(dispatch(cli)));
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NAGARE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { plan, metrics_addr, quiet, stats_json, .. } => {
+            let pipeline = plan_file(&plan).await?;
+            let summary = run(&pipeline, metrics_addr, quiet, &plan.file).await?;
+            if let Some(path) = stats_json {
+                write_stats(&path, &summary)?;
+            }
+            Ok(())
+        }
+        Command::Explain { plan } => {
+            let pipeline = plan_file(&plan).await?;
+            print!("{pipeline}");
+            Ok(())
+        }
+        Command::Connectors => {
+            print_connectors();
+            Ok(())
+        }
+        Command::Gen { what: GenCommand::W1 { rows, out, seed, duplicate_rate } } => {
+            let started = std::time::Instant::now();
+            let bytes = bench::write_w1(&out, rows, seed, duplicate_rate)?;
+            eprintln!(
+                "wrote {rows} events ({:.1} MB, {:.0} bytes/event) to {} in {:.1}s",
+                bytes as f64 / 1e6,
+                bytes as f64 / rows.max(1) as f64,
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Bench { what } => bench::run(what).await,
+    }
+}
+
+fn parse_pairs(pairs: &[String], what: &str) -> Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("{what} '{p}' must be written KEY=VALUE"))
+        })
+        .collect()
+}
+
+/// Plans a pipeline file, reporting errors as `file:line:column: message`.
+async fn plan_file(args: &PlanArgs) -> Result<Pipeline> {
+    let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let vars: BTreeMap<String, String> = parse_pairs(&args.vars, "--var")?.into_iter().collect();
+    let mut planner = Planner::new(Connectors::catalog()).with_variables(Variables::new(vars, true));
+    for (k, v) in parse_pairs(&args.settings, "--set")? {
+        planner = planner.with_setting(k, v);
+    }
+    if let Some(p) = args.parallelism {
+        planner = planner.with_setting("parallelism", p.to_string());
+    }
+    planner.plan(&text).await.map_err(|e| {
+        let sep = if e.location.is_some() { ":" } else { ": " };
+        anyhow!("{}{sep}{e}", args.file.display())
+    })
+}
+
+async fn run(pipeline: &Pipeline, metrics_addr: Option<String>, quiet: bool, file: &Path) -> Result<JobSummary> {
+    let job = nagare_engine::start(pipeline, Arc::new(Connectors), JobOptions::default())
+        .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    let metrics = job.metrics();
+    let stop = job.stop_token();
+    if let Some(addr) = metrics_addr {
+        progress::serve_metrics(&addr, metrics.clone(), file.display().to_string()).await?;
+    }
+    let ctrl_c = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\nstopping (Ctrl-C again to abort)...");
+            ctrl_c.cancel();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("aborted");
+                std::process::exit(130);
+            }
+        }
+    });
+    let ticker = (!quiet).then(|| progress::spawn_progress(metrics.clone()));
+    let result = job.wait().await;
+    if let Some(t) = ticker {
+        t.abort();
+        progress::clear_line();
+    }
+    let summary = result.map_err(|e| anyhow!("{e}"))?;
+    progress::print_summary(&summary, &metrics);
+    Ok(summary)
+}
+
+fn write_stats(path: &Path, s: &JobSummary) -> Result<()> {
+    let json = serde_json::json!({
+        "elapsed_s": s.elapsed.as_secs_f64(),
+        "rows_read": s.rows_read,
+        "rows_written": s.rows_written,
+        "duplicates": s.duplicates,
+        "late_rows": s.late_rows,
+        "bad_records": s.bad_records,
+        "peak_rss_bytes": bench::peak_rss_bytes(),
+    });
+    std::fs::write(path, json.to_string()).with_context(|| format!("writing {}", path.display()))
+}
+
+fn print_connectors() {
+    for c in Connectors::catalog().iter() {
+        println!("{}: {}", c.name(), c.description());
+        for role in [nagare_sql::TableRole::Source, nagare_sql::TableRole::Sink] {
+            let Some(opts) = c.options(role) else { continue };
+            println!("  as a {role}:");
+            for o in opts {
+                let req = if o.required {
+                    " (required)".to_string()
+                } else {
+                    o.default.map(|d| format!(" (default '{d}')")).unwrap_or_default()
+                };
+                println!("    {:<18} {}{req}: {}", o.name, o.kind, o.doc);
+            }
+        }
+        println!();
+    }
+    println!("pipeline settings (SET key = 'value'; or --set key=value):");
+    for (name, kind, doc) in nagare_sql::planner::SETTINGS {
+        println!("    {name:<18} {kind}: {doc}");
+    }
+}

@@ -1,0 +1,443 @@
+//! The filesystem source: JSON lines, CSV or Parquet files, plain or gzip/zstd-compressed, read in parallel splits;
+//! bounded, or watching a directory for new files.
+
+use std::collections::{HashSet, VecDeque};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, RecordBatch, new_null_array};
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use nagare_engine::EngineError;
+use nagare_engine::connector::{Source, SourceContext, SourceEvent};
+use nagare_engine::metrics::NodeMetrics;
+use nagare_sql::SourceSpec;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+
+use super::listing::{Split, assign, list_files, owner_of, plan_splits};
+use crate::decode::{BadRecords, BlockDecoder, LineBase, TextFormat};
+
+/// Bytes read from a file at a time.
+const READ_CHUNK: usize = 4 << 20;
+
+/// File encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// JSON lines.
+    Json,
+    /// CSV.
+    Csv,
+    /// Parquet.
+    Parquet,
+}
+
+impl Format {
+    /// Parses the (validated) option value.
+    pub fn parse(s: &str) -> Format {
+        match s {
+            "csv" => Format::Csv,
+            "parquet" => Format::Parquet,
+            _ => Format::Json,
+        }
+    }
+}
+
+/// Compression of text files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// None.
+    None,
+    /// gzip (also concatenated members).
+    Gzip,
+    /// Zstandard.
+    Zstd,
+}
+
+/// The compression `option` means for `path` (`auto` looks at the extension).
+pub fn compression_for(option: &str, path: &Path) -> Compression {
+    match option {
+        "gzip" => Compression::Gzip,
+        "zstd" => Compression::Zstd,
+        "none" => Compression::None,
+        _ => match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("gz" | "gzip") => Compression::Gzip,
+            Some("zst" | "zstd") => Compression::Zstd,
+            _ => Compression::None,
+        },
+    }
+}
+
+/// Reads lines of one split in blocks.
+struct TextReader {
+    display: String,
+    input: Box<dyn Read + Send>,
+    buf: Vec<u8>,
+    pos: usize,
+    /// File offset of `buf[pos]` (of the decompressed stream for compressed files).
+    offset: u64,
+    end: Option<u64>,
+    /// Line number of `buf[pos]`, when known (whole files).
+    line: Option<u64>,
+    skip_first_line: bool,
+    eof: bool,
+    done: bool,
+    metrics: Arc<NodeMetrics>,
+}
+
+impl TextReader {
+    fn fill(&mut self) -> Result<(), EngineError> {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let old = self.buf.len();
+        self.buf.resize(old + READ_CHUNK, 0);
+        let mut filled = old;
+        while filled < self.buf.len() {
+            let n = self
+                .input
+                .read(&mut self.buf[filled..])
+                .map_err(|e| EngineError::io(format!("reading {}", self.display), e))?;
+            if n == 0 {
+                self.eof = true;
+                break;
+            }
+            filled += n;
+        }
+        self.buf.truncate(filled);
+        NodeMetrics::add(&self.metrics.bytes, filled - old);
+        Ok(())
+    }
+
+    /// The next block of at most `max_lines` complete lines, as a range of `buf` and where it starts.
+    fn next_block(&mut self, max_lines: usize) -> Result<Option<(std::ops::Range<usize>, LineBase)>, EngineError> {
+        if self.done {
+            return Ok(None);
+        }
+        while self.skip_first_line {
+            match memchr::memchr(b'\n', &self.buf[self.pos..]) {
+                Some(nl) => {
+                    self.pos += nl + 1;
+                    self.offset += nl as u64 + 1;
+                    self.line = self.line.map(|l| l + 1);
+                    self.skip_first_line = false;
+                }
+                None if self.eof => {
+                    self.done = true;
+                    return Ok(None);
+                }
+                None => self.fill()?,
+            }
+        }
+        if let Some(end) = self.end
+            && self.offset >= end {
+                self.done = true;
+                return Ok(None);
+            }
+        loop {
+            let avail = &self.buf[self.pos..];
+            let mut lines = 0usize;
+            let mut cut = None;
+            let mut last = false;
+            for nl in memchr::memchr_iter(b'\n', avail) {
+                lines += 1;
+                let next_start = self.offset + nl as u64 + 1;
+                if self.end.is_some_and(|end| next_start >= end) {
+                    cut = Some(nl + 1);
+                    last = true;
+                    break;
+                }
+                if lines == max_lines {
+                    cut = Some(nl + 1);
+                    break;
+                }
+            }
+            if cut.is_none() {
+                if !self.eof {
+                    self.fill()?;
+                    continue;
+                }
+                if avail.is_empty() {
+                    self.done = true;
+                    return Ok(None);
+                }
+                cut = Some(avail.len());
+                last = true;
+            }
+            let c = cut.unwrap_or(0);
+            let base = match self.line {
+                Some(l) => LineBase::Line(l),
+                None => LineBase::Byte(self.offset),
+            };
+            let range = self.pos..self.pos + c;
+            self.pos += c;
+            self.offset += c as u64;
+            self.line = self.line.map(|l| l + lines as u64);
+            self.done = last;
+            return Ok(Some((range, base)));
+        }
+    }
+}
+
+/// Reads a Parquet file, projecting and casting to the declared columns.
+struct ParquetReader {
+    display: String,
+    reader: ParquetRecordBatchReader,
+    /// For each output column: its index in the read batch, or None (absent from the file: nulls).
+    columns: Vec<Option<usize>>,
+}
+
+enum Reader {
+    Text(TextReader),
+    Parquet(ParquetReader),
+}
+
+struct Watch {
+    path: String,
+    interval: Duration,
+    next_poll: Instant,
+    seen: HashSet<PathBuf>,
+}
+
+/// One subtask of a filesystem source.
+pub struct FileSource {
+    schema: SchemaRef,
+    format: Format,
+    compression: String,
+    skip_header: bool,
+    splits: VecDeque<Split>,
+    current: Option<Reader>,
+    watch: Option<Watch>,
+    decoder: Option<BlockDecoder>,
+    split_size: u64,
+    ctx: SourceContext,
+}
+
+impl FileSource {
+    /// The subtask `ctx.subtask` of a source over `spec`, producing `schema`.
+    pub fn new(spec: &SourceSpec, schema: SchemaRef, ctx: SourceContext) -> Result<Self, EngineError> {
+        let o = &spec.table.options;
+        let path = o.get_str("path").ok_or_else(|| EngineError::Config("filesystem source needs 'path'".into()))?;
+        let format = Format::parse(&o.get_str("format").unwrap_or_default());
+        let compression = o.get_str("compression").unwrap_or_else(|| "auto".into());
+        let split_size = o.get_bytes("split_size").unwrap_or(32 << 20);
+        let files = list_files(&path)?;
+        let splittable = |p: &Path| format == Format::Json && compression_for(&compression, p) == Compression::None;
+        let splits = assign(plan_splits(&files, splittable, split_size)?, ctx.subtask, ctx.parallelism);
+        let watch = o.get_bool("watch").unwrap_or(false).then(|| Watch {
+            path: path.clone(),
+            interval: o.get_duration("watch_interval").unwrap_or(Duration::from_secs(5)),
+            next_poll: Instant::now(),
+            seen: files.iter().cloned().collect(),
+        });
+        let decoder = match format {
+            Format::Parquet => None,
+            text => {
+                let tf = if text == Format::Csv {
+                    let d = o.get_str("csv_delimiter").unwrap_or_else(|| ",".into());
+                    TextFormat::Csv { delimiter: d.bytes().next().unwrap_or(b',') }
+                } else {
+                    TextFormat::Json
+                };
+                Some(BlockDecoder::new(
+                    tf,
+                    schema.clone(),
+                    spec.table.schema.clone(),
+                    spec.projection.clone(),
+                    BadRecords::parse(o.get_str("bad_records")),
+                    ctx.dead_letter.clone(),
+                    ctx.metrics.clone(),
+                    format!("source {}", spec.table.name),
+                )?)
+            }
+        };
+        Ok(FileSource {
+            schema,
+            format,
+            compression,
+            skip_header: format == Format::Csv && o.get_bool("csv_header").unwrap_or(true),
+            splits: splits.into(),
+            current: None,
+            watch,
+            decoder,
+            split_size,
+            ctx,
+        })
+    }
+
+    fn open(&self, split: &Split) -> Result<Reader, EngineError> {
+        let display = split.path.display().to_string();
+        let mut file = File::open(&split.path).map_err(|e| EngineError::io(format!("opening {display}"), e))?;
+        if self.format == Format::Parquet {
+            return self.open_parquet(file, display);
+        }
+        let mut skip_first_line = self.skip_header;
+        let mut offset = 0;
+        if split.start > 0 {
+            // Start inside the file: the line in progress belongs to the previous split.
+            file.seek(SeekFrom::Start(split.start - 1))
+                .map_err(|e| EngineError::io(format!("seeking {display}"), e))?;
+            offset = split.start - 1;
+            skip_first_line = true;
+        }
+        let input: Box<dyn Read + Send> = match compression_for(&self.compression, &split.path) {
+            Compression::None => Box::new(file),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file))),
+            Compression::Zstd => Box::new(
+                zstd::stream::read::Decoder::new(file)
+                    .map_err(|e| EngineError::io(format!("opening zstd stream {display}"), e))?,
+            ),
+        };
+        Ok(Reader::Text(TextReader {
+            display,
+            input,
+            buf: Vec::with_capacity(READ_CHUNK),
+            pos: 0,
+            offset,
+            end: split.end,
+            line: (split.start == 0).then_some(1),
+            skip_first_line,
+            eof: false,
+            done: false,
+            metrics: self.ctx.metrics.clone(),
+        }))
+    }
+
+    fn open_parquet(&self, file: File, display: String) -> Result<Reader, EngineError> {
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| EngineError::Config(format!("reading Parquet file {display}: {e}")))?;
+        let file_schema = builder.schema().clone();
+        let mut roots = Vec::new();
+        let mut wanted = Vec::new();
+        for field in self.schema.fields() {
+            match file_schema.index_of(field.name()) {
+                Ok(i) => {
+                    roots.push(i);
+                    wanted.push(Some(i));
+                }
+                Err(_) if field.is_nullable() => wanted.push(None),
+                Err(_) => {
+                    return Err(EngineError::Config(format!(
+                        "Parquet file {display} has no column '{}', which is declared NOT NULL",
+                        field.name()
+                    )));
+                }
+            }
+        }
+        let mut sorted = roots.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        // Read columns come back in file order; map each output column to its position among them.
+        let columns = wanted.iter().map(|w| w.and_then(|i| sorted.iter().position(|s| *s == i))).collect();
+        let mask = ProjectionMask::roots(builder.parquet_schema(), sorted);
+        let reader = builder.with_projection(mask).with_batch_size(self.ctx.batch_size).build()?;
+        NodeMetrics::add(&self.ctx.metrics.bytes, size as usize);
+        Ok(Reader::Parquet(ParquetReader { display, reader, columns }))
+    }
+
+    fn adapt_parquet(&self, r: &ParquetReader, batch: RecordBatch) -> Result<RecordBatch, EngineError> {
+        let n = batch.num_rows();
+        let mut cols: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        for (field, src) in self.schema.fields().iter().zip(&r.columns) {
+            let col = match src {
+                Some(i) => {
+                    let c = batch.column(*i).clone();
+                    if c.data_type() == field.data_type() {
+                        c
+                    } else {
+                        arrow::compute::cast(&c, field.data_type()).map_err(|e| {
+                            EngineError::Config(format!(
+                                "Parquet file {}: column '{}' is {} and cannot be read as declared ({}): {e}",
+                                r.display,
+                                field.name(),
+                                c.data_type(),
+                                nagare_sql::types::arrow_to_sql(field.data_type())
+                            ))
+                        })?
+                    }
+                }
+                None => new_null_array(field.data_type(), n),
+            };
+            cols.push(col);
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), cols)?)
+    }
+
+    /// Looks for new files; returns how long to wait if there are none.
+    fn poll_watch(&mut self) -> Result<Option<Duration>, EngineError> {
+        let Some(w) = self.watch.as_mut() else { return Ok(None) };
+        let now = Instant::now();
+        if now < w.next_poll {
+            return Ok(Some(w.next_poll - now));
+        }
+        w.next_poll = now + w.interval;
+        let files = match list_files(&w.path) {
+            Ok(f) => f,
+            // A watched directory may appear later.
+            Err(EngineError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut new = Vec::new();
+        for f in files {
+            if w.seen.insert(f.clone()) && owner_of(&f, self.ctx.parallelism) == self.ctx.subtask {
+                new.push(f);
+            }
+        }
+        if new.is_empty() {
+            return Ok(Some(w.interval));
+        }
+        tracing::info!(files = new.len(), path = %w.path, "new files to read");
+        let format = self.format;
+        let compression = self.compression.clone();
+        let splittable = |p: &Path| format == Format::Json && compression_for(&compression, p) == Compression::None;
+        self.splits.extend(plan_splits(&new, splittable, self.split_size)?);
+        Ok(Some(Duration::ZERO))
+    }
+}
+
+#[async_trait]
+impl Source for FileSource {
+    async fn next(&mut self) -> Result<SourceEvent, EngineError> {
+        loop {
+            if self.current.is_none() {
+                match self.splits.pop_front() {
+                    Some(split) => self.current = Some(self.open(&split)?),
+                    None => match self.poll_watch()? {
+                        None => return Ok(SourceEvent::End),
+                        Some(wait) if wait.is_zero() => continue,
+                        Some(wait) => return Ok(SourceEvent::Idle(wait.min(Duration::from_secs(1)))),
+                    },
+                }
+            }
+            let batch_size = self.ctx.batch_size;
+            match self.current.as_mut() {
+                Some(Reader::Text(r)) => match r.next_block(batch_size)? {
+                    Some((range, base)) => {
+                        let decoder =
+                            self.decoder.as_ref().ok_or_else(|| EngineError::Internal("no text decoder".into()))?;
+                        if let Some(batch) = decoder.decode(&r.buf[range], &r.display, base)? {
+                            return Ok(SourceEvent::Batch(batch));
+                        }
+                    }
+                    None => self.current = None,
+                },
+                Some(Reader::Parquet(r)) => match r.reader.next() {
+                    Some(batch) => {
+                        let batch = batch
+                            .map_err(|e| EngineError::Config(format!("reading Parquet file {}: {e}", r.display)))?;
+                        if let Some(Reader::Parquet(r)) = self.current.as_ref() {
+                            return Ok(SourceEvent::Batch(self.adapt_parquet(r, batch)?));
+                        }
+                    }
+                    None => self.current = None,
+                },
+                None => {}
+            }
+        }
+    }
+}

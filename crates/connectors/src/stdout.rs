@@ -1,0 +1,79 @@
+//! `connector = 'stdout'`: rows printed as JSON lines (or as a table), for trying pipelines out.
+
+use std::io::Write;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use nagare_engine::EngineError;
+use nagare_engine::connector::{Sink, SinkContext};
+use nagare_sql::SinkSpec;
+use nagare_sql::catalog::{ConnectorSpec, TableDef, TableRole};
+use nagare_sql::error::PlanError;
+use nagare_sql::options::{OptionKind, OptionSpec};
+
+/// Options of the stdout sink.
+pub const OPTIONS: &[OptionSpec] = &[OptionSpec::optional(
+    "format",
+    OptionKind::Enum(&["json", "table"]),
+    Some("json"),
+    "JSON lines, or a text table per batch",
+)];
+
+/// The stdout connector's spec.
+#[derive(Debug)]
+pub struct StdoutSpec;
+
+impl ConnectorSpec for StdoutSpec {
+    fn name(&self) -> &'static str {
+        "stdout"
+    }
+
+    fn description(&self) -> &'static str {
+        "prints rows to standard output"
+    }
+
+    fn options(&self, role: TableRole) -> Option<&'static [OptionSpec]> {
+        (role == TableRole::Sink).then_some(OPTIONS)
+    }
+
+    fn validate(&self, _table: &TableDef, _role: TableRole) -> Result<(), PlanError> {
+        Ok(())
+    }
+}
+
+/// Prints rows.
+pub struct StdoutSink {
+    schema: SchemaRef,
+    table: bool,
+}
+
+impl StdoutSink {
+    /// A sink printing rows of `schema`.
+    pub fn new(spec: &SinkSpec, schema: SchemaRef, _ctx: SinkContext) -> Self {
+        StdoutSink { schema, table: spec.table.options.get_str("format").as_deref() == Some("table") }
+    }
+}
+
+#[async_trait]
+impl Sink for StdoutSink {
+    async fn write(&mut self, batch: RecordBatch) -> Result<(), EngineError> {
+        let batch = RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())?;
+        let mut buf = Vec::new();
+        if self.table {
+            let text = arrow::util::pretty::pretty_format_batches(&[batch])?;
+            writeln!(buf, "{text}").map_err(|e| EngineError::io("formatting", e))?;
+        } else {
+            let mut w = arrow_json::LineDelimitedWriter::new(&mut buf);
+            w.write(&batch)?;
+            w.finish()?;
+        }
+        let mut out = std::io::stdout().lock();
+        out.write_all(&buf).map_err(|e| EngineError::io("writing to stdout", e))?;
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), EngineError> {
+        std::io::stdout().flush().map_err(|e| EngineError::io("flushing stdout", e))
+    }
+}

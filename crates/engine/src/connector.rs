@@ -1,0 +1,116 @@
+//! The seams between the runtime and connectors: what a source and a sink implement, and the factory that builds
+//! them from a table definition.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use nagare_core::CheckpointId;
+use nagare_sql::{SinkSpec, SourceSpec};
+use tokio_util::sync::CancellationToken;
+
+use crate::dead_letter::DeadLetterWriter;
+use crate::error::Result;
+use crate::metrics::NodeMetrics;
+
+/// What a source has for the runtime.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// Rows in the source's output schema.
+    Batch(RecordBatch),
+    /// Nothing right now; ask again after about this long.
+    Idle(Duration),
+    /// The input is exhausted (bounded sources only).
+    End,
+}
+
+/// Where and how a source subtask runs.
+#[derive(Debug, Clone)]
+pub struct SourceContext {
+    /// This subtask's index.
+    pub subtask: usize,
+    /// Subtasks of the source.
+    pub parallelism: usize,
+    /// Rows per batch to aim for.
+    pub batch_size: usize,
+    /// Where malformed records go when the source is configured to dead-letter them.
+    pub dead_letter: Option<Arc<DeadLetterWriter>>,
+    /// The node's counters.
+    pub metrics: Arc<NodeMetrics>,
+    /// Set when the job is stopping; long waits should end early.
+    pub stop: CancellationToken,
+}
+
+/// Where and how a sink subtask runs.
+#[derive(Debug, Clone)]
+pub struct SinkContext {
+    /// This subtask's index.
+    pub subtask: usize,
+    /// Subtasks of the sink.
+    pub parallelism: usize,
+    /// A token unique to this run of the job, for output names that never collide.
+    pub run_id: String,
+    /// The node's counters.
+    pub metrics: Arc<NodeMetrics>,
+}
+
+/// A parallel reader of one source table: each subtask reads its share of the input.
+#[async_trait]
+pub trait Source: Send {
+    /// The next batch, or that there is nothing for now, or that the input has ended.
+    ///
+    /// Called again only after the previous call returned; a call may be abandoned only when the job stops.
+    async fn next(&mut self) -> Result<SourceEvent>;
+
+    /// The position to restart from if the job fails after checkpoint `checkpoint`; called between `next` calls.
+    fn snapshot_position(&mut self, _checkpoint: CheckpointId) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+
+    /// Checkpoint `checkpoint` is durable: input before it may be acknowledged upstream.
+    async fn notify_checkpoint_complete(&mut self, _checkpoint: CheckpointId) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A parallel writer of one sink table.
+#[async_trait]
+pub trait Sink: Send {
+    /// Writes rows (in the sink's schema).
+    async fn write(&mut self, batch: RecordBatch) -> Result<()>;
+
+    /// Called about once a second, for time-based work such as rolling files.
+    async fn tick(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes everything written so far durable but not yet visible; returns what `commit` needs (two-phase commit).
+    async fn pre_commit(&mut self, _checkpoint: CheckpointId) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+
+    /// Makes pre-committed writes visible; must be idempotent.
+    async fn commit(&mut self, _handles: Vec<Vec<u8>>) -> Result<()> {
+        Ok(())
+    }
+
+    /// The input has ended (or the job is stopping cleanly): flush and close.
+    async fn finish(&mut self) -> Result<()>;
+}
+
+/// Builds sources and sinks from planned table definitions.
+pub trait ConnectorFactory: Send + Sync {
+    /// A source subtask reading `spec.table`, producing `schema` (the projected columns).
+    fn create_source(&self, spec: &SourceSpec, schema: SchemaRef, ctx: SourceContext) -> Result<Box<dyn Source>>;
+
+    /// A sink subtask writing `spec.table` with rows of `schema`.
+    fn create_sink(&self, spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Box<dyn Sink>>;
+
+    /// Checks that can only be done on the machine that runs the job (paths exist, credentials resolve), before
+    /// any task starts.
+    fn check_source(&self, _spec: &SourceSpec) -> Result<()> {
+        Ok(())
+    }
+}

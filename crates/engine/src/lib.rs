@@ -1,0 +1,17 @@
+//! The nagare runtime: operator subtasks on tokio, connected by bounded channels that carry Arrow batches,
+//! watermarks, checkpoint barriers and end-of-stream markers.
+
+pub mod channel;
+pub mod connector;
+pub mod dead_letter;
+pub mod error;
+pub mod metrics;
+pub mod operator;
+pub mod operators;
+pub mod partition;
+
+pub use error::{EngineError, Result};
+pub mod job;
+pub mod task;
+
+pub use job::{JobError, JobOptions, JobSummary, RunningJob, start};

@@ -1,0 +1,180 @@
+//! Per-operator counters, shared by the subtasks of a node and read by the progress line, the final summary and the
+//! Prometheus endpoint.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Counters of one dataflow node, summed over its subtasks.
+#[derive(Debug)]
+pub struct NodeMetrics {
+    /// Node id in the graph.
+    pub node: usize,
+    /// The node's label.
+    pub label: String,
+    /// `source`, `sink`, `calc`, `dedup`, `window`, `union`.
+    pub kind: &'static str,
+    /// Rows received.
+    pub rows_in: AtomicU64,
+    /// Rows emitted (for sinks: rows written).
+    pub rows_out: AtomicU64,
+    /// Bytes read from input files or written to output files, where the connector knows.
+    pub bytes: AtomicU64,
+    /// Rows behind the watermark, dropped or dead-lettered.
+    pub late_rows: AtomicU64,
+    /// Rows dropped as duplicates by a dedup.
+    pub duplicates: AtomicU64,
+    /// Malformed input records.
+    pub bad_records: AtomicU64,
+    /// Keys or windows held in state right now.
+    pub state_entries: AtomicI64,
+    /// Time spent blocked on full output channels (backpressure), in µs.
+    pub backpressure_us: AtomicU64,
+    watermarks: Vec<AtomicI64>,
+}
+
+impl NodeMetrics {
+    /// Counters for a node of `parallelism` subtasks.
+    pub fn new(node: usize, label: String, kind: &'static str, parallelism: usize) -> Self {
+        NodeMetrics {
+            node,
+            label,
+            kind,
+            rows_in: AtomicU64::new(0),
+            rows_out: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            late_rows: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            bad_records: AtomicU64::new(0),
+            state_entries: AtomicI64::new(0),
+            backpressure_us: AtomicU64::new(0),
+            watermarks: (0..parallelism).map(|_| AtomicI64::new(i64::MIN)).collect(),
+        }
+    }
+
+    /// Adds to a counter.
+    pub fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Records the watermark a subtask reached.
+    pub fn set_watermark(&self, subtask: usize, micros: i64) {
+        if let Some(w) = self.watermarks.get(subtask) {
+            w.fetch_max(micros, Ordering::Relaxed);
+        }
+    }
+
+    /// The node's watermark: the minimum over its subtasks (None before all have one).
+    pub fn watermark(&self) -> Option<i64> {
+        let min = self.watermarks.iter().map(|w| w.load(Ordering::Relaxed)).min()?;
+        (min != i64::MIN).then_some(min)
+    }
+
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of a whole job.
+#[derive(Debug)]
+pub struct JobMetrics {
+    /// One entry per graph node, by node id.
+    pub nodes: Vec<Arc<NodeMetrics>>,
+    /// When the job started.
+    pub started: Instant,
+}
+
+impl JobMetrics {
+    /// Rows read by all sources.
+    pub fn rows_read(&self) -> u64 {
+        self.sum("source", |m| &m.rows_out)
+    }
+
+    /// Rows written by all sinks.
+    pub fn rows_written(&self) -> u64 {
+        self.sum("sink", |m| &m.rows_out)
+    }
+
+    /// Sum of a counter over nodes of a kind (`""` for all).
+    pub fn sum(&self, kind: &str, f: impl Fn(&NodeMetrics) -> &AtomicU64) -> u64 {
+        self.nodes.iter().filter(|m| kind.is_empty() || m.kind == kind).map(|m| NodeMetrics::get(f(m))).sum()
+    }
+
+    /// The lowest watermark over the sinks' inputs (how far event time has been completely processed).
+    pub fn sink_watermark(&self) -> Option<i64> {
+        self.nodes.iter().filter(|m| m.kind == "sink").filter_map(|m| m.watermark()).min()
+    }
+
+    /// The counters in Prometheus text exposition format.
+    pub fn prometheus(&self, job: &str) -> String {
+        let mut out = String::new();
+        let counters: [Counter; 7] = [
+            ("nagare_rows_in_total", "Rows received by the operator.", |m| NodeMetrics::get(&m.rows_in)),
+            ("nagare_rows_out_total", "Rows emitted (sinks: written) by the operator.", |m| {
+                NodeMetrics::get(&m.rows_out)
+            }),
+            ("nagare_bytes_total", "Bytes read (sources) or written (sinks).", |m| NodeMetrics::get(&m.bytes)),
+            ("nagare_late_rows_total", "Rows behind the watermark, dropped or dead-lettered.", |m| {
+                NodeMetrics::get(&m.late_rows)
+            }),
+            ("nagare_duplicates_total", "Rows dropped as duplicates.", |m| NodeMetrics::get(&m.duplicates)),
+            ("nagare_bad_records_total", "Malformed input records.", |m| NodeMetrics::get(&m.bad_records)),
+            ("nagare_backpressure_seconds_total", "Time blocked on full output channels.", |m| {
+                NodeMetrics::get(&m.backpressure_us) / 1_000_000
+            }),
+        ];
+        for (name, help, get) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for m in &self.nodes {
+                let _ = writeln!(
+                    out,
+                    "{name}{{job=\"{}\",node=\"{}\",kind=\"{}\"}} {}",
+                    escape(job),
+                    m.node,
+                    m.kind,
+                    get(m)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP nagare_state_entries Keys or windows held in operator state.\n# TYPE nagare_state_entries gauge"
+        );
+        for m in &self.nodes {
+            let _ = writeln!(
+                out,
+                "nagare_state_entries{{job=\"{}\",node=\"{}\",kind=\"{}\"}} {}",
+                escape(job),
+                m.node,
+                m.kind,
+                m.state_entries.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP nagare_watermark_seconds Event-time watermark of the operator.\n# TYPE nagare_watermark_seconds gauge"
+        );
+        for m in &self.nodes {
+            if let Some(w) = m.watermark() {
+                let _ = writeln!(
+                    out,
+                    "nagare_watermark_seconds{{job=\"{}\",node=\"{}\",kind=\"{}\"}} {}",
+                    escape(job),
+                    m.node,
+                    m.kind,
+                    w as f64 / 1e6
+                );
+            }
+        }
+        out
+    }
+}
+
+/// A Prometheus counter: name, help, and how to read it from a node.
+type Counter = (&'static str, &'static str, fn(&NodeMetrics) -> u64);
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

@@ -1,0 +1,295 @@
+//! Session windows: per key, rows less than `gap` apart in event time share a window `[first, last + gap)`.
+//!
+//! Rows wait until the watermark passes them, then each key's rows are folded in event-time order into its open
+//! session (or start a new one). A session closes when the watermark reaches `last + gap - 1`. A row that arrives
+//! behind the watermark still joins its key's open session if it falls within the gap; otherwise it is late.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, StructArray, UInt32Array};
+use arrow::compute::{filter_record_batch, take, take_record_batch};
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use arrow_row::{OwnedRow, RowConverter, SortField};
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::Accumulator;
+use datafusion::physical_expr::PhysicalExpr;
+use nagare_sql::window::WindowKind;
+use nagare_sql::{AggregateSpec, WindowAggregateSpec};
+
+use super::window::aggregate_inputs;
+use super::{OperatorContext, event_times};
+use crate::error::{EngineError, Result};
+use crate::operator::Operator;
+
+struct Session {
+    key: OwnedRow,
+    start: i64,
+    last: i64,
+    accumulators: Vec<Box<dyn Accumulator>>,
+}
+
+/// A SESSION aggregate of one subtask.
+pub struct SessionOperator {
+    gap_us: i64,
+    time_column: usize,
+    time_type: DataType,
+    window_position: usize,
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    converter: RowConverter,
+    aggregates: Vec<AggregateSpec>,
+    out_schema: SchemaRef,
+    pending: Vec<(RecordBatch, Vec<i64>)>,
+    sessions: HashMap<Box<[u8]>, Session>,
+    watermark: i64,
+    reported_entries: i64,
+    ctx: OperatorContext,
+}
+
+impl SessionOperator {
+    /// An operator for `spec` producing `out_schema`.
+    pub fn new(spec: &WindowAggregateSpec, out_schema: SchemaRef, ctx: OperatorContext) -> Result<Self> {
+        let WindowKind::Session { gap_us } = spec.window else {
+            return Err(EngineError::Internal("SessionOperator needs a session window".into()));
+        };
+        let key_types: Vec<SortField> = if spec.keys.is_empty() {
+            vec![SortField::new(DataType::Boolean)]
+        } else {
+            spec.keys.iter().map(|k| Ok(SortField::new(k.data_type(&spec.input_schema)?))).collect::<Result<_>>()?
+        };
+        Ok(SessionOperator {
+            gap_us,
+            time_column: spec.time_column,
+            time_type: spec.input_schema.field(spec.time_column).data_type().clone(),
+            window_position: spec.window_position,
+            keys: spec.keys.clone(),
+            converter: RowConverter::new(key_types)?,
+            aggregates: spec.aggregates.clone(),
+            out_schema,
+            pending: Vec::new(),
+            sessions: HashMap::new(),
+            watermark: i64::MIN,
+            reported_entries: 0,
+            ctx,
+        })
+    }
+
+    fn key_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+        let n = batch.num_rows();
+        if self.keys.is_empty() {
+            return Ok(vec![Arc::new(BooleanArray::from(vec![true; n]))]);
+        }
+        Ok(self.keys.iter().map(|k| k.evaluate(batch).and_then(|v| v.into_array(n))).collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn new_session(&self, key: OwnedRow, t: i64) -> Result<Session> {
+        let accumulators =
+            self.aggregates.iter().map(|a| a.expr.create_accumulator()).collect::<Result<Vec<_>, _>>()?;
+        Ok(Session { key, start: t, last: t, accumulators })
+    }
+
+    /// Folds rows `idx` (of one key, one session) into `session`.
+    fn update(session: &mut Session, inputs: &[(Vec<ArrayRef>, Option<BooleanArray>)], idx: &[u32]) -> Result<()> {
+        let idx = UInt32Array::from(idx.to_vec());
+        for (acc, (args, filter)) in session.accumulators.iter_mut().zip(inputs) {
+            let mut cols = args.iter().map(|a| take(a, &idx, None)).collect::<Result<Vec<_>, _>>()?;
+            if let Some(f) = filter {
+                let f = take(f, &idx, None)?;
+                let f =
+                    f.as_any().downcast_ref::<BooleanArray>().ok_or_else(|| EngineError::Internal("filter".into()))?;
+                let batch_cols: Vec<ArrayRef> =
+                    cols.iter().map(|c| arrow::compute::filter(c, f)).collect::<Result<_, _>>()?;
+                cols = batch_cols;
+            }
+            acc.update_batch(&cols)?;
+        }
+        Ok(())
+    }
+
+    fn emit(&self, closed: Vec<Session>, out: &mut Vec<RecordBatch>) -> Result<()> {
+        if closed.is_empty() {
+            return Ok(());
+        }
+        let DataType::Timestamp(unit, _) = self.time_type.clone() else {
+            return Err(EngineError::Internal("session time column is not a timestamp".into()));
+        };
+        let keys = self.converter.convert_rows(closed.iter().map(|s| s.key.row()))?;
+        let to_ts = |v: Vec<i64>| -> Result<ArrayRef> {
+            let a: ArrayRef = Arc::new(arrow::array::Int64Array::from(
+                v.into_iter().map(|us| nagare_core::keys::from_micros(us, unit)).collect::<Vec<_>>(),
+            ));
+            Ok(arrow::compute::cast(&a, &self.time_type)?)
+        };
+        let starts = to_ts(closed.iter().map(|s| s.start).collect())?;
+        let ends = to_ts(closed.iter().map(|s| s.last.saturating_add(self.gap_us)).collect())?;
+        let DataType::Struct(fields) = self.out_schema.field(self.window_position).data_type().clone() else {
+            return Err(EngineError::Internal("window column is not a struct".into()));
+        };
+        let window_col: ArrayRef = Arc::new(StructArray::try_new(fields, vec![starts, ends], None)?);
+        let mut cols: Vec<ArrayRef> = Vec::new();
+        let mut key_iter = keys.into_iter();
+        if self.keys.is_empty() {
+            key_iter.next();
+        }
+        for i in 0..=self.keys.len() {
+            if i == self.window_position {
+                cols.push(window_col.clone());
+            } else {
+                cols.push(key_iter.next().ok_or_else(|| EngineError::Internal("missing key column".into()))?);
+            }
+        }
+        let mut closed = closed;
+        for a in 0..self.aggregates.len() {
+            let values =
+                closed.iter_mut().map(|s| s.accumulators[a].evaluate()).collect::<Result<Vec<ScalarValue>, _>>()?;
+            cols.push(ScalarValue::iter_to_array(values)?);
+        }
+        let cols = cols
+            .into_iter()
+            .zip(self.out_schema.fields())
+            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(RecordBatch::try_new(self.out_schema.clone(), cols)?);
+        Ok(())
+    }
+
+    fn report_state(&mut self) {
+        let entries = self.sessions.len() as i64;
+        self.ctx.metrics.state_entries.fetch_add(entries - self.reported_entries, std::sync::atomic::Ordering::Relaxed);
+        self.reported_entries = entries;
+    }
+}
+
+impl Operator for SessionOperator {
+    fn process(&mut self, batch: RecordBatch, _out: &mut Vec<RecordBatch>) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let (mut times, nulls) = event_times(batch.column(self.time_column))?;
+        if let Some(nb) = &nulls {
+            for (i, t) in times.iter_mut().enumerate() {
+                if nb.is_null(i) {
+                    *t = i64::MIN;
+                }
+            }
+        }
+        let late_mask: Vec<bool> = times.iter().map(|t| *t <= self.watermark).collect();
+        if !late_mask.iter().any(|l| *l) {
+            self.pending.push((batch, times));
+            return Ok(());
+        }
+        // Rows behind the watermark: join an open session within the gap, or are late.
+        let keys = self.converter.convert_columns(&self.key_columns(&batch)?)?;
+        let inputs = self.aggregates.iter().map(|a| aggregate_inputs(a, &batch)).collect::<Result<Vec<_>>>()?;
+        let mut late = Vec::new();
+        for (i, is_late) in late_mask.iter().enumerate() {
+            if !is_late {
+                continue;
+            }
+            let t = times[i];
+            match self.sessions.get_mut(keys.row(i).as_ref()) {
+                Some(s) if t != i64::MIN && t > s.start - self.gap_us && t < s.last + self.gap_us => {
+                    s.start = s.start.min(t);
+                    s.last = s.last.max(t);
+                    Self::update(s, &inputs, &[i as u32])?;
+                }
+                _ => late.push(i as u32),
+            }
+        }
+        if !late.is_empty() {
+            self.ctx.late(&take_record_batch(&batch, &UInt32Array::from(late))?, self.watermark)?;
+        }
+        let on_time: BooleanArray = late_mask.iter().map(|l| Some(!l)).collect();
+        if on_time.true_count() > 0 {
+            let b = filter_record_batch(&batch, &on_time)?;
+            let t: Vec<i64> = times.iter().zip(&late_mask).filter(|(_, l)| !**l).map(|(t, _)| *t).collect();
+            self.pending.push((b, t));
+        }
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: i64, out: &mut Vec<RecordBatch>) -> Result<()> {
+        if watermark <= self.watermark {
+            return Ok(());
+        }
+        let mut closed = Vec::new();
+        for (batch, times) in std::mem::take(&mut self.pending) {
+            let ready: BooleanArray = times.iter().map(|t| Some(*t <= watermark)).collect();
+            if ready.true_count() < times.len() {
+                let later = filter_record_batch(&batch, &arrow::compute::not(&ready)?)?;
+                self.pending.push((later, times.iter().filter(|t| **t > watermark).copied().collect()));
+            }
+            if ready.true_count() == 0 {
+                continue;
+            }
+            let batch = if ready.true_count() == times.len() { batch } else { filter_record_batch(&batch, &ready)? };
+            let times: Vec<i64> = times.into_iter().filter(|t| *t <= watermark).collect();
+            let keys = self.converter.convert_columns(&self.key_columns(&batch)?)?;
+            let inputs = self.aggregates.iter().map(|a| aggregate_inputs(a, &batch)).collect::<Result<Vec<_>>>()?;
+            let mut order: Vec<u32> = (0..times.len() as u32).collect();
+            order.sort_unstable_by(|a, b| {
+                keys.row(*a as usize).cmp(&keys.row(*b as usize)).then(times[*a as usize].cmp(&times[*b as usize]))
+            });
+            let mut k = 0;
+            while k < order.len() {
+                let key = keys.row(order[k] as usize);
+                let mut end = k;
+                while end < order.len() && keys.row(order[end] as usize) == key {
+                    end += 1;
+                }
+                let mut session = self.sessions.remove(key.as_ref());
+                let mut segment: Vec<u32> = Vec::new();
+                for &i in &order[k..end] {
+                    let t = times[i as usize];
+                    match session.as_mut() {
+                        Some(s) if t < s.last + self.gap_us => {
+                            s.last = s.last.max(t);
+                            s.start = s.start.min(t);
+                            segment.push(i);
+                        }
+                        _ => {
+                            if let Some(mut s) = session.take() {
+                                if !segment.is_empty() {
+                                    Self::update(&mut s, &inputs, &segment)?;
+                                    segment.clear();
+                                }
+                                closed.push(s);
+                            }
+                            session = Some(self.new_session(key.owned(), t)?);
+                            segment.push(i);
+                        }
+                    }
+                }
+                if let Some(mut s) = session {
+                    if !segment.is_empty() {
+                        Self::update(&mut s, &inputs, &segment)?;
+                    }
+                    self.sessions.insert(key.as_ref().into(), s);
+                }
+                k = end;
+            }
+        }
+        let gap = self.gap_us;
+        let expired: Vec<Box<[u8]>> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.last.saturating_add(gap).saturating_sub(1) <= watermark)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            if let Some(s) = self.sessions.remove(&k) {
+                closed.push(s);
+            }
+        }
+        self.watermark = watermark;
+        closed.sort_by_key(|s| s.start);
+        self.emit(closed, out)?;
+        self.report_state();
+        Ok(())
+    }
+
+    fn state_entries(&self) -> usize {
+        self.sessions.len()
+    }
+}

@@ -1,0 +1,285 @@
+//! Tumbling and hopping window aggregates, vectorised with DataFusion's group-by machinery.
+//!
+//! Each open window keeps DataFusion's [`GroupValues`] (key → group index) and one [`GroupsAccumulator`] per
+//! aggregate, so rows are folded in batch at a time. A window `[start, end)` closes when the watermark reaches
+//! `end - 1`; then all its groups are evaluated at once. A row whose windows have all closed is late.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, StructArray, UInt32Array};
+use arrow::compute::take;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::physical_expr::GroupsAccumulatorAdapter;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+use nagare_sql::window::WindowKind;
+use nagare_sql::{AggregateSpec, WindowAggregateSpec};
+
+use super::{OperatorContext, event_times};
+use crate::error::{EngineError, Result};
+use crate::operator::Operator;
+
+struct OpenWindow {
+    groups: Box<dyn GroupValues>,
+    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+}
+
+/// A TUMBLE or HOP aggregate of one subtask.
+pub struct WindowAggregateOperator {
+    size_us: i64,
+    slide_us: i64,
+    time_column: usize,
+    time_type: DataType,
+    window_position: usize,
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    key_schema: SchemaRef,
+    aggregates: Vec<AggregateSpec>,
+    out_schema: SchemaRef,
+    windows: BTreeMap<i64, OpenWindow>,
+    watermark: i64,
+    reported_entries: i64,
+    ctx: OperatorContext,
+}
+
+impl WindowAggregateOperator {
+    /// An operator for `spec` producing `out_schema`.
+    pub fn new(spec: &WindowAggregateSpec, out_schema: SchemaRef, ctx: OperatorContext) -> Result<Self> {
+        let (size_us, slide_us) = match spec.window {
+            WindowKind::Tumble { size_us } => (size_us, size_us),
+            WindowKind::Hop { slide_us, size_us } => (size_us, slide_us),
+            WindowKind::Session { .. } => {
+                return Err(EngineError::Internal("session windows use SessionOperator".into()));
+            }
+        };
+        let time_type = spec.input_schema.field(spec.time_column).data_type().clone();
+        let key_fields: Vec<Field> = if spec.keys.is_empty() {
+            vec![Field::new("__all", DataType::Boolean, false)]
+        } else {
+            spec.keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| Ok(Field::new(format!("k{i}"), k.data_type(&spec.input_schema)?, true)))
+                .collect::<Result<_>>()?
+        };
+        Ok(WindowAggregateOperator {
+            size_us,
+            slide_us,
+            time_column: spec.time_column,
+            time_type,
+            window_position: spec.window_position,
+            keys: spec.keys.clone(),
+            key_schema: Arc::new(Schema::new(key_fields)),
+            aggregates: spec.aggregates.clone(),
+            out_schema,
+            windows: BTreeMap::new(),
+            watermark: i64::MIN,
+            reported_entries: 0,
+            ctx,
+        })
+    }
+
+    fn new_window(&self) -> Result<OpenWindow> {
+        let groups = new_group_values(self.key_schema.clone(), &GroupOrdering::None)?;
+        let accumulators = self.aggregates.iter().map(|a| new_accumulator(&a.expr)).collect::<Result<_>>()?;
+        Ok(OpenWindow { groups, accumulators })
+    }
+
+    /// The windows (starts) containing `t`.
+    fn window_starts(&self, t: i64, out: &mut Vec<i64>) {
+        out.clear();
+        let last = t - t.rem_euclid(self.slide_us);
+        let mut start = last;
+        while start > t - self.size_us {
+            out.push(start);
+            start -= self.slide_us;
+        }
+    }
+
+    fn emit(&self, start: i64, mut window: OpenWindow) -> Result<Option<RecordBatch>> {
+        let n = window.groups.len();
+        if n == 0 {
+            return Ok(None);
+        }
+        let keys = window.groups.emit(EmitTo::All)?;
+        let DataType::Timestamp(unit, _) = &self.time_type else {
+            return Err(EngineError::Internal("window time column is not a timestamp".into()));
+        };
+        let bound = |us: i64| -> Result<ArrayRef> {
+            let v = nagare_core::keys::from_micros(us, *unit);
+            let a: ArrayRef = Arc::new(arrow::array::Int64Array::from_value(v, n));
+            Ok(arrow::compute::cast(&a, &self.time_type)?)
+        };
+        let window_field = self.out_schema.field(self.window_position);
+        let DataType::Struct(fields) = window_field.data_type() else {
+            return Err(EngineError::Internal("window column is not a struct".into()));
+        };
+        let window_col: ArrayRef = Arc::new(StructArray::try_new(
+            fields.clone(),
+            vec![bound(start)?, bound(start.saturating_add(self.size_us))?],
+            None,
+        )?);
+        let mut cols: Vec<ArrayRef> = Vec::with_capacity(self.out_schema.fields().len());
+        let mut key_iter = keys.into_iter();
+        let key_count = if self.keys.is_empty() { 0 } else { self.keys.len() };
+        if self.keys.is_empty() {
+            key_iter.next();
+        }
+        for i in 0..=key_count {
+            if i == self.window_position {
+                cols.push(window_col.clone());
+            } else {
+                cols.push(key_iter.next().ok_or_else(|| EngineError::Internal("missing key column".into()))?);
+            }
+        }
+        for acc in &mut window.accumulators {
+            cols.push(acc.evaluate(EmitTo::All)?);
+        }
+        // Cast where DataFusion's accumulator output differs only in representation from the planned schema.
+        let cols = cols
+            .into_iter()
+            .zip(self.out_schema.fields())
+            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(RecordBatch::try_new(self.out_schema.clone(), cols)?))
+    }
+
+    fn report_state(&mut self) {
+        let entries: i64 = self.windows.values().map(|w| w.groups.len() as i64).sum();
+        self.ctx.metrics.state_entries.fetch_add(entries - self.reported_entries, std::sync::atomic::Ordering::Relaxed);
+        self.reported_entries = entries;
+    }
+}
+
+/// A vectorised accumulator for an aggregate, adapting row-wise ones.
+pub fn new_accumulator(
+    expr: &Arc<datafusion::physical_expr::aggregate::AggregateFunctionExpr>,
+) -> Result<Box<dyn GroupsAccumulator>> {
+    if expr.groups_accumulator_supported() {
+        Ok(expr.create_groups_accumulator()?)
+    } else {
+        let e = expr.clone();
+        Ok(Box::new(GroupsAccumulatorAdapter::new(move || e.create_accumulator())))
+    }
+}
+
+/// Evaluates an aggregate's argument expressions and its FILTER over a batch.
+pub fn aggregate_inputs(spec: &AggregateSpec, batch: &RecordBatch) -> Result<(Vec<ArrayRef>, Option<BooleanArray>)> {
+    let n = batch.num_rows();
+    let args = spec
+        .expr
+        .expressions()
+        .iter()
+        .map(|e| e.evaluate(batch).and_then(|v| v.into_array(n)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let filter = match &spec.filter {
+        Some(f) => {
+            let a = f.evaluate(batch)?.into_array(n)?;
+            Some(
+                a.as_boolean_opt()
+                    .ok_or_else(|| EngineError::Internal("aggregate FILTER is not boolean".into()))?
+                    .clone(),
+            )
+        }
+        None => None,
+    };
+    Ok((args, filter))
+}
+
+fn take_all(cols: &[ArrayRef], idx: &UInt32Array) -> Result<Vec<ArrayRef>> {
+    Ok(cols.iter().map(|c| take(c, idx, None)).collect::<Result<Vec<_>, _>>()?)
+}
+
+impl Operator for WindowAggregateOperator {
+    fn process(&mut self, batch: RecordBatch, _out: &mut Vec<RecordBatch>) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let (times, nulls) = event_times(batch.column(self.time_column))?;
+        let keys: Vec<ArrayRef> = if self.keys.is_empty() {
+            vec![Arc::new(BooleanArray::from(vec![true; n]))]
+        } else {
+            self.keys.iter().map(|k| k.evaluate(&batch).and_then(|v| v.into_array(n))).collect::<Result<Vec<_>, _>>()?
+        };
+        let inputs = self.aggregates.iter().map(|a| aggregate_inputs(a, &batch)).collect::<Result<Vec<_>>>()?;
+
+        // Rows per window start; rows whose every window has closed are late.
+        let mut by_window: HashMap<i64, Vec<u32>> = HashMap::new();
+        let mut late: Vec<u32> = Vec::new();
+        let mut starts = Vec::new();
+        for (i, t) in times.iter().enumerate() {
+            if nulls.as_ref().is_some_and(|nb| nb.is_null(i)) {
+                late.push(i as u32);
+                continue;
+            }
+            self.window_starts(*t, &mut starts);
+            let mut placed = false;
+            for s in &starts {
+                if s.saturating_add(self.size_us).saturating_sub(1) > self.watermark {
+                    by_window.entry(*s).or_default().push(i as u32);
+                    placed = true;
+                }
+            }
+            if !placed {
+                late.push(i as u32);
+            }
+        }
+        if !late.is_empty() {
+            let rows = arrow::compute::take_record_batch(&batch, &UInt32Array::from(late))?;
+            self.ctx.late(&rows, self.watermark)?;
+        }
+        let mut group_ids = Vec::new();
+        for (start, rows) in by_window {
+            if !self.windows.contains_key(&start) {
+                let w = self.new_window()?;
+                self.windows.insert(start, w);
+            }
+            let window = self.windows.get_mut(&start).ok_or_else(|| EngineError::Internal("window vanished".into()))?;
+            let all = rows.len() == n;
+            let idx = UInt32Array::from(rows);
+            let key_cols = if all { keys.clone() } else { take_all(&keys, &idx)? };
+            window.groups.intern(&key_cols, &mut group_ids)?;
+            let total = window.groups.len();
+            for (acc, (args, filter)) in window.accumulators.iter_mut().zip(&inputs) {
+                let (args, filter) = if all {
+                    (args.clone(), filter.clone())
+                } else {
+                    let f = match filter {
+                        Some(f) => Some(take(f, &idx, None)?.as_boolean().clone()),
+                        None => None,
+                    };
+                    (take_all(args, &idx)?, f)
+                };
+                acc.update_batch(&args, &group_ids, filter.as_ref(), total)?;
+            }
+        }
+        self.report_state();
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: i64, out: &mut Vec<RecordBatch>) -> Result<()> {
+        if watermark <= self.watermark {
+            return Ok(());
+        }
+        self.watermark = watermark;
+        while let Some((&start, _)) = self.windows.first_key_value() {
+            if start.saturating_add(self.size_us).saturating_sub(1) > watermark {
+                break;
+            }
+            let Some((start, window)) = self.windows.pop_first() else { break };
+            if let Some(batch) = self.emit(start, window)? {
+                out.push(batch);
+            }
+        }
+        self.report_state();
+        Ok(())
+    }
+
+    fn state_entries(&self) -> usize {
+        self.windows.values().map(|w| w.groups.len()).sum()
+    }
+}

@@ -1,0 +1,274 @@
+//! Tasks: one subtask of a chain of operators, driven either by a source or by its input channels.
+//!
+//! Operators connected by forward edges with equal parallelism run in one task (a chain), so rows pass between them
+//! as plain function calls. A chain ends in a sink or in the outputs to other tasks.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::{DataType, Int64Type, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use datafusion::physical_expr::PhysicalExpr;
+use nagare_core::{Barrier, Message, Watermark};
+use tokio_util::sync::CancellationToken;
+
+use crate::channel::{GateEvent, InputGate};
+use crate::connector::{Sink, Source, SourceEvent};
+use crate::error::{EngineError, Result};
+use crate::metrics::NodeMetrics;
+use crate::operator::Operator;
+use crate::partition::Outputs;
+
+/// Where a chain's output goes.
+pub enum Terminal {
+    /// To other tasks.
+    Outputs(Outputs),
+    /// Into a sink.
+    Sink(Box<dyn Sink>, Arc<NodeMetrics>),
+}
+
+/// The operators of one subtask of a chain, and its terminal.
+pub struct Chain {
+    /// Operators in order, with their node's counters.
+    pub ops: Vec<(Box<dyn Operator>, Arc<NodeMetrics>)>,
+    /// Output.
+    pub terminal: Terminal,
+    /// Subtask index.
+    pub subtask: usize,
+}
+
+impl Chain {
+    /// Pushes batches through operators `from..`, returning what comes out of the last one.
+    fn run_from(&mut self, from: usize, mut batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        for (op, metrics) in self.ops.iter_mut().skip(from) {
+            if batches.is_empty() {
+                break;
+            }
+            let mut out = Vec::with_capacity(batches.len());
+            for b in batches {
+                NodeMetrics::add(&metrics.rows_in, b.num_rows());
+                op.process(b, &mut out)?;
+            }
+            NodeMetrics::add(&metrics.rows_out, out.iter().map(|b| b.num_rows()).sum());
+            batches = out;
+        }
+        Ok(batches)
+    }
+
+    async fn emit(&mut self, batches: Vec<RecordBatch>) -> Result<()> {
+        for b in batches {
+            if b.num_rows() == 0 {
+                continue;
+            }
+            match &mut self.terminal {
+                Terminal::Outputs(o) => o.send_batch(b).await?,
+                Terminal::Sink(sink, metrics) => {
+                    let n = b.num_rows();
+                    NodeMetrics::add(&metrics.rows_in, n);
+                    sink.write(b).await?;
+                    NodeMetrics::add(&metrics.rows_out, n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Processes a batch and forwards the results.
+    pub async fn push_batch(&mut self, batch: RecordBatch) -> Result<()> {
+        let out = self.run_from(0, vec![batch])?;
+        self.emit(out).await
+    }
+
+    /// Advances event time through every operator, in order, then downstream.
+    pub async fn push_watermark(&mut self, watermark: i64) -> Result<()> {
+        let mut results = Vec::new();
+        for i in 0..self.ops.len() {
+            let mut out = Vec::new();
+            {
+                let (op, metrics) = &mut self.ops[i];
+                op.on_watermark(watermark, &mut out)?;
+                NodeMetrics::add(&metrics.rows_out, out.iter().map(|b| b.num_rows()).sum());
+                metrics.set_watermark(self.subtask, watermark);
+            }
+            results.extend(self.run_from(i + 1, out)?);
+        }
+        self.emit(results).await?;
+        match &mut self.terminal {
+            Terminal::Outputs(o) => o.broadcast(Message::Watermark(Watermark::EventTime(watermark))).await,
+            Terminal::Sink(_, metrics) => {
+                metrics.set_watermark(self.subtask, watermark);
+                Ok(())
+            }
+        }
+    }
+
+    /// Tells downstream this subtask has no data for now.
+    pub async fn push_idle(&mut self) -> Result<()> {
+        match &mut self.terminal {
+            Terminal::Outputs(o) => o.broadcast(Message::Watermark(Watermark::Idle)).await,
+            Terminal::Sink(..) => Ok(()),
+        }
+    }
+
+    /// Forwards an aligned barrier (state snapshots hook in here).
+    pub async fn push_barrier(&mut self, barrier: Barrier) -> Result<()> {
+        match &mut self.terminal {
+            Terminal::Outputs(o) => o.broadcast(Message::Barrier(barrier)).await,
+            Terminal::Sink(sink, _) => {
+                sink.pre_commit(barrier.checkpoint).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Periodic work of the terminal (a sink rolling files).
+    pub async fn tick(&mut self) -> Result<()> {
+        match &mut self.terminal {
+            Terminal::Sink(sink, _) => sink.tick().await,
+            Terminal::Outputs(_) => Ok(()),
+        }
+    }
+
+    /// End of input: lets operators flush, then ends the stream downstream (or closes the sink).
+    pub async fn finish(&mut self) -> Result<()> {
+        let mut results = Vec::new();
+        for i in 0..self.ops.len() {
+            let mut out = Vec::new();
+            self.ops[i].0.on_end(&mut out)?;
+            results.extend(self.run_from(i + 1, out)?);
+        }
+        self.emit(results).await?;
+        match &mut self.terminal {
+            Terminal::Outputs(o) => o.broadcast(Message::EndOfStream).await,
+            Terminal::Sink(sink, _) => sink.finish().await,
+        }
+    }
+
+    fn has_sink(&self) -> bool {
+        matches!(self.terminal, Terminal::Sink(..))
+    }
+}
+
+/// How a source derives watermarks from its batches.
+pub struct WatermarkGenerator {
+    /// `WATERMARK FOR ... AS <expr>`.
+    pub expr: Arc<dyn PhysicalExpr>,
+    current: Option<i64>,
+}
+
+impl WatermarkGenerator {
+    /// A generator for the expression.
+    pub fn new(expr: Arc<dyn PhysicalExpr>) -> Self {
+        WatermarkGenerator { expr, current: None }
+    }
+
+    /// The new watermark after `batch`, if it advanced.
+    pub fn observe(&mut self, batch: &RecordBatch) -> Result<Option<i64>> {
+        let values = self.expr.evaluate(batch)?.into_array(batch.num_rows())?;
+        let DataType::Timestamp(unit, _) = values.data_type() else {
+            return Err(EngineError::Internal(format!("watermark expression gives {}", values.data_type())));
+        };
+        let unit: TimeUnit = *unit;
+        let raw = arrow::compute::cast(&values, &DataType::Int64)?;
+        let Some(max) = arrow::compute::max(
+            raw.as_any()
+                .downcast_ref::<arrow::array::PrimitiveArray<Int64Type>>()
+                .ok_or_else(|| EngineError::Internal("watermark cast".into()))?,
+        ) else {
+            return Ok(None);
+        };
+        let max = nagare_core::keys::to_micros(max, unit);
+        if self.current.is_none_or(|c| max > c) {
+            self.current = Some(max);
+            return Ok(Some(max));
+        }
+        Ok(None)
+    }
+}
+
+/// Runs a source subtask and its chain until the input ends or `stop` is set.
+pub async fn run_source_task(
+    mut source: Box<dyn Source>,
+    mut watermarks: Option<WatermarkGenerator>,
+    metrics: Arc<NodeMetrics>,
+    mut chain: Chain,
+    stop: CancellationToken,
+    idle_timeout: Duration,
+) -> Result<()> {
+    let mut idle_since: Option<Instant> = None;
+    let mut announced_idle = false;
+    let mut last_tick = Instant::now();
+    loop {
+        // Time-based sink work between reads; a read is never abandoned for it.
+        if chain.has_sink() && last_tick.elapsed() >= Duration::from_secs(1) {
+            chain.tick().await?;
+            last_tick = Instant::now();
+        }
+        let event = tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                // A clean stop: no final watermark, so windows still open stay unemitted.
+                return chain.finish().await;
+            }
+            event = source.next() => event?,
+        };
+        match event {
+            SourceEvent::Batch(batch) => {
+                idle_since = None;
+                announced_idle = false;
+                NodeMetrics::add(&metrics.rows_out, batch.num_rows());
+                let wm = match watermarks.as_mut() {
+                    Some(g) => g.observe(&batch)?,
+                    None => None,
+                };
+                chain.push_batch(batch).await?;
+                if let Some(w) = wm {
+                    metrics.set_watermark(chain.subtask, w);
+                    chain.push_watermark(w).await?;
+                }
+            }
+            SourceEvent::Idle(wait) => {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if !announced_idle && since.elapsed() >= idle_timeout {
+                    chain.push_idle().await?;
+                    announced_idle = true;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            SourceEvent::End => {
+                metrics.set_watermark(chain.subtask, i64::MAX);
+                chain.push_watermark(i64::MAX).await?;
+                return chain.finish().await;
+            }
+        }
+    }
+}
+
+/// Runs an operator subtask (and its chain) until every input has ended.
+pub async fn run_operator_task(mut gate: InputGate, mut chain: Chain) -> Result<()> {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ticks = chain.has_sink();
+    loop {
+        let event = if ticks {
+            tokio::select! {
+                event = gate.next() => event?,
+                _ = ticker.tick() => {
+                    chain.tick().await?;
+                    continue;
+                }
+            }
+        } else {
+            gate.next().await?
+        };
+        match event {
+            GateEvent::Batch(b) => chain.push_batch(b).await?,
+            GateEvent::Watermark(w) => chain.push_watermark(w).await?,
+            GateEvent::Barrier(b) => chain.push_barrier(b).await?,
+            GateEvent::End => return chain.finish().await,
+        }
+    }
+}
