@@ -117,11 +117,10 @@ impl ConnectorSpec for GeneratorSpec {
             return Err(o.error("event_spacing", "applies only when rate = 0 (with a rate, events are 1/rate apart)"));
         }
         if let Some(s) = o.get_str("start_time")
-            && chrono::DateTime::parse_from_rfc3339(&s).is_err() {
-                return Err(
-                    o.error("start_time", format!("'{s}' is not an RFC 3339 time such as 2026-01-01T00:00:00Z"))
-                );
-            }
+            && chrono::DateTime::parse_from_rfc3339(&s).is_err()
+        {
+            return Err(o.error("start_time", format!("'{s}' is not an RFC 3339 time such as 2026-01-01T00:00:00Z")));
+        }
         Ok(())
     }
 

@@ -125,7 +125,7 @@ impl RunningJob {
             if failure.error.is_secondary() {
                 secondary.get_or_insert(failure);
             } else if first.is_none() {
-                tracing::error!(task = %failure.task, error = %failure.error, "task failed; stopping the job");
+                tracing::debug!(task = %failure.task, error = %failure.error, "task failed; stopping the job");
                 first = Some(failure);
                 self.stop.cancel();
                 self.tasks.abort_all();
@@ -259,7 +259,11 @@ pub fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, options: J
         let head = &graph.nodes[chain[0]];
         let tail = &graph.nodes[chain[chain.len() - 1]];
         for s in 0..head.parallelism {
-            let task_name = format!("{} [{}/{}]", tail.label, s + 1, head.parallelism);
+            let task_name = if head.id == tail.id {
+                format!("{} [{}/{}]", head.label, s + 1, head.parallelism)
+            } else {
+                format!("{} -> {} [{}/{}]", head.label, tail.label, s + 1, head.parallelism)
+            };
             // Operators between head and tail (sources and sinks are handled apart).
             let mut ops: Vec<(Box<dyn Operator>, Arc<NodeMetrics>)> = Vec::new();
             for id in chain {

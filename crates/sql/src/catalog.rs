@@ -255,10 +255,11 @@ impl TableDef {
         let options = Options::validate(&connector, &all_specs, &raw, location)?;
 
         if let Some(w) = &watermark
-            && !fields.iter().any(|f| f.name() == &w.column) {
-                return Err(PlanError::unknown(format!("WATERMARK FOR '{}': no such column in '{name}'", w.column))
-                    .at(Some(w.location)));
-            }
+            && !fields.iter().any(|f| f.name() == &w.column)
+        {
+            return Err(PlanError::unknown(format!("WATERMARK FOR '{}': no such column in '{name}'", w.column))
+                .at(Some(w.location)));
+        }
         Ok(TableDef {
             name,
             connector,

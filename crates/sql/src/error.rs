@@ -162,9 +162,10 @@ fn split_parser_location(text: &str) -> (String, Option<Location>) {
         let tail = &text[idx + " at Line: ".len()..];
         let mut parts = tail.split(", Column: ");
         if let (Some(l), Some(c)) = (parts.next(), parts.next())
-            && let (Ok(line), Ok(column)) = (l.trim().parse(), c.trim().parse()) {
-                return (text[..idx].to_string(), Some(Location { line, column }));
-            }
+            && let (Ok(line), Ok(column)) = (l.trim().parse(), c.trim().parse())
+        {
+            return (text[..idx].to_string(), Some(Location { line, column }));
+        }
     }
     (text.to_string(), None)
 }
@@ -183,7 +184,8 @@ fn clean_datafusion_message(text: &str) -> String {
         }
     }
     let s = s.strip_prefix("ParserError(\"").and_then(|r| r.strip_suffix("\")")).unwrap_or(s);
-    s.trim().to_string()
+    // Tables live in DataFusion's default catalog; users never wrote that part.
+    s.trim().replace("datafusion.public.", "")
 }
 
 /// Result of planning.

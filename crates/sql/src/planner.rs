@@ -110,7 +110,9 @@ impl Planner {
             .iter()
             .enumerate()
             .filter(|(_, s)| matches!(s, Statement::CreateTable(_)))
-            .filter_map(|(i, s)| Location::from_span(s.span()).map(|l| (l, i)))
+            .filter_map(|(i, s)| {
+                words.statements.get(i).copied().or_else(|| Location::from_span(s.span())).map(|l| (l, i))
+            })
             .collect();
         let mut watermark_of: HashMap<usize, WatermarkClause> = HashMap::new();
         for clause in &pre.watermarks {
@@ -125,7 +127,7 @@ impl Planner {
         }
 
         for (idx, stmt) in statements.into_iter().enumerate() {
-            let location = Location::from_span(stmt.span());
+            let location = words.statements.get(idx).copied().or_else(|| Location::from_span(stmt.span()));
             match stmt {
                 Statement::CreateTable(ct) => {
                     let table = TableDef::from_statement(
@@ -418,23 +420,41 @@ impl SettingsBuilder {
     }
 }
 
-/// Locations of words in the text, to point errors found in logical plans back at the SQL.
+/// Locations of words and statements in the text, to point errors found in logical plans back at the SQL.
 struct WordIndex {
     words: Vec<(String, Location)>,
+    statements: Vec<Location>,
 }
 
 impl WordIndex {
     fn new(sql: &str) -> Self {
-        let words = Tokenizer::new(&GenericDialect {}, sql)
+        let tokens: Vec<_> = Tokenizer::new(&GenericDialect {}, sql)
             .tokenize_with_location()
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|t| match t.token {
+            .filter(|t| !matches!(t.token, Token::Whitespace(_)))
+            .collect();
+        let words = tokens
+            .iter()
+            .filter_map(|t| match &t.token {
                 Token::Word(w) => Location::from_sql(t.span.start).map(|l| (w.value.to_ascii_uppercase(), l)),
                 _ => None,
             })
             .collect();
-        WordIndex { words }
+        // Statement starts: the first token after each run of semicolons (the parser skips empty statements).
+        let mut statements = Vec::new();
+        let mut at_start = true;
+        for t in &tokens {
+            if t.token == Token::SemiColon || t.token == Token::EOF {
+                at_start = true;
+            } else if at_start {
+                at_start = false;
+                if let Some(l) = Location::from_sql(t.span.start) {
+                    statements.push(l);
+                }
+            }
+        }
+        WordIndex { words, statements }
     }
 
     /// First occurrence of `word` at or after `from`.
@@ -546,7 +566,8 @@ impl Translator<'_> {
             e.location = at;
             e
         })?;
-        let plan = ctx.state().optimize(&plan).map_err(|e| {
+        let state = ctx.state();
+        let plan = state.analyzer().execute_and_check(plan, state.config_options(), |_, _| {}).map_err(|e| {
             let mut e = PlanError::from_datafusion(e);
             e.location = at;
             e
@@ -786,18 +807,22 @@ impl Translator<'_> {
     }
 
     fn require_event_time(&self, input: &Stream, time: &Expr, what: &str) -> Result<usize> {
-        let Some(et) = input.event_time else {
-            return Err(PlanError::invalid(format!("{what} needs an event-time column, and this input has none"))
-                .at(self.locate(what))
-                .hint("declare one on the source table: WATERMARK FOR time AS time - INTERVAL '5' SECOND"));
+        let used = match strip_alias(time) {
+            Expr::Column(c) => input.schema.index_of_column(c).ok(),
+            _ => None,
         };
-        let et_name = input.schema.field(et).name().clone();
-        match strip_alias(time) {
-            Expr::Column(c) if input.schema.index_of_column(c).ok() == Some(et) => Ok(et),
-            other => Err(PlanError::invalid(format!(
-                "{what} must use the event-time column '{et_name}' (the one with WATERMARK FOR), not '{other}'"
+        match (input.event_time, used) {
+            (Some(et), Some(u)) if et == u => Ok(et),
+            (Some(et), _) => Err(PlanError::invalid(format!(
+                "{what} must use the event-time column '{}' (the one with WATERMARK FOR), not '{time}'",
+                input.schema.field(et).name()
             ))
             .at(self.locate(what))),
+            (None, _) => {
+                Err(PlanError::invalid(format!("{what} must use an event-time column, and '{time}' is not one"))
+                    .at(self.locate(what))
+                    .hint("declare it on the source table: WATERMARK FOR time AS time - INTERVAL '5' SECOND"))
+            }
         }
     }
 

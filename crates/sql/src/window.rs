@@ -211,10 +211,11 @@ pub fn contains_window_call(expr: &Expr) -> bool {
     let mut found = false;
     let _ = expr.apply(|e| {
         if let Expr::ScalarFunction(f) = e
-            && WINDOW_FUNCTIONS.contains(&f.func.name()) {
-                found = true;
-                return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
-            }
+            && WINDOW_FUNCTIONS.contains(&f.func.name())
+        {
+            found = true;
+            return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+        }
         Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
     });
     found

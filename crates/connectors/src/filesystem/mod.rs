@@ -129,9 +129,10 @@ impl ConnectorSpec for FilesystemSpec {
                     return Err(o.error("watch_interval", "applies only with watch = true"));
                 }
                 if let Some(d) = o.get_str("csv_delimiter")
-                    && d.len() != 1 {
-                        return Err(o.error("csv_delimiter", format!("must be one ASCII character, got '{d}'")));
-                    }
+                    && d.len() != 1
+                {
+                    return Err(o.error("csv_delimiter", format!("must be one ASCII character, got '{d}'")));
+                }
                 let watch = o.get_bool("watch").unwrap_or(false);
                 match listing::list_files(&path) {
                     Ok(files) if files.is_empty() && !watch => Err(PlanError::new(

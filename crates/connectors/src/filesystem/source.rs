@@ -134,10 +134,11 @@ impl TextReader {
             }
         }
         if let Some(end) = self.end
-            && self.offset >= end {
-                self.done = true;
-                return Ok(None);
-            }
+            && self.offset >= end
+        {
+            self.done = true;
+            return Ok(None);
+        }
         loop {
             let avail = &self.buf[self.pos..];
             let mut lines = 0usize;

@@ -37,10 +37,11 @@ impl OperatorContext {
         }
         NodeMetrics::add(&self.metrics.late_rows, rows.num_rows());
         if self.late_rows == LateRowPolicy::DeadLetter
-            && let Some(dl) = &self.dead_letter {
-                let reason = format!("late: event time at or before the watermark {}", format_micros(watermark));
-                dl.write_rows(&self.label, &reason, rows)?;
-            }
+            && let Some(dl) = &self.dead_letter
+        {
+            let reason = format!("late: event time at or before the watermark {}", format_micros(watermark));
+            dl.write_rows(&self.label, &reason, rows)?;
+        }
         Ok(())
     }
 }

@@ -214,6 +214,9 @@ impl Operator for SessionOperator {
             return Ok(());
         }
         let mut closed = Vec::new();
+        // All rows now behind the watermark, from every pending batch, so they can be ordered together.
+        let mut ready_parts: Vec<RecordBatch> = Vec::new();
+        let mut ready_times: Vec<i64> = Vec::new();
         for (batch, times) in std::mem::take(&mut self.pending) {
             let ready: BooleanArray = times.iter().map(|t| Some(*t <= watermark)).collect();
             if ready.true_count() < times.len() {
@@ -223,8 +226,16 @@ impl Operator for SessionOperator {
             if ready.true_count() == 0 {
                 continue;
             }
-            let batch = if ready.true_count() == times.len() { batch } else { filter_record_batch(&batch, &ready)? };
-            let times: Vec<i64> = times.into_iter().filter(|t| *t <= watermark).collect();
+            ready_parts.push(if ready.true_count() == times.len() {
+                batch
+            } else {
+                filter_record_batch(&batch, &ready)?
+            });
+            ready_times.extend(times.into_iter().filter(|t| *t <= watermark));
+        }
+        if let Some(first) = ready_parts.first() {
+            let batch = arrow::compute::concat_batches(&first.schema(), &ready_parts)?;
+            let times = ready_times;
             let keys = self.converter.convert_columns(&self.key_columns(&batch)?)?;
             let inputs = self.aggregates.iter().map(|a| aggregate_inputs(a, &batch)).collect::<Result<Vec<_>>>()?;
             let mut order: Vec<u32> = (0..times.len() as u32).collect();

@@ -1,0 +1,14 @@
+-- SELECT DISTINCT within a tumbling window.
+SET parallelism = 2;
+CREATE TABLE events (
+  id TEXT,
+  time TIMESTAMP,
+  kind TEXT,
+  detail STRUCT<tenant_id BIGINT, amount DOUBLE>,
+  tags ARRAY<TEXT>,
+  payload JSON,
+  WATERMARK FOR time AS time - INTERVAL '5' SECOND
+) WITH (connector = 'filesystem', path = '${DIR}/data/events.jsonl');
+CREATE TABLE out WITH (connector = 'filesystem', path = '${OUT}/out', format = 'json');
+INSERT INTO out
+SELECT DISTINCT kind, TUMBLE_START(time, INTERVAL '1' MINUTE) AS minute FROM events;

@@ -1,0 +1,92 @@
+//! Helpers shared by the end-to-end tests: running pipelines in-process and reading what sinks wrote.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use nagare_connectors::Connectors;
+use nagare_engine::{JobError, JobOptions, JobSummary};
+use nagare_sql::{PlanError, Planner, Variables};
+
+/// Why a pipeline did not run to the end.
+#[derive(Debug)]
+pub enum RunError {
+    Plan(PlanError),
+    Start(nagare_engine::EngineError),
+    Job(JobError),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Plan(e) => write!(f, "{e}"),
+            RunError::Start(e) => write!(f, "{e}"),
+            RunError::Job(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Plans and runs `sql` in this process with `${NAME}` variables, until its (bounded) sources end.
+pub async fn run_sql(sql: &str, vars: &[(&str, &str)]) -> Result<JobSummary, RunError> {
+    let vars: BTreeMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let pipeline = Planner::new(Connectors::catalog())
+        .with_variables(Variables::new(vars, false))
+        .plan(sql)
+        .await
+        .map_err(RunError::Plan)?;
+    let job = nagare_engine::start(&pipeline, Arc::new(Connectors), JobOptions::default()).map_err(RunError::Start)?;
+    job.wait().await.map_err(RunError::Job)
+}
+
+/// Every file under `dir` (recursively) with one of the extensions.
+pub fn files_with(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if exts.iter().any(|x| p.to_string_lossy().ends_with(x)) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// All JSON-lines rows written under `dir`, as JSON values.
+pub fn read_json_rows(dir: &Path) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    for f in files_with(dir, &[".jsonl"]) {
+        for line in std::fs::read_to_string(&f).unwrap().lines() {
+            if !line.trim().is_empty() {
+                rows.push(serde_json::from_str(line).unwrap());
+            }
+        }
+    }
+    rows
+}
+
+/// All Parquet batches written under `dir`.
+pub fn read_parquet(dir: &Path) -> Vec<RecordBatch> {
+    let mut out = Vec::new();
+    for f in files_with(dir, &[".parquet"]) {
+        let file = std::fs::File::open(&f).unwrap();
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+        for b in reader {
+            out.push(b.unwrap());
+        }
+    }
+    out
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
