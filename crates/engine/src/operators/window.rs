@@ -283,3 +283,141 @@ impl Operator for WindowAggregateOperator {
         self.windows.values().map(|w| w.groups.len()).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int64Array, TimestampMicrosecondArray};
+    use datafusion::common::DFSchema;
+    use datafusion::functions_aggregate::expr_fn::{count, sum};
+    use datafusion::logical_expr::col;
+    use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+    use datafusion::physical_expr::aggregate::LoweredAggregateBuilder;
+    use datafusion::physical_expr::execution_props::ExecutionProps;
+    use datafusion::physical_expr::expressions::Column;
+
+    use super::*;
+    use crate::metrics::NodeMetrics;
+
+    fn input_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("t", DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None), true),
+            Field::new("v", DataType::Int64, true),
+        ]))
+    }
+
+    fn aggregates(schema: &SchemaRef) -> Vec<AggregateSpec> {
+        let df = DFSchema::try_from(schema.as_ref().clone()).unwrap();
+        [count(col("v")), sum(col("v"))]
+            .iter()
+            .map(|e| {
+                let l = LoweredAggregateBuilder::new(
+                    e,
+                    &df,
+                    schema,
+                    &ExecutionProps::new(),
+                    &PhysicalPlanningContext::default(),
+                )
+                .build()
+                .unwrap();
+                AggregateSpec { expr: l.aggregate, filter: None }
+            })
+            .collect()
+    }
+
+    fn op(window: WindowKind) -> (WindowAggregateOperator, SchemaRef, Arc<NodeMetrics>) {
+        let input = input_schema();
+        let ts = input.field(1).data_type().clone();
+        let out = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("w", nagare_sql::window::window_struct_type(&ts), true),
+            Field::new("n", DataType::Int64, false),
+            Field::new("s", DataType::Int64, true),
+        ]));
+        let spec = WindowAggregateSpec {
+            window,
+            time_column: 1,
+            window_position: 1,
+            keys: vec![Arc::new(Column::new("k", 0))],
+            aggregates: aggregates(&input),
+            input_schema: input.clone(),
+        };
+        let metrics = Arc::new(NodeMetrics::new(0, "w".into(), "window", 1));
+        let ctx = OperatorContext {
+            label: "w".into(),
+            metrics: metrics.clone(),
+            late_rows: nagare_sql::LateRowPolicy::Drop,
+            dead_letter: None,
+        };
+        (WindowAggregateOperator::new(&spec, out, ctx).unwrap(), input, metrics)
+    }
+
+    fn batch(schema: &SchemaRef, rows: &[(i64, i64, i64)]) -> RecordBatch {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+                Arc::new(TimestampMicrosecondArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+                Arc::new(Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// (key, window start, count, sum) of emitted rows.
+    fn rows(out: &[RecordBatch]) -> Vec<(i64, i64, i64, i64)> {
+        let mut v = Vec::new();
+        for b in out {
+            let k = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+            let w = b.column(1).as_struct();
+            let start = w.column(0).as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+            let n = b.column(2).as_primitive::<arrow::datatypes::Int64Type>();
+            let s = b.column(3).as_primitive::<arrow::datatypes::Int64Type>();
+            for i in 0..b.num_rows() {
+                v.push((k.value(i), start.value(i), n.value(i), s.value(i)));
+            }
+        }
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn tumble_fires_at_end_minus_one_and_drops_late_rows() {
+        let (mut w, s, m) = op(WindowKind::Tumble { size_us: 100 });
+        let mut out = Vec::new();
+        w.process(batch(&s, &[(1, 0, 1), (1, 99, 2), (2, 50, 10), (1, 100, 5)]), &mut out).unwrap();
+        w.on_watermark(98, &mut out).unwrap();
+        assert!(out.is_empty());
+        w.on_watermark(99, &mut out).unwrap();
+        assert_eq!(rows(&out), vec![(1, 0, 2, 3), (2, 0, 1, 10)]);
+        out.clear();
+        w.process(batch(&s, &[(1, 20, 100), (1, 150, 7)]), &mut out).unwrap();
+        assert_eq!(NodeMetrics::get(&m.late_rows), 1, "t=20 belongs to a closed window");
+        w.on_watermark(i64::MAX, &mut out).unwrap();
+        assert_eq!(rows(&out), vec![(1, 100, 2, 12)]);
+        assert_eq!(w.state_entries(), 0);
+    }
+
+    #[test]
+    fn hop_counts_a_row_in_every_window_that_contains_it() {
+        let (mut w, s, m) = op(WindowKind::Hop { slide_us: 50, size_us: 150 });
+        let mut out = Vec::new();
+        w.process(batch(&s, &[(1, 120, 1)]), &mut out).unwrap();
+        w.on_watermark(i64::MAX, &mut out).unwrap();
+        // Windows [0,150), [50,200), [100,250) contain 120.
+        assert_eq!(rows(&out), vec![(1, 0, 1, 1), (1, 50, 1, 1), (1, 100, 1, 1)]);
+        assert_eq!(NodeMetrics::get(&m.late_rows), 0);
+    }
+
+    #[test]
+    fn hop_row_with_some_windows_closed_counts_in_the_open_ones() {
+        let (mut w, s, m) = op(WindowKind::Hop { slide_us: 50, size_us: 100 });
+        let mut out = Vec::new();
+        w.on_watermark(100, &mut out).unwrap();
+        // 80 is in [0,100) (closed at 99) and [50,150) (open).
+        w.process(batch(&s, &[(1, 80, 3)]), &mut out).unwrap();
+        w.on_watermark(i64::MAX, &mut out).unwrap();
+        assert_eq!(rows(&out), vec![(1, 50, 1, 3)]);
+        assert_eq!(NodeMetrics::get(&m.late_rows), 0);
+    }
+}
