@@ -354,7 +354,7 @@ pub fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, options: J
                         stop: stop.clone(),
                     };
                     let source = factory.create_source(spec, head.schema.clone(), ctx)?;
-                    let wm = spec.watermark.as_ref().map(|w| WatermarkGenerator::new(w.expr.clone()));
+                    let wm = spec.watermark.as_ref().map(|w| WatermarkGenerator::new(w.column, w.expr.clone()));
                     let (m, stop, idle) = (metrics.nodes[head.id].clone(), stop.clone(), options.idle_timeout);
                     tasks.spawn(
                         async move { (task_name, run_source_task(source, wm, m, chain_struct, stop, idle).await) },

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arrow::array::Array;
 use arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use datafusion::physical_expr::PhysicalExpr;
@@ -150,37 +151,46 @@ impl Chain {
 }
 
 /// How a source derives watermarks from its batches.
+///
+/// The watermark expression is evaluated on the row with the latest event time only: watermark expressions are
+/// non-decreasing in the event time (`time - INTERVAL ...`), so that row gives the maximum.
 pub struct WatermarkGenerator {
-    /// `WATERMARK FOR ... AS <expr>`.
-    pub expr: Arc<dyn PhysicalExpr>,
+    column: usize,
+    expr: Arc<dyn PhysicalExpr>,
     current: Option<i64>,
 }
 
 impl WatermarkGenerator {
-    /// A generator for the expression.
-    pub fn new(expr: Arc<dyn PhysicalExpr>) -> Self {
-        WatermarkGenerator { expr, current: None }
+    /// A generator for `expr` over event-time column `column`.
+    pub fn new(column: usize, expr: Arc<dyn PhysicalExpr>) -> Self {
+        WatermarkGenerator { column, expr, current: None }
     }
 
     /// The new watermark after `batch`, if it advanced.
     pub fn observe(&mut self, batch: &RecordBatch) -> Result<Option<i64>> {
-        let values = self.expr.evaluate(batch)?.into_array(batch.num_rows())?;
+        let times = arrow::compute::cast(batch.column(self.column), &DataType::Int64)?;
+        let times = times
+            .as_any()
+            .downcast_ref::<arrow::array::PrimitiveArray<Int64Type>>()
+            .ok_or_else(|| EngineError::Internal("event-time cast".into()))?;
+        let Some((row, _)) = times.iter().enumerate().filter_map(|(i, v)| v.map(|v| (i, v))).max_by_key(|(_, v)| *v)
+        else {
+            return Ok(None);
+        };
+        let one = batch.slice(row, 1);
+        let values = self.expr.evaluate(&one)?.into_array(1)?;
         let DataType::Timestamp(unit, _) = values.data_type() else {
             return Err(EngineError::Internal(format!("watermark expression gives {}", values.data_type())));
         };
         let unit: TimeUnit = *unit;
         let raw = arrow::compute::cast(&values, &DataType::Int64)?;
-        let Some(max) = arrow::compute::max(
-            raw.as_any()
-                .downcast_ref::<arrow::array::PrimitiveArray<Int64Type>>()
-                .ok_or_else(|| EngineError::Internal("watermark cast".into()))?,
-        ) else {
+        let raw = raw.as_any().downcast_ref::<arrow::array::PrimitiveArray<Int64Type>>();
+        let Some(w) = raw.filter(|a| a.is_valid(0)).map(|a| nagare_core::keys::to_micros(a.value(0), unit)) else {
             return Ok(None);
         };
-        let max = nagare_core::keys::to_micros(max, unit);
-        if self.current.is_none_or(|c| max > c) {
-            self.current = Some(max);
-            return Ok(Some(max));
+        if self.current.is_none_or(|c| w > c) {
+            self.current = Some(w);
+            return Ok(Some(w));
         }
         Ok(None)
     }

@@ -95,21 +95,15 @@ impl TextReader {
             self.pos = 0;
         }
         let old = self.buf.len();
-        self.buf.resize(old + READ_CHUNK, 0);
-        let mut filled = old;
-        while filled < self.buf.len() {
-            let n = self
-                .input
-                .read(&mut self.buf[filled..])
-                .map_err(|e| EngineError::io(format!("reading {}", self.display), e))?;
-            if n == 0 {
-                self.eof = true;
-                break;
-            }
-            filled += n;
+        // read_to_end fills spare capacity without zeroing it first.
+        let n = (&mut self.input)
+            .take(READ_CHUNK as u64)
+            .read_to_end(&mut self.buf)
+            .map_err(|e| EngineError::io(format!("reading {}", self.display), e))?;
+        if n < READ_CHUNK {
+            self.eof = true;
         }
-        self.buf.truncate(filled);
-        NodeMetrics::add(&self.metrics.bytes, filled - old);
+        NodeMetrics::add(&self.metrics.bytes, self.buf.len() - old);
         Ok(())
     }
 

@@ -6,13 +6,19 @@
 //! the last row of a group when the group closes (the watermark passes its end). Rows that arrive already behind the
 //! watermark are duplicates if their key's open group covers them (keep-last may still take them as the new last),
 //! and late otherwise. For rows that are not late this equals the batch query over the same rows.
+//!
+//! Cost: held rows are never copied until emitted (one `interleave` per watermark), keys up to 40 bytes live inline
+//! in the hash table, and keep-first reclaims expired keys lazily, sweeping the table only when it would grow.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, UInt32Array};
-use arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, BinaryViewArray, LargeBinaryArray, LargeStringArray, StringArray,
+    StringViewArray, UInt32Array,
+};
+use arrow::compute::{interleave_record_batch, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use arrow_row::{OwnedRow, RowConverter, Rows, SortField};
@@ -21,15 +27,17 @@ use datafusion::physical_expr::PhysicalExpr;
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 use nagare_sql::{DedupScope, DedupSpec, Keep};
+use smallvec::SmallVec;
 
 use super::{OperatorContext, event_times};
 use crate::error::{EngineError, Result};
 use crate::metrics::NodeMetrics;
 use crate::operator::Operator;
 
-/// Input rows not yet behind the watermark.
+/// Input rows not yet behind the watermark, with their keys evaluated once at arrival.
 struct Pending {
     batch: RecordBatch,
+    keys: KeyColumns,
     times: Vec<i64>,
     min_t: i64,
     max_t: i64,
@@ -37,50 +45,65 @@ struct Pending {
 
 /// Where a keep-last group's current last row is.
 enum Best {
-    /// In the ready batch being processed (row index).
-    InBatch(u32),
-    /// Saved from an earlier batch.
+    /// Row `(pending batch, row)` of the step being processed.
+    InBatch(usize, usize),
+    /// Saved from an earlier step.
     Stored(OwnedRow),
 }
 
+type Key = SmallVec<[u8; 40]>;
+
+/// A key's current group: 64 bytes, so that a probe touches as few cache lines as possible.
 struct Group {
-    key: Box<[u8]>,
-    start: i64,
-    /// Exclusive: rows at or after `end` start a new group.
+    key: Key,
+    /// Exclusive: rows at or after `end` start a new group (the start follows from the scope).
     end: i64,
+    /// Keep-last only.
+    last: Option<Box<LastRow>>,
+}
+
+/// The last row so far of a keep-last group.
+struct LastRow {
+    /// Tells a group apart from a later group of the same key (expiry entries refer to it).
     generation: u64,
+    /// The row's event time and where it is; `None` until the first row.
     best: Option<(i64, Best)>,
 }
 
-/// Encodes a row's key as bytes for hashing and equality.
-enum KeyEncoder {
-    /// One string or binary column: a tag byte and the raw bytes (no copy of the array).
-    Bytes(ArrayRef),
-    /// Anything else: arrow-row's order-preserving encoding.
+/// A batch's key column(s), read as bytes for hashing and equality.
+enum KeyColumns {
+    Utf8(StringArray),
+    LargeUtf8(LargeStringArray),
+    Utf8View(StringViewArray),
+    Binary(BinaryArray),
+    LargeBinary(LargeBinaryArray),
+    BinaryView(BinaryViewArray),
+    /// Several columns (or other types): arrow-row's encoding.
     Rows(Rows),
 }
 
-impl KeyEncoder {
+impl KeyColumns {
+    /// Appends the key of `row` to `buf` (cleared first): a null tag, then the bytes.
     fn encode_into(&self, row: usize, buf: &mut Vec<u8>) {
         buf.clear();
-        match self {
-            KeyEncoder::Bytes(a) => {
-                if a.is_null(row) {
-                    buf.push(0);
-                    return;
-                }
-                buf.push(1);
-                match a.data_type() {
-                    DataType::Utf8 => buf.extend_from_slice(a.as_string::<i32>().value(row).as_bytes()),
-                    DataType::LargeUtf8 => buf.extend_from_slice(a.as_string::<i64>().value(row).as_bytes()),
-                    DataType::Utf8View => buf.extend_from_slice(a.as_string_view().value(row).as_bytes()),
-                    DataType::Binary => buf.extend_from_slice(a.as_binary::<i32>().value(row)),
-                    DataType::LargeBinary => buf.extend_from_slice(a.as_binary::<i64>().value(row)),
-                    _ => buf.extend_from_slice(a.as_binary_view().value(row)),
-                }
+        let bytes: &[u8] = match self {
+            KeyColumns::Rows(rows) => {
+                buf.extend_from_slice(rows.row(row).as_ref());
+                return;
             }
-            KeyEncoder::Rows(rows) => buf.extend_from_slice(rows.row(row).as_ref()),
-        }
+            KeyColumns::Utf8(a) if a.is_valid(row) => a.value(row).as_bytes(),
+            KeyColumns::LargeUtf8(a) if a.is_valid(row) => a.value(row).as_bytes(),
+            KeyColumns::Utf8View(a) if a.is_valid(row) => a.value(row).as_bytes(),
+            KeyColumns::Binary(a) if a.is_valid(row) => a.value(row),
+            KeyColumns::LargeBinary(a) if a.is_valid(row) => a.value(row),
+            KeyColumns::BinaryView(a) if a.is_valid(row) => a.value(row),
+            _ => {
+                buf.push(0);
+                return;
+            }
+        };
+        buf.push(1);
+        buf.extend_from_slice(bytes);
     }
 }
 
@@ -90,6 +113,7 @@ pub struct DedupOperator {
     time_column: usize,
     keep: Keep,
     scope: DedupScope,
+    in_schema: SchemaRef,
     out_schema: SchemaRef,
     key_converter: Option<RowConverter>,
     row_converter: Option<RowConverter>,
@@ -97,7 +121,7 @@ pub struct DedupOperator {
     pending: Vec<Pending>,
     groups: HashTable<Group>,
     hasher: hashbrown::DefaultHashBuilder,
-    /// (end, hash, generation) in order of non-decreasing end.
+    /// Keep-last only: (end, hash, generation) in order of non-decreasing end.
     expiry: VecDeque<(i64, u64, u64)>,
     next_generation: u64,
     reported_entries: i64,
@@ -135,6 +159,7 @@ impl DedupOperator {
             time_column: spec.time_column,
             keep: spec.keep,
             scope: spec.scope,
+            in_schema,
             out_schema,
             key_converter,
             row_converter,
@@ -150,15 +175,22 @@ impl DedupOperator {
         })
     }
 
-    fn encoder(&self, batch: &RecordBatch) -> Result<KeyEncoder> {
+    fn key_columns(&self, batch: &RecordBatch) -> Result<KeyColumns> {
         let n = batch.num_rows();
         let cols =
             self.keys.iter().map(|k| k.evaluate(batch).and_then(|v| v.into_array(n))).collect::<Result<Vec<_>, _>>()?;
-        Ok(match &self.key_converter {
-            None => KeyEncoder::Bytes(
-                cols.into_iter().next().ok_or_else(|| EngineError::Internal("dedup without key".into()))?,
-            ),
-            Some(conv) => KeyEncoder::Rows(conv.convert_columns(&cols)?),
+        if let Some(conv) = &self.key_converter {
+            return Ok(KeyColumns::Rows(conv.convert_columns(&cols)?));
+        }
+        let c: ArrayRef = cols.into_iter().next().ok_or_else(|| EngineError::Internal("dedup without key".into()))?;
+        Ok(match c.data_type() {
+            DataType::Utf8 => KeyColumns::Utf8(c.as_string::<i32>().clone()),
+            DataType::LargeUtf8 => KeyColumns::LargeUtf8(c.as_string::<i64>().clone()),
+            DataType::Utf8View => KeyColumns::Utf8View(c.as_string_view().clone()),
+            DataType::Binary => KeyColumns::Binary(c.as_binary::<i32>().clone()),
+            DataType::LargeBinary => KeyColumns::LargeBinary(c.as_binary::<i64>().clone()),
+            DataType::BinaryView => KeyColumns::BinaryView(c.as_binary_view().clone()),
+            other => return Err(EngineError::Internal(format!("unexpected key type {other}"))),
         })
     }
 
@@ -184,35 +216,34 @@ impl DedupOperator {
     }
 
     fn handle_late(&mut self, batch: &RecordBatch, times: &[i64], late_rows: &[u32]) -> Result<()> {
-        let encoder = self.encoder(batch)?;
+        let keys = self.key_columns(batch)?;
         let mut truly_late = Vec::new();
         let mut stored_rows: Option<Rows> = None;
         for &r in late_rows {
             let t = times[r as usize];
-            encoder.encode_into(r as usize, &mut self.scratch);
+            keys.encode_into(r as usize, &mut self.scratch);
             let h = self.hasher.hash_one(&self.scratch[..]);
             let key = &self.scratch;
-            let group = self.groups.find_mut(h, |g| g.key.as_ref() == key.as_slice());
-            match group {
-                Some(g) if g.start <= t && t < g.end => match self.keep {
-                    Keep::First => NodeMetrics::add(&self.ctx.metrics.duplicates, 1),
-                    Keep::Last => {
-                        let newer = g.best.as_ref().is_none_or(|(bt, _)| t >= *bt);
-                        NodeMetrics::add(&self.ctx.metrics.duplicates, 1);
-                        if newer {
-                            let conv = self
-                                .row_converter
-                                .as_ref()
-                                .ok_or_else(|| EngineError::Internal("no row converter".into()))?;
-                            if stored_rows.is_none() {
-                                stored_rows = Some(conv.convert_columns(batch.columns())?);
-                            }
-                            if let Some(rows) = &stored_rows {
-                                g.best = Some((t, Best::Stored(rows.row(r as usize).owned())));
-                            }
+            let scope = self.scope;
+            let covered = |g: &Group| group_start(scope, g.end) <= t && t < g.end;
+            match self.groups.find_mut(h, |g| g.key.as_slice() == key.as_slice()) {
+                Some(g) if covered(g) => {
+                    NodeMetrics::add(&self.ctx.metrics.duplicates, 1);
+                    if let Some(last) = g.last.as_mut()
+                        && last.best.as_ref().is_none_or(|b| t >= b.0)
+                    {
+                        let conv = self
+                            .row_converter
+                            .as_ref()
+                            .ok_or_else(|| EngineError::Internal("no row converter".into()))?;
+                        if stored_rows.is_none() {
+                            stored_rows = Some(conv.convert_columns(batch.columns())?);
+                        }
+                        if let Some(rows) = &stored_rows {
+                            last.best = Some((t, Best::Stored(rows.row(r as usize).owned())));
                         }
                     }
-                },
+                }
                 _ => truly_late.push(r),
             }
         }
@@ -223,120 +254,129 @@ impl DedupOperator {
         Ok(())
     }
 
-    /// Processes the pending rows at or before `watermark` in event-time order, then closes groups that end.
+    /// Keep-first: drops closed groups when the table is about to grow, so memory follows the live keys.
+    fn sweep_if_full(&mut self, watermark: i64) {
+        if self.keep == Keep::First && self.groups.len() == self.groups.capacity() && self.groups.len() > 1024 {
+            self.groups.retain(|g| g.end.saturating_sub(1) > watermark);
+        }
+    }
+
+    /// Processes held rows with event time in `(previous watermark, watermark]` in event-time order, then closes
+    /// keep-last groups that end.
     fn advance(&mut self, watermark: i64, out: &mut Vec<RecordBatch>) -> Result<()> {
-        let mut ready: Vec<(RecordBatch, Vec<i64>)> = Vec::new();
-        let mut keep: Vec<Pending> = Vec::with_capacity(self.pending.len());
-        for p in std::mem::take(&mut self.pending) {
-            if p.max_t <= watermark {
-                ready.push((p.batch, p.times));
-            } else if p.min_t > watermark {
-                keep.push(p);
-            } else {
-                let mask: BooleanArray = p.times.iter().map(|t| Some(*t <= watermark)).collect();
-                let now = filter_record_batch(&p.batch, &mask)?;
-                let later = filter_record_batch(&p.batch, &arrow::compute::not(&mask)?)?;
-                let (now_t, later_t): (Vec<i64>, Vec<i64>) = p.times.iter().partition(|t| **t <= watermark);
-                ready.push((now, now_t));
-                let (min_t, max_t) = min_max(&later_t);
-                keep.push(Pending { batch: later, times: later_t, min_t, max_t });
+        let previous = self.watermark;
+        // (time, batch, row): batches are in arrival order, so sorting gives event time, then arrival.
+        let mut ready: Vec<(i64, usize, usize)> = Vec::new();
+        for (b, p) in self.pending.iter().enumerate() {
+            if p.min_t > watermark {
+                continue;
+            }
+            for (r, t) in p.times.iter().enumerate() {
+                if *t > previous && *t <= watermark {
+                    ready.push((*t, b, r));
+                }
             }
         }
-        self.pending = keep;
+        ready.sort_unstable();
 
+        let mut emit: Vec<(usize, usize)> = Vec::new();
         let mut emitted_stored: Vec<OwnedRow> = Vec::new();
-        if !ready.is_empty() {
-            let (batch, times) = if ready.len() == 1 {
-                ready.pop().ok_or_else(|| EngineError::Internal("ready vanished".into()))?
-            } else {
-                let schema = ready[0].0.schema();
-                let batches: Vec<&RecordBatch> = ready.iter().map(|(b, _)| b).collect();
-                let batch = concat_batches(&schema, batches)?;
-                let times = ready.iter().flat_map(|(_, t)| t.iter().copied()).collect::<Vec<_>>();
-                (batch, times)
-            };
-            let mut order: Vec<u32> = (0..times.len() as u32).collect();
-            if !times.windows(2).all(|w| w[0] <= w[1]) {
-                order.sort_unstable_by_key(|&i| (times[i as usize], i));
-            }
-            let encoder = self.encoder(&batch)?;
-            let mut emit_idx: Vec<u32> = Vec::new();
-            let mut in_batch_best = false;
-            for &i in &order {
-                let t = times[i as usize];
-                encoder.encode_into(i as usize, &mut self.scratch);
-                let h = self.hasher.hash_one(&self.scratch[..]);
-                let (start, end) = self.group_bounds(t);
-                let generation = self.next_generation;
-                let scratch = &self.scratch;
-                let hasher = &self.hasher;
-                let mut new_group = false;
-                match self.groups.entry(h, |g| g.key.as_ref() == scratch.as_slice(), |g| hasher.hash_one(&g.key[..])) {
-                    Entry::Occupied(mut e) => {
-                        let g = e.get_mut();
-                        if t < g.end {
-                            NodeMetrics::add(&self.ctx.metrics.duplicates, 1);
-                            if self.keep == Keep::Last {
-                                g.best = Some((t, Best::InBatch(i)));
-                                in_batch_best = true;
-                            }
-                        } else {
-                            if let Some((_, best)) = g.best.take() {
-                                match best {
-                                    Best::InBatch(b) => emit_idx.push(b),
-                                    Best::Stored(row) => emitted_stored.push(row),
-                                }
-                            }
-                            g.start = start;
-                            g.end = end;
-                            g.generation = generation;
-                            new_group = true;
-                            if self.keep == Keep::Last {
-                                g.best = Some((t, Best::InBatch(i)));
-                                in_batch_best = true;
-                            }
+        let mut touched: Vec<(u64, u64)> = Vec::new();
+        let keep_last = self.keep == Keep::Last;
+        for &(t, b, r) in &ready {
+            self.pending[b].keys.encode_into(r, &mut self.scratch);
+            let h = self.hasher.hash_one(&self.scratch[..]);
+            let (_, end) = self.group_bounds(t);
+            self.sweep_if_full(watermark);
+            let generation = self.next_generation;
+            let scratch = &self.scratch;
+            let hasher = &self.hasher;
+            let mut new_group = false;
+            match self.groups.entry(h, |g| g.key.as_slice() == scratch.as_slice(), |g| hasher.hash_one(&g.key[..])) {
+                Entry::Occupied(mut e) => {
+                    let g = e.get_mut();
+                    if t < g.end {
+                        NodeMetrics::add(&self.ctx.metrics.duplicates, 1);
+                        if let Some(last) = g.last.as_mut() {
+                            last.best = Some((t, Best::InBatch(b, r)));
+                            touched.push((h, last.generation));
                         }
-                    }
-                    Entry::Vacant(v) => {
-                        let best = (self.keep == Keep::Last).then_some((t, Best::InBatch(i)));
-                        in_batch_best |= best.is_some();
-                        v.insert(Group { key: scratch.as_slice().into(), start, end, generation, best });
+                    } else {
+                        if let Some(last) = g.last.as_mut() {
+                            match last.best.take().map(|x| x.1) {
+                                Some(Best::InBatch(bb, rr)) => emit.push((bb, rr)),
+                                Some(Best::Stored(row)) => emitted_stored.push(row),
+                                None => {}
+                            }
+                            **last = LastRow { generation, best: Some((t, Best::InBatch(b, r))) };
+                            touched.push((h, generation));
+                        }
+                        g.end = end;
                         new_group = true;
                     }
                 }
-                if new_group {
-                    self.next_generation += 1;
-                    self.expiry.push_back((end, h, generation));
-                    if self.keep == Keep::First {
-                        emit_idx.push(i);
+                Entry::Vacant(v) => {
+                    let last =
+                        keep_last.then(|| Box::new(LastRow { generation, best: Some((t, Best::InBatch(b, r))) }));
+                    if keep_last {
+                        touched.push((h, generation));
                     }
+                    v.insert(Group { key: Key::from_slice(scratch), end, last });
+                    new_group = true;
                 }
             }
-            // Keep-last: rows still best move out of the batch before it is dropped.
-            if in_batch_best {
-                let conv =
-                    self.row_converter.as_ref().ok_or_else(|| EngineError::Internal("no row converter".into()))?;
-                let rows = conv.convert_columns(batch.columns())?;
-                for g in self.groups.iter_mut() {
-                    if let Some((t, Best::InBatch(i))) = &g.best {
-                        g.best = Some((*t, Best::Stored(rows.row(*i as usize).owned())));
-                    }
+            if new_group {
+                self.next_generation += 1;
+                match self.keep {
+                    Keep::First => emit.push((b, r)),
+                    Keep::Last => self.expiry.push_back((end, h, generation)),
                 }
-            }
-            if !emit_idx.is_empty() {
-                out.push(self.with_row_number(take_record_batch(&batch, &UInt32Array::from(emit_idx))?)?);
             }
         }
 
-        // Close groups whose end the watermark has passed.
+        // Keep-last: rows that are still a group's last move out of the batches before those are dropped.
+        if !touched.is_empty() {
+            let mut refs: Vec<(usize, usize)> = Vec::new();
+            let mut owners: Vec<(u64, u64)> = Vec::new();
+            for (h, generation) in touched {
+                let found = self.groups.find(h, |g| g.last.as_ref().is_some_and(|l| l.generation == generation));
+                if let Some(Some((_, Best::InBatch(b, r)))) = found.and_then(|g| g.last.as_ref()).map(|l| &l.best) {
+                    refs.push((*b, *r));
+                    owners.push((h, generation));
+                }
+            }
+            if !refs.is_empty() {
+                let batches: Vec<&RecordBatch> = self.pending.iter().map(|p| &p.batch).collect();
+                let rows_batch = interleave_record_batch(&batches, &refs)?;
+                let conv =
+                    self.row_converter.as_ref().ok_or_else(|| EngineError::Internal("no row converter".into()))?;
+                let rows = conv.convert_columns(rows_batch.columns())?;
+                for (i, (h, generation)) in owners.into_iter().enumerate() {
+                    let found =
+                        self.groups.find_mut(h, |g| g.last.as_ref().is_some_and(|l| l.generation == generation));
+                    if let Some(Some((_, best))) = found.and_then(|g| g.last.as_mut()).map(|l| &mut l.best)
+                        && matches!(best, Best::InBatch(..))
+                    {
+                        *best = Best::Stored(rows.row(i).owned());
+                    }
+                }
+            }
+        }
+        if !emit.is_empty() {
+            let batches: Vec<&RecordBatch> = self.pending.iter().map(|p| &p.batch).collect();
+            out.push(self.with_row_number(interleave_record_batch(&batches, &emit)?)?);
+        }
+        self.pending.retain(|p| p.max_t > watermark);
+
+        // Keep-last: close groups whose end the watermark has passed.
         while let Some(&(end, h, generation)) = self.expiry.front() {
             if end.saturating_sub(1) > watermark {
                 break;
             }
             self.expiry.pop_front();
-            if let Ok(e) = self.groups.find_entry(h, |g| g.generation == generation) {
+            if let Ok(e) = self.groups.find_entry(h, |g| g.last.as_ref().is_some_and(|l| l.generation == generation)) {
                 let (g, _) = e.remove();
-                if let Some((_, Best::Stored(row))) = g.best {
+                if let Some(Some((_, Best::Stored(row)))) = g.last.map(|l| l.best) {
                     emitted_stored.push(row);
                 }
             }
@@ -344,10 +384,7 @@ impl DedupOperator {
         if !emitted_stored.is_empty() {
             let conv = self.row_converter.as_ref().ok_or_else(|| EngineError::Internal("no row converter".into()))?;
             let cols = conv.convert_rows(emitted_stored.iter().map(|r| r.row()))?;
-            let schema = Arc::new(arrow::datatypes::Schema::new(
-                self.out_schema.fields()[..self.out_schema.fields().len() - 1].to_vec(),
-            ));
-            out.push(self.with_row_number(RecordBatch::try_new(schema, cols)?)?);
+            out.push(self.with_row_number(RecordBatch::try_new(self.in_schema.clone(), cols)?)?);
         }
         let entries = self.groups.len() as i64;
         self.ctx.metrics.state_entries.fetch_add(entries - self.reported_entries, std::sync::atomic::Ordering::Relaxed);
@@ -356,8 +393,12 @@ impl DedupOperator {
     }
 }
 
-fn min_max(times: &[i64]) -> (i64, i64) {
-    times.iter().fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(*t), hi.max(*t)))
+/// The start (inclusive) of the group of `scope` that ends at `end`.
+fn group_start(scope: DedupScope, end: i64) -> i64 {
+    match scope {
+        DedupScope::Ttl { ttl_us } => end.saturating_sub(ttl_us).saturating_sub(1),
+        DedupScope::Window { size_us } => end.saturating_sub(size_us),
+    }
 }
 
 impl Operator for DedupOperator {
@@ -374,21 +415,20 @@ impl Operator for DedupOperator {
                 }
             }
         }
-        let (min_t, max_t) = min_max(&times);
-        if min_t > self.watermark {
-            self.pending.push(Pending { batch, times, min_t, max_t });
-            return Ok(());
+        let min_t = times.iter().copied().min().unwrap_or(i64::MAX);
+        let max_t = times.iter().copied().max().unwrap_or(i64::MIN);
+        if min_t <= self.watermark {
+            let late_rows: Vec<u32> =
+                times.iter().enumerate().filter(|(_, t)| **t <= self.watermark).map(|(i, _)| i as u32).collect();
+            self.handle_late(&batch, &times, &late_rows)?;
+            if late_rows.len() == times.len() {
+                return Ok(());
+            }
         }
-        let late_rows: Vec<u32> =
-            times.iter().enumerate().filter(|(_, t)| **t <= self.watermark).map(|(i, _)| i as u32).collect();
-        self.handle_late(&batch, &times, &late_rows)?;
-        if late_rows.len() < times.len() {
-            let mask: BooleanArray = times.iter().map(|t| Some(*t > self.watermark)).collect();
-            let on_time = filter_record_batch(&batch, &mask)?;
-            let on_time_t: Vec<i64> = times.into_iter().filter(|t| *t > self.watermark).collect();
-            let (min_t, max_t) = min_max(&on_time_t);
-            self.pending.push(Pending { batch: on_time, times: on_time_t, min_t, max_t });
-        }
+        // Late rows stay in the batch but are never picked: only times after the watermark are processed later.
+        let keys = self.key_columns(&batch)?;
+        let min_t = times.iter().copied().filter(|t| *t > self.watermark).min().unwrap_or(i64::MAX);
+        self.pending.push(Pending { batch, keys, times, min_t, max_t });
         Ok(())
     }
 
@@ -496,7 +536,21 @@ mod tests {
         d.process(batch(&s, &[("a", 0, "x"), ("a", 100, "within"), ("a", 101, "after")]), &mut out).unwrap();
         d.on_watermark(1_000, &mut out).unwrap();
         assert_eq!(rows(&out), vec![("a".into(), 0, "x".into()), ("a".into(), 101, "after".into())]);
-        assert_eq!(d.state_entries(), 0, "expired groups are removed");
+    }
+
+    #[test]
+    fn keep_first_state_follows_live_keys_not_input_size() {
+        let (mut d, s, _) = op(Keep::First, DedupScope::Ttl { ttl_us: 10 });
+        let mut out = Vec::new();
+        for chunk in 0..200 {
+            let ids: Vec<String> = (0..500).map(|i| format!("k{}", chunk * 500 + i)).collect();
+            let rows: Vec<(&str, i64, &str)> =
+                ids.iter().enumerate().map(|(i, id)| (id.as_str(), (chunk * 500 + i) as i64, "v")).collect();
+            d.process(batch(&s, &rows), &mut out).unwrap();
+            d.on_watermark((chunk * 500 + 499) as i64, &mut out).unwrap();
+        }
+        assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 100_000);
+        assert!(d.state_entries() <= 4096, "expired keys are swept: {} held", d.state_entries());
     }
 
     #[test]

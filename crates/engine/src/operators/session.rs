@@ -304,3 +304,119 @@ impl Operator for SessionOperator {
         self.sessions.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{AsArray, Int64Array, TimestampMicrosecondArray};
+    use arrow::datatypes::{Field, Schema};
+    use datafusion::common::DFSchema;
+    use datafusion::functions_aggregate::expr_fn::sum;
+    use datafusion::logical_expr::col;
+    use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+    use datafusion::physical_expr::aggregate::LoweredAggregateBuilder;
+    use datafusion::physical_expr::execution_props::ExecutionProps;
+    use datafusion::physical_expr::expressions::Column;
+
+    use super::*;
+    use crate::metrics::NodeMetrics;
+
+    fn setup() -> (SessionOperator, SchemaRef, Arc<NodeMetrics>) {
+        let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None);
+        let input = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("t", ts.clone(), true),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let df = DFSchema::try_from(input.as_ref().clone()).unwrap();
+        let l = LoweredAggregateBuilder::new(
+            &sum(col("v")),
+            &df,
+            &input,
+            &ExecutionProps::new(),
+            &PhysicalPlanningContext::default(),
+        )
+        .build()
+        .unwrap();
+        let spec = WindowAggregateSpec {
+            window: WindowKind::Session { gap_us: 10 },
+            time_column: 1,
+            window_position: 1,
+            keys: vec![Arc::new(Column::new("k", 0))],
+            aggregates: vec![AggregateSpec { expr: l.aggregate, filter: None }],
+            input_schema: input.clone(),
+        };
+        let out = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("w", nagare_sql::window::window_struct_type(&ts), true),
+            Field::new("s", DataType::Int64, true),
+        ]));
+        let metrics = Arc::new(NodeMetrics::new(0, "s".into(), "window", 1));
+        let ctx = OperatorContext {
+            label: "s".into(),
+            metrics: metrics.clone(),
+            late_rows: nagare_sql::LateRowPolicy::Drop,
+            dead_letter: None,
+        };
+        (SessionOperator::new(&spec, out, ctx).unwrap(), input, metrics)
+    }
+
+    fn batch(schema: &SchemaRef, rows: &[(i64, i64, i64)]) -> RecordBatch {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+                Arc::new(TimestampMicrosecondArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+                Arc::new(Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn rows(out: &[RecordBatch]) -> Vec<(i64, i64, i64, i64)> {
+        let mut v = Vec::new();
+        for b in out {
+            let w = b.column(1).as_struct();
+            let (s, e) = (
+                w.column(0).as_primitive::<arrow::datatypes::TimestampMicrosecondType>(),
+                w.column(1).as_primitive::<arrow::datatypes::TimestampMicrosecondType>(),
+            );
+            for i in 0..b.num_rows() {
+                v.push((
+                    b.column(0).as_primitive::<arrow::datatypes::Int64Type>().value(i),
+                    s.value(i),
+                    e.value(i),
+                    b.column(2).as_primitive::<arrow::datatypes::Int64Type>().value(i),
+                ));
+            }
+        }
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn rows_in_any_arrival_order_form_the_same_sessions() {
+        let (mut op, s, _) = setup();
+        let mut out = Vec::new();
+        // Key 1: 0, 5, 14 (one session, gaps < 10) and 30 (a new one). Arrival order is scrambled across batches.
+        op.process(batch(&s, &[(1, 14, 3), (2, 3, 100)]), &mut out).unwrap();
+        op.process(batch(&s, &[(1, 0, 1), (1, 30, 7)]), &mut out).unwrap();
+        op.process(batch(&s, &[(1, 5, 2)]), &mut out).unwrap();
+        op.on_watermark(20, &mut out).unwrap();
+        assert_eq!(rows(&out), vec![(2, 3, 13, 100)], "key 1's session may still grow until 14 + 10 - 1");
+        out.clear();
+        op.on_watermark(i64::MAX, &mut out).unwrap();
+        assert_eq!(rows(&out), vec![(1, 0, 24, 6), (1, 30, 40, 7)]);
+    }
+
+    #[test]
+    fn a_late_row_joins_an_open_session_or_is_late() {
+        let (mut op, s, m) = setup();
+        let mut out = Vec::new();
+        op.process(batch(&s, &[(1, 100, 1)]), &mut out).unwrap();
+        op.on_watermark(105, &mut out).unwrap();
+        op.process(batch(&s, &[(1, 95, 2), (1, 50, 4)]), &mut out).unwrap();
+        assert_eq!(NodeMetrics::get(&m.late_rows), 1, "50 is far from the open session");
+        op.on_watermark(i64::MAX, &mut out).unwrap();
+        assert_eq!(rows(&out), vec![(1, 95, 110, 3)]);
+    }
+}
