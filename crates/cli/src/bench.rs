@@ -18,6 +18,9 @@ use nagare_connectors::generator::{EventStream, w1_config};
 /// The W1 pipeline, with `${INPUT}` and `${OUTPUT}` for paths.
 pub const W1_SQL: &str = include_str!("../../../sql/bench/w1.sql");
 
+/// The same job for DuckDB (optional reference, `--duckdb`).
+const W1_DUCKDB: &str = include_str!("../../../sql/bench/w1_duckdb.py");
+
 /// The same job as a DataFusion batch query.
 const W1_BATCH_SQL: &str = r#"
 SELECT id, "detail-type", time,
@@ -43,6 +46,9 @@ pub enum BenchCommand {
         /// Repetitions of each run; the best time counts.
         #[arg(long, default_value_t = 1)]
         repeat: usize,
+        /// Also run the job in DuckDB (python3 with `pip install duckdb==2.0.0`).
+        #[arg(long)]
+        duckdb: bool,
     },
     /// The DataFusion batch baseline of W1 (run by `bench w1` as a child process).
     #[command(hide = true)]
@@ -151,12 +157,23 @@ struct Measured {
 
 fn run_child(label: &str, args: &[String], stats: &Path, output: &Path, repeat: usize) -> Result<Measured> {
     let exe = std::env::current_exe().context("locating the nagare binary")?;
+    run_program(&exe, label, args, stats, output, repeat)
+}
+
+fn run_program(
+    exe: &Path,
+    label: &str,
+    args: &[String],
+    stats: &Path,
+    output: &Path,
+    repeat: usize,
+) -> Result<Measured> {
     let mut best: Option<Measured> = None;
     for _ in 0..repeat.max(1) {
         let _ = std::fs::remove_dir_all(output);
         std::fs::create_dir_all(output)?;
         let started = Instant::now();
-        let status = Command::new(&exe).args(args).status().with_context(|| format!("running {label}"))?;
+        let status = Command::new(exe).args(args).status().with_context(|| format!("running {label}"))?;
         let seconds = started.elapsed().as_secs_f64();
         if !status.success() {
             bail!("{label} failed ({status})");
@@ -199,7 +216,7 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             std::fs::write(&stats_json, serde_json::json!({"peak_rss_bytes": peak_rss_bytes()}).to_string())?;
             Ok(())
         }
-        BenchCommand::W1 { rows, dir, threads, repeat } => {
+        BenchCommand::W1 { rows, dir, threads, repeat, duckdb } => {
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             std::fs::create_dir_all(&dir)?;
             let dir = dir.canonicalize()?;
@@ -260,11 +277,22 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             )?;
             let streaming = nagare(&format!("nagare streaming, parallelism {threads}"), threads, "out-nagare")?;
             let one_core = nagare("nagare streaming, 1 core", 1, "out-nagare-1")?;
+            let duck = if duckdb {
+                let script = dir.join("w1_duckdb.py");
+                std::fs::write(&script, W1_DUCKDB)?;
+                let out = dir.join("out-duckdb");
+                let stats = dir.join("out-duckdb.json");
+                let args = vec![s(&script), s(&input), s(&out), threads.to_string(), s(&stats)];
+                let label = "DuckDB 2.0 batch (QUALIFY row_number() = 1)";
+                Some(run_program(Path::new("python3"), label, &args, &stats, &out, repeat)?)
+            } else {
+                None
+            };
             println!(
                 "{:<64} {:>8} {:>12} {:>10} {:>10} {:>8}",
                 "run", "seconds", "events/s", "peak MB", "rows out", "ratio"
             );
-            for m in [&baseline, &streaming, &one_core] {
+            for m in [Some(&baseline), Some(&streaming), Some(&one_core), duck.as_ref()].into_iter().flatten() {
                 println!(
                     "{:<64} {:>8.2} {:>12.0} {:>10.0} {:>10} {:>8.2}",
                     m.label,
@@ -280,6 +308,9 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                 streaming.seconds / baseline.seconds,
                 rows as f64 / one_core.seconds
             );
+            if let Some(d) = &duck {
+                println!("ratio nagare/DuckDB = {:.2}", streaming.seconds / d.seconds);
+            }
             if streaming.rows_out != baseline.rows_out || one_core.rows_out != baseline.rows_out {
                 bail!(
                     "outputs differ: DataFusion wrote {} rows, nagare {} and {}",
