@@ -36,7 +36,8 @@ pub async fn run_sql(sql: &str, vars: &[(&str, &str)]) -> Result<JobSummary, Run
         .plan(sql)
         .await
         .map_err(RunError::Plan)?;
-    let job = nagare_engine::start(&pipeline, Arc::new(Connectors), JobOptions::default()).map_err(RunError::Start)?;
+    let job =
+        nagare_engine::start(&pipeline, Arc::new(Connectors), JobOptions::default()).await.map_err(RunError::Start)?;
     job.wait().await.map_err(RunError::Job)
 }
 

@@ -43,6 +43,16 @@ enum Command {
     Run {
         #[command(flatten)]
         plan: PlanArgs,
+        /// Take checkpoints here (file:///dir, a directory, s3://bucket/prefix, gs://bucket/prefix) and resume from
+        /// the newest one: output is then exactly once across crashes and restarts.
+        #[arg(long, env = "NAGARE_CHECKPOINT_DIR")]
+        checkpoint_dir: Option<String>,
+        /// Time between checkpoints (overrides SET checkpoint_interval; default 10s).
+        #[arg(long)]
+        checkpoint_interval: Option<String>,
+        /// Ignore existing checkpoints and start over (their state is discarded).
+        #[arg(long)]
+        from_scratch: bool,
         /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
         #[arg(long)]
         metrics_addr: Option<String>,
@@ -60,6 +70,14 @@ enum Command {
     Explain {
         #[command(flatten)]
         plan: PlanArgs,
+    },
+    /// Lists the checkpoints of a pipeline: id, time, duration, size.
+    Checkpoints {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Where the pipeline's checkpoints are.
+        #[arg(long, env = "NAGARE_CHECKPOINT_DIR")]
+        checkpoint_dir: String,
     },
     /// Lists connectors and their options.
     Connectors,
@@ -121,9 +139,34 @@ fn init_tracing() {
 
 async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { plan, metrics_addr, quiet, stats_json, .. } => {
+        Command::Run {
+            mut plan,
+            metrics_addr,
+            quiet,
+            stats_json,
+            checkpoint_dir,
+            checkpoint_interval,
+            from_scratch,
+            ..
+        } => {
+            if let Some(i) = checkpoint_interval {
+                plan.settings.push(format!("checkpoint_interval={i}"));
+            }
             let pipeline = plan_file(&plan).await?;
-            let summary = run(&pipeline, metrics_addr, quiet, &plan.file).await?;
+            let checkpoints = match checkpoint_dir {
+                Some(dir) => Some(nagare_engine::CheckpointOptions {
+                    store: nagare_engine::checkpoint::store::CheckpointStore::open(&dir)?,
+                    settings: nagare_engine::checkpoint::coordinator::CheckpointSettings {
+                        interval: pipeline.settings.checkpoint_interval,
+                        timeout: pipeline.settings.checkpoint_timeout,
+                        retained: pipeline.settings.checkpoints_retained,
+                    },
+                    from_scratch,
+                }),
+                None if from_scratch => anyhow::bail!("--from-scratch needs --checkpoint-dir"),
+                None => None,
+            };
+            let summary = run(&pipeline, checkpoints, metrics_addr, quiet, &plan.file).await?;
             if let Some(path) = stats_json {
                 write_stats(&path, &summary)?;
             }
@@ -133,6 +176,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let pipeline = plan_file(&plan).await?;
             print!("{pipeline}");
             Ok(())
+        }
+        Command::Checkpoints { plan, checkpoint_dir } => {
+            let pipeline = plan_file(&plan).await?;
+            list_checkpoints(&pipeline, &checkpoint_dir).await
         }
         Command::Connectors => {
             print_connectors();
@@ -182,10 +229,22 @@ async fn plan_file(args: &PlanArgs) -> Result<Pipeline> {
     })
 }
 
-async fn run(pipeline: &Pipeline, metrics_addr: Option<String>, quiet: bool, file: &Path) -> Result<JobSummary> {
-    let job = nagare_engine::start(pipeline, Arc::new(Connectors), JobOptions::default())
+async fn run(
+    pipeline: &Pipeline,
+    checkpoints: Option<nagare_engine::CheckpointOptions>,
+    metrics_addr: Option<String>,
+    quiet: bool,
+    file: &Path,
+) -> Result<JobSummary> {
+    let options = JobOptions { checkpoints, ..JobOptions::default() };
+    let job = nagare_engine::start(pipeline, Arc::new(Connectors), options)
+        .await
         .map_err(|e| anyhow!("{}: {e}", file.display()))?;
     let metrics = job.metrics();
+    let checkpoint_stats = job.checkpoint_stats();
+    if let Some(id) = checkpoint_stats.lock().ok().and_then(|s| s.restored_from) {
+        eprintln!("resuming from checkpoint {id}");
+    }
     let stop = job.stop_token();
     if let Some(addr) = metrics_addr {
         progress::serve_metrics(&addr, metrics.clone(), file.display().to_string()).await?;
@@ -201,7 +260,7 @@ async fn run(pipeline: &Pipeline, metrics_addr: Option<String>, quiet: bool, fil
             }
         }
     });
-    let ticker = (!quiet).then(|| progress::spawn_progress(metrics.clone()));
+    let ticker = (!quiet).then(|| progress::spawn_progress(metrics.clone(), checkpoint_stats.clone()));
     let result = job.wait().await;
     if let Some(t) = ticker {
         t.abort();
@@ -214,6 +273,8 @@ async fn run(pipeline: &Pipeline, metrics_addr: Option<String>, quiet: bool, fil
 
 fn write_stats(path: &Path, s: &JobSummary) -> Result<()> {
     let json = serde_json::json!({
+        "checkpoints_completed": s.checkpoints.completed,
+        "checkpoints_aborted": s.checkpoints.aborted,
         "elapsed_s": s.elapsed.as_secs_f64(),
         "rows_read": s.rows_read,
         "rows_written": s.rows_written,
@@ -223,6 +284,46 @@ fn write_stats(path: &Path, s: &JobSummary) -> Result<()> {
         "peak_rss_bytes": bench::peak_rss_bytes(),
     });
     std::fs::write(path, json.to_string()).with_context(|| format!("writing {}", path.display()))
+}
+
+async fn list_checkpoints(pipeline: &Pipeline, dir: &str) -> Result<()> {
+    let store = nagare_engine::checkpoint::store::CheckpointStore::open(dir)?;
+    let current = nagare_engine::job::fingerprints(pipeline);
+    let labels: std::collections::BTreeMap<usize, String> =
+        pipeline.graph.nodes.iter().map(|n| (n.id, n.label.clone())).collect();
+    let all = store.completed().await?;
+    if all.is_empty() {
+        println!("no checkpoints in {}", store.url());
+        return Ok(());
+    }
+    println!("{:>6}  {:<24} {:>10} {:>10} {:>12}  status", "id", "completed (UTC)", "duration", "alignment", "size");
+    for c in all {
+        match c {
+            Ok(m) => {
+                let when = chrono::DateTime::from_timestamp_millis(m.completed_ms)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+                    .unwrap_or_default();
+                let problems = nagare_core::checkpoint::incompatibilities(&m, &current, &labels);
+                let status = match (problems.is_empty(), m.final_checkpoint) {
+                    (true, true) => "complete (final: the job ended here)".to_string(),
+                    (true, false) => "complete".to_string(),
+                    (false, _) => format!("complete, but does not match this pipeline: {}", problems.join("; ")),
+                };
+                println!(
+                    "{:>6}  {:<24} {:>9}ms {:>8.1}ms {:>12}  {status}",
+                    m.id,
+                    when,
+                    m.completed_ms - m.triggered_ms,
+                    m.alignment_us as f64 / 1000.0,
+                    format!("{} B", m.bytes)
+                );
+            }
+            Err((id, reason)) => {
+                println!("{id:>6}  {:<24} {:>10} {:>10} {:>12}  not usable: {reason}", "-", "-", "-", "-")
+            }
+        }
+    }
+    Ok(())
 }
 
 fn print_connectors() {

@@ -34,7 +34,10 @@ fn watermark_text(m: &JobMetrics) -> String {
 }
 
 /// Redraws a one-line status on stderr twice a second, when stderr is a terminal.
-pub fn spawn_progress(metrics: Arc<JobMetrics>) -> tokio::task::JoinHandle<()> {
+pub fn spawn_progress(
+    metrics: Arc<JobMetrics>,
+    checkpoints: Arc<std::sync::Mutex<nagare_engine::checkpoint::coordinator::CheckpointStats>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if !std::io::stderr().is_terminal() {
             return;
@@ -46,8 +49,14 @@ pub fn spawn_progress(metrics: Arc<JobMetrics>) -> tokio::task::JoinHandle<()> {
             let now = Instant::now();
             let rate = (read - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-3);
             last = (now, read);
+            let ckpt = checkpoints
+                .lock()
+                .ok()
+                .and_then(|s| s.last.clone())
+                .map(|c| format!("  ckpt #{} ({:.1}s, {})", c.id, c.duration.as_secs_f64(), bytes(c.bytes)))
+                .unwrap_or_default();
             let line = format!(
-                "in {} ({}/s)  out {}  dup {}  late {}  bad {}  watermark {}  {:.0}s",
+                "in {} ({}/s)  out {}  dup {}  late {}  bad {}  watermark {}{ckpt}  {:.0}s",
                 count(read as f64),
                 count(rate),
                 count(metrics.rows_written() as f64),
@@ -62,6 +71,20 @@ pub fn spawn_progress(metrics: Arc<JobMetrics>) -> tokio::task::JoinHandle<()> {
             let _ = err.flush();
         }
     })
+}
+
+/// Human size: 1234567 → 1.2 MB.
+pub fn bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.1} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} kB", n / 1e3)
+    } else {
+        format!("{n} B")
+    }
 }
 
 /// Erases the progress line.
@@ -83,6 +106,23 @@ pub fn print_summary(s: &JobSummary, metrics: &JobMetrics) {
         s.late_rows,
         s.bad_records
     );
+    let c = &s.checkpoints;
+    if c.completed > 0 || c.aborted > 0 {
+        let last = c
+            .last
+            .as_ref()
+            .map(|l| {
+                format!(
+                    "; last #{} took {:.2}s (alignment {:.1}ms), {}",
+                    l.id,
+                    l.duration.as_secs_f64(),
+                    l.alignment.as_secs_f64() * 1e3,
+                    bytes(l.bytes)
+                )
+            })
+            .unwrap_or_default();
+        eprintln!("checkpoints: {} completed, {} aborted{last}", c.completed, c.aborted);
+    }
     for f in &s.dead_letter_files {
         eprintln!("dead letters: {}", f.display());
     }

@@ -28,17 +28,42 @@ impl Connectors {
     }
 }
 
+#[async_trait::async_trait]
 impl ConnectorFactory for Connectors {
     fn create_source(
         &self,
         spec: &SourceSpec,
         schema: SchemaRef,
         ctx: SourceContext,
+        position: Option<serde_json::Value>,
     ) -> Result<Box<dyn Source>, EngineError> {
         match spec.table.connector.as_str() {
-            "filesystem" => Ok(Box::new(filesystem::source::FileSource::new(spec, schema, ctx)?)),
-            "generator" => Ok(Box::new(generator::GeneratorSource::new(spec, schema, ctx)?)),
+            "filesystem" => {
+                let mut s = filesystem::source::FileSource::new(spec, schema, ctx)?;
+                if let Some(p) = position {
+                    s.restore(p)?;
+                }
+                Ok(Box::new(s))
+            }
+            "generator" => {
+                let mut s = generator::GeneratorSource::new(spec, schema, ctx)?;
+                if let Some(p) = position {
+                    s.restore(p)?;
+                }
+                Ok(Box::new(s))
+            }
             other => Err(EngineError::Config(format!("connector '{other}' cannot be a source"))),
+        }
+    }
+
+    async fn recover_sink(&self, spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), EngineError> {
+        match spec.table.connector.as_str() {
+            "filesystem" => {
+                let dir = spec.table.options.get_str("path").unwrap_or_default();
+                filesystem::sink::recover(std::path::Path::new(&dir), handles)
+            }
+            // stdout has nothing to commit or discard.
+            _ => Ok(()),
         }
     }
 

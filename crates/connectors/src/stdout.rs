@@ -73,6 +73,16 @@ impl Sink for StdoutSink {
         Ok(())
     }
 
+    /// Standard output cannot take back what it printed: across a restart rows may print twice.
+    async fn pre_commit(&mut self, _checkpoint: nagare_core::CheckpointId) -> Result<serde_json::Value, EngineError> {
+        std::io::stdout().flush().map_err(|e| EngineError::io("flushing stdout", e))?;
+        Ok(serde_json::Value::Null)
+    }
+
+    async fn commit(&mut self, _checkpoint: nagare_core::CheckpointId) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     async fn finish(&mut self) -> Result<(), EngineError> {
         std::io::stdout().flush().map_err(|e| EngineError::io("flushing stdout", e))
     }

@@ -64,8 +64,8 @@ pub enum GateEvent {
     Batch(RecordBatch),
     /// The minimum watermark over the inputs advanced to this (µs).
     Watermark(i64),
-    /// Every input has delivered this barrier.
-    Barrier(Barrier),
+    /// Every input has delivered this barrier; with the time (µs) from the first input's barrier to alignment.
+    Barrier(Barrier, u64),
     /// Every input has ended.
     End,
 }
@@ -87,7 +87,7 @@ pub struct InputGate {
     inputs: Vec<Input>,
     next_start: usize,
     watermark: Option<i64>,
-    pending_barrier: Option<Barrier>,
+    pending_barrier: Option<(Barrier, std::time::Instant)>,
 }
 
 impl InputGate {
@@ -165,7 +165,7 @@ impl InputGate {
             Message::Barrier(b) => {
                 self.inputs[idx].blocked = true;
                 if self.pending_barrier.is_none() {
-                    self.pending_barrier = Some(b);
+                    self.pending_barrier = Some((b, std::time::Instant::now()));
                 }
                 self.release_barrier()
             }
@@ -185,13 +185,13 @@ impl InputGate {
     }
 
     fn release_barrier(&mut self) -> Option<GateEvent> {
-        let barrier = self.pending_barrier?;
+        let (barrier, since) = self.pending_barrier?;
         if self.inputs.iter().all(|i| i.finished || i.blocked) {
             for i in &mut self.inputs {
                 i.blocked = false;
             }
             self.pending_barrier = None;
-            return Some(GateEvent::Barrier(barrier));
+            return Some(GateEvent::Barrier(barrier, since.elapsed().as_micros() as u64));
         }
         None
     }
@@ -263,7 +263,7 @@ mod tests {
         tx[1].send(Message::Barrier(b)).await.unwrap();
         let GateEvent::Batch(first) = g.next().await.unwrap() else { panic!("expected batch") };
         assert_eq!(first.column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0), 2);
-        assert!(matches!(g.next().await.unwrap(), GateEvent::Barrier(x) if x == b));
+        assert!(matches!(g.next().await.unwrap(), GateEvent::Barrier(x, _) if x == b));
         let GateEvent::Batch(after) = g.next().await.unwrap() else { panic!("expected batch") };
         assert_eq!(after.column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0), 1);
     }

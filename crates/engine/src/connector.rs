@@ -54,6 +54,8 @@ pub struct SinkContext {
     pub run_id: String,
     /// The node's counters.
     pub metrics: Arc<NodeMetrics>,
+    /// Whether output is committed by checkpoints (two-phase) rather than made visible as it is written.
+    pub exactly_once: bool,
 }
 
 /// A parallel reader of one source table: each subtask reads its share of the input.
@@ -64,10 +66,9 @@ pub trait Source: Send {
     /// Called again only after the previous call returned; a call may be abandoned only when the job stops.
     async fn next(&mut self) -> Result<SourceEvent>;
 
-    /// The position to restart from if the job fails after checkpoint `checkpoint`; called between `next` calls.
-    fn snapshot_position(&mut self, _checkpoint: CheckpointId) -> Result<Vec<u8>> {
-        Ok(Vec::new())
-    }
+    /// The position to restart from if the job fails after checkpoint `checkpoint`: everything returned by `next`
+    /// so far is before it. Called between `next` calls; the factory gets it back to resume.
+    fn snapshot_position(&mut self, checkpoint: CheckpointId) -> Result<serde_json::Value>;
 
     /// Checkpoint `checkpoint` is durable: input before it may be acknowledged upstream.
     async fn notify_checkpoint_complete(&mut self, _checkpoint: CheckpointId) -> Result<()> {
@@ -86,24 +87,31 @@ pub trait Sink: Send {
         Ok(())
     }
 
-    /// Makes everything written so far durable but not yet visible; returns what `commit` needs (two-phase commit).
-    async fn pre_commit(&mut self, _checkpoint: CheckpointId) -> Result<Vec<u8>> {
-        Ok(Vec::new())
-    }
+    /// Makes everything written so far durable but not yet visible (first phase of two-phase commit). Returns
+    /// what recovery needs to make it visible if the job fails after the checkpoint completes; it covers every
+    /// pre-committed write not yet committed, so an aborted checkpoint's writes ride with the next one.
+    async fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<serde_json::Value>;
 
-    /// Makes pre-committed writes visible; must be idempotent.
-    async fn commit(&mut self, _handles: Vec<Vec<u8>>) -> Result<()> {
-        Ok(())
-    }
+    /// Checkpoint `checkpoint` is complete: makes the writes pre-committed up to it visible. Idempotent.
+    async fn commit(&mut self, checkpoint: CheckpointId) -> Result<()>;
 
-    /// The input has ended (or the job is stopping cleanly): flush and close.
+    /// The input has ended: without checkpoints, flush and make everything visible; with checkpoints everything has
+    /// been committed by the final checkpoint and this only releases resources.
     async fn finish(&mut self) -> Result<()>;
 }
 
 /// Builds sources and sinks from planned table definitions.
+#[async_trait]
 pub trait ConnectorFactory: Send + Sync {
-    /// A source subtask reading `spec.table`, producing `schema` (the projected columns).
-    fn create_source(&self, spec: &SourceSpec, schema: SchemaRef, ctx: SourceContext) -> Result<Box<dyn Source>>;
+    /// A source subtask reading `spec.table`, producing `schema` (the projected columns), resuming from `position`
+    /// (what `snapshot_position` returned) when restoring.
+    fn create_source(
+        &self,
+        spec: &SourceSpec,
+        schema: SchemaRef,
+        ctx: SourceContext,
+        position: Option<serde_json::Value>,
+    ) -> Result<Box<dyn Source>>;
 
     /// A sink subtask writing `spec.table` with rows of `schema`.
     fn create_sink(&self, spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Box<dyn Sink>>;
@@ -113,4 +121,8 @@ pub trait ConnectorFactory: Send + Sync {
     fn check_source(&self, _spec: &SourceSpec) -> Result<()> {
         Ok(())
     }
+
+    /// Before an exactly-once job starts: makes visible what the restored checkpoint's sinks pre-committed
+    /// (`handles`, from `pre_commit`; idempotent) and discards output written after it.
+    async fn recover_sink(&self, spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<()>;
 }

@@ -1,28 +1,47 @@
-//! A running job: the graph turned into chained subtasks and channels, spawned on tokio, and waited for.
+//! A running job: the graph turned into chained subtasks and channels, spawned on tokio, and waited for; with
+//! checkpoints, restored from the last complete one first.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nagare_sql::{LateRowPolicy, NodeId, OperatorSpec, Partitioning, Pipeline};
+use nagare_core::KeyGroupRange;
+use nagare_core::checkpoint::{CheckpointMetadata, TaskKey, incompatibilities};
+use nagare_sql::{LateRowPolicy, Node, NodeId, OperatorSpec, Partitioning, Pipeline};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{InputGate, LocalSender, MessageReceiver, MessageSender, local_channel};
+use crate::checkpoint::coordinator::{CheckpointSettings, CheckpointStats, Coordinator};
+use crate::checkpoint::store::CheckpointStore;
+use crate::checkpoint::{Control, Report};
 use crate::connector::{ConnectorFactory, SinkContext, SourceContext};
 use crate::dead_letter::{DeadLetterWriter, DeadLetters};
 use crate::error::{EngineError, Result};
 use crate::metrics::{JobMetrics, NodeMetrics};
-use crate::operator::{Identity, Operator};
+use crate::operator::{Identity, Operator, StatePart};
 use crate::operators::OperatorContext;
 use crate::operators::calc::CalcOperator;
 use crate::operators::dedup::DedupOperator;
 use crate::operators::session::SessionOperator;
 use crate::operators::window::WindowAggregateOperator;
 use crate::partition::{OutputEdge, Outputs, Router};
-use crate::task::{Chain, Terminal, WatermarkGenerator, run_operator_task, run_source_task};
+use crate::task::{
+    Chain, CheckpointLink, SourceDriver, Terminal, WatermarkGenerator, run_operator_task, run_source_task,
+};
+
+/// Exactly-once operation: where checkpoints go and how often.
+#[derive(Debug, Clone)]
+pub struct CheckpointOptions {
+    /// The store.
+    pub store: CheckpointStore,
+    /// Interval, timeout, retention.
+    pub settings: CheckpointSettings,
+    /// Ignore existing checkpoints and start over.
+    pub from_scratch: bool,
+}
 
 /// How to run a job.
 #[derive(Debug, Clone)]
@@ -31,11 +50,13 @@ pub struct JobOptions {
     pub run_id: String,
     /// After how long without data a source subtask stops holding back the watermark.
     pub idle_timeout: Duration,
+    /// Checkpoints; `None` runs without (output becomes visible as it is written, nothing survives a crash).
+    pub checkpoints: Option<CheckpointOptions>,
 }
 
 impl Default for JobOptions {
     fn default() -> Self {
-        JobOptions { run_id: new_run_id(), idle_timeout: Duration::from_secs(10) }
+        JobOptions { run_id: new_run_id(), idle_timeout: Duration::from_secs(10), checkpoints: None }
     }
 }
 
@@ -87,6 +108,8 @@ pub struct JobSummary {
     pub bad_records: u64,
     /// Dead-letter files written.
     pub dead_letter_files: Vec<PathBuf>,
+    /// Checkpoints of this run.
+    pub checkpoints: CheckpointStats,
 }
 
 /// A job whose tasks are running.
@@ -95,6 +118,7 @@ pub struct RunningJob {
     metrics: Arc<JobMetrics>,
     stop: CancellationToken,
     dead_letters: Arc<DeadLetters>,
+    checkpoints: Arc<Mutex<CheckpointStats>>,
 }
 
 impl RunningJob {
@@ -103,8 +127,13 @@ impl RunningJob {
         self.metrics.clone()
     }
 
+    /// Live checkpoint figures.
+    pub fn checkpoint_stats(&self) -> Arc<Mutex<CheckpointStats>> {
+        self.checkpoints.clone()
+    }
+
     /// Cancelling this token stops the job cleanly: sources stop reading, everything in flight is written, files
-    /// are closed; windows that are still open are not emitted.
+    /// are closed; windows that are still open are not emitted. With checkpoints, a final checkpoint keeps them.
     pub fn stop_token(&self) -> CancellationToken {
         self.stop.clone()
     }
@@ -147,6 +176,7 @@ impl RunningJob {
             late_rows: m.sum("", |n| &n.late_rows),
             bad_records: m.sum("", |n| &n.bad_records),
             dead_letter_files: self.dead_letters.files(),
+            checkpoints: self.checkpoints.lock().map(|s| s.clone()).unwrap_or_default(),
         })
     }
 }
@@ -162,27 +192,29 @@ fn node_kind(op: &OperatorSpec) -> &'static str {
     }
 }
 
-/// Builds every task of the pipeline and starts them. Sources and sinks are created (and so configuration is
-/// checked) before any task runs.
-pub fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, options: JobOptions) -> Result<RunningJob> {
-    let graph = &pipeline.graph;
-    let settings = &pipeline.settings;
-    let metrics = Arc::new(JobMetrics {
-        nodes: graph
-            .nodes
-            .iter()
-            .map(|n| Arc::new(NodeMetrics::new(n.id, n.label.clone(), node_kind(&n.operator), n.parallelism)))
-            .collect(),
-        started: Instant::now(),
-    });
-    let dead_letters = Arc::new(DeadLetters::new(options.run_id.clone()));
-    let default_dead_letter = match &settings.dead_letter_path {
-        Some(p) => Some(dead_letters.writer(&PathBuf::from(p))?),
-        None => None,
-    };
-    let stop = CancellationToken::new();
+/// What must match between a checkpoint and the pipeline restoring it: every node whose state, position or
+/// commits the checkpoint holds, by what it does and the rows it handles.
+pub fn fingerprints(pipeline: &Pipeline) -> BTreeMap<usize, String> {
+    let mut out = BTreeMap::new();
+    for node in &pipeline.graph.nodes {
+        let options =
+            |t: &nagare_sql::TableDef| t.options.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        let extra = match &node.operator {
+            OperatorSpec::Source(s) => options(&s.table),
+            OperatorSpec::Sink(s) => options(&s.table),
+            OperatorSpec::Dedup(_) | OperatorSpec::WindowAggregate(_) => String::new(),
+            _ => continue,
+        };
+        let schema: Vec<String> =
+            node.schema.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect();
+        out.insert(node.id, format!("{} | {} | {}", node.label, schema.join(", "), extra));
+    }
+    out
+}
 
-    // Chains: a node joins its upstream's task when connected 1:1 by a forward edge.
+/// Chains: a node joins its upstream's task when connected 1:1 by a forward edge.
+fn chains(pipeline: &Pipeline) -> Vec<Vec<NodeId>> {
+    let graph = &pipeline.graph;
     let n = graph.nodes.len();
     let mut chained_into_upstream = vec![false; n];
     for node in &graph.nodes {
@@ -198,8 +230,7 @@ pub fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, options: J
             }
         }
     }
-    let mut chains: Vec<Vec<NodeId>> = Vec::new();
-    let mut chain_of = vec![usize::MAX; n];
+    let mut out = Vec::new();
     for node in &graph.nodes {
         if chained_into_upstream[node.id] {
             continue;
@@ -216,17 +247,161 @@ pub fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, options: J
                 _ => break,
             }
         }
-        for id in &chain {
-            chain_of[*id] = chains.len();
+        out.push(chain);
+    }
+    out
+}
+
+/// The checkpoint to resume from, checked against the pipeline; `None` to start fresh.
+async fn choose_checkpoint(pipeline: &Pipeline, options: &CheckpointOptions) -> Result<Option<CheckpointMetadata>> {
+    let choice = options.store.latest().await?;
+    for (id, reason) in &choice.skipped {
+        tracing::warn!(checkpoint = id, reason = %reason, "skipping a damaged or incomplete checkpoint");
+        eprintln!("warning: checkpoint {id} in {} is not usable ({reason}); using an older one", options.store.url());
+    }
+    let Some(metadata) = choice.restore else { return Ok(None) };
+    if options.from_scratch {
+        tracing::info!(checkpoint = metadata.id, "starting from scratch as asked; existing checkpoints are ignored");
+        return Ok(None);
+    }
+    let labels: BTreeMap<usize, String> = pipeline.graph.nodes.iter().map(|n| (n.id, n.label.clone())).collect();
+    let mut problems = incompatibilities(&metadata, &fingerprints(pipeline), &labels);
+    for node in &pipeline.graph.nodes {
+        if let Some(p) = metadata.parallelism.get(&node.id)
+            && *p != node.parallelism
+            && metadata.fingerprints.contains_key(&node.id)
+        {
+            problems.push(format!(
+                "operator [{}] {} ran with parallelism {p} and now has {}",
+                node.id, node.label, node.parallelism
+            ));
         }
-        chains.push(chain);
+    }
+    if !problems.is_empty() {
+        return Err(EngineError::Config(format!(
+            "the pipeline does not match checkpoint {} in {}: {}; run with --from-scratch to start over (its state is discarded)",
+            metadata.id,
+            options.store.url(),
+            problems.join("; ")
+        )));
+    }
+    Ok(Some(metadata))
+}
+
+/// Reads a subtask's state for node `node` from the restored checkpoint.
+async fn restore_parts(
+    store: &CheckpointStore,
+    metadata: Option<&CheckpointMetadata>,
+    task: TaskKey,
+    node: NodeId,
+) -> Result<Vec<StatePart>> {
+    let Some(m) = metadata else { return Ok(Vec::new()) };
+    let Some(files) = m.task(task).and_then(|t| t.state.get(&node)) else { return Ok(Vec::new()) };
+    let mut parts = Vec::new();
+    for f in files {
+        let batches = store.read_state(f).await?;
+        let batch = match batches.first() {
+            Some(b) => arrow::compute::concat_batches(&b.schema(), &batches)?,
+            None => continue,
+        };
+        parts.push(StatePart::new(&f.part, batch));
+    }
+    Ok(parts)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_operator(
+    node: &Node,
+    input_schema: Option<arrow::datatypes::SchemaRef>,
+    metrics: Arc<NodeMetrics>,
+    pipeline: &Pipeline,
+    default_dead_letter: &Option<Arc<DeadLetterWriter>>,
+    subtask: usize,
+) -> Result<Option<Box<dyn Operator>>> {
+    let settings = &pipeline.settings;
+    let ctx = || -> Result<OperatorContext> {
+        let dead_letter = match settings.late_rows {
+            LateRowPolicy::DeadLetter => Some(default_dead_letter.clone().ok_or_else(|| {
+                EngineError::Config("late_rows = 'dead_letter' needs a directory: SET dead_letter_path = '...'".into())
+            })?),
+            LateRowPolicy::Drop => None,
+        };
+        Ok(OperatorContext {
+            label: node.label.clone(),
+            metrics: metrics.clone(),
+            late_rows: settings.late_rows,
+            dead_letter,
+            max_parallelism: settings.max_parallelism,
+            key_groups: KeyGroupRange::for_subtask(settings.max_parallelism, node.parallelism as u32, subtask as u32),
+        })
+    };
+    Ok(Some(match &node.operator {
+        OperatorSpec::Source(_) | OperatorSpec::Sink(_) => return Ok(None),
+        OperatorSpec::Calc(spec) => Box::new(CalcOperator::new(spec, node.schema.clone())),
+        OperatorSpec::Union => Box::new(Identity),
+        OperatorSpec::Dedup(spec) => {
+            let input = input_schema.ok_or_else(|| EngineError::Internal("dedup without input".into()))?;
+            Box::new(DedupOperator::new(spec, input, node.schema.clone(), ctx()?)?)
+        }
+        OperatorSpec::WindowAggregate(spec) => match spec.window {
+            nagare_sql::window::WindowKind::Session { .. } => {
+                Box::new(SessionOperator::new(spec, node.schema.clone(), ctx()?)?)
+            }
+            _ => Box::new(WindowAggregateOperator::new(spec, node.schema.clone(), ctx()?)?),
+        },
+    }))
+}
+
+/// Builds every task of the pipeline and starts them. With checkpoints, the newest intact checkpoint is restored
+/// first (sinks re-commit what it pre-committed and discard later output). Sources and sinks are created, and so
+/// configuration is checked, before any task runs.
+pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, options: JobOptions) -> Result<RunningJob> {
+    let graph = &pipeline.graph;
+    let settings = &pipeline.settings;
+    let metrics = Arc::new(JobMetrics {
+        nodes: graph
+            .nodes
+            .iter()
+            .map(|n| Arc::new(NodeMetrics::new(n.id, n.label.clone(), node_kind(&n.operator), n.parallelism)))
+            .collect(),
+        started: Instant::now(),
+    });
+    let dead_letters = Arc::new(DeadLetters::new(options.run_id.clone()));
+    let default_dead_letter = match &settings.dead_letter_path {
+        Some(p) => Some(dead_letters.writer(&PathBuf::from(p))?),
+        None => None,
+    };
+    let stop = CancellationToken::new();
+    let chains = chains(pipeline);
+    let chain_of: HashMap<NodeId, usize> =
+        chains.iter().enumerate().flat_map(|(i, c)| c.iter().map(move |n| (*n, i))).collect();
+
+    // Checkpoints: what to resume from, and sinks made consistent with it before anything runs.
+    let restored = match &options.checkpoints {
+        Some(c) => choose_checkpoint(pipeline, c).await?,
+        None => None,
+    };
+    let stats =
+        Arc::new(Mutex::new(CheckpointStats { restored_from: restored.as_ref().map(|m| m.id), ..Default::default() }));
+    if options.checkpoints.is_some() {
+        for node in &graph.nodes {
+            let OperatorSpec::Sink(spec) = &node.operator else { continue };
+            let head = chains[chain_of[&node.id]][0];
+            let handles: Vec<serde_json::Value> = restored
+                .iter()
+                .flat_map(|m| m.tasks.iter())
+                .filter(|t| t.task.node == head)
+                .filter_map(|t| t.sink_commit.clone())
+                .collect();
+            factory.recover_sink(spec, &handles).await?;
+        }
     }
 
     // Channels for edges between chains: receivers per (node, subtask), senders per (edge, upstream subtask).
     let mut receivers: HashMap<(NodeId, usize), Vec<Box<dyn MessageReceiver>>> = HashMap::new();
     let mut senders: HashMap<(usize, usize), Vec<LocalSender>> = HashMap::new();
     for (ei, edge) in graph.edges.iter().enumerate() {
-        if chain_of[edge.from] == chain_of[edge.to] {
+        if chain_of[&edge.from] == chain_of[&edge.to] {
             continue;
         }
         let (up, down) = (&graph.nodes[edge.from], &graph.nodes[edge.to]);
@@ -254,54 +429,41 @@ pub fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, options: J
         }
     }
 
+    let (reports_tx, reports_rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
+    let mut controls = BTreeMap::new();
+    let mut source_tasks = BTreeSet::new();
     let mut tasks = JoinSet::new();
     for chain in &chains {
         let head = &graph.nodes[chain[0]];
         let tail = &graph.nodes[chain[chain.len() - 1]];
         for s in 0..head.parallelism {
+            let key = TaskKey { node: head.id, subtask: s };
             let task_name = if head.id == tail.id {
                 format!("{} [{}/{}]", head.label, s + 1, head.parallelism)
             } else {
                 format!("{} -> {} [{}/{}]", head.label, tail.label, s + 1, head.parallelism)
             };
-            // Operators between head and tail (sources and sinks are handled apart).
+            let link = match &options.checkpoints {
+                Some(c) => {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Control>();
+                    controls.insert(key, tx);
+                    Some(CheckpointLink { task: key, store: c.store.clone(), control: rx, reports: reports_tx.clone() })
+                }
+                None => None,
+            };
             let mut ops: Vec<(Box<dyn Operator>, Arc<NodeMetrics>)> = Vec::new();
             for id in chain {
                 let node = &graph.nodes[*id];
                 let m = metrics.nodes[*id].clone();
                 let input_schema = graph.inputs(*id).next().map(|e| graph.nodes[e.from].schema.clone());
-                let late_ctx = || -> Result<OperatorContext> {
-                    let dead_letter = match settings.late_rows {
-                        LateRowPolicy::DeadLetter => Some(default_dead_letter.clone().ok_or_else(|| {
-                            EngineError::Config(
-                                "late_rows = 'dead_letter' needs a directory: SET dead_letter_path = '...'".into(),
-                            )
-                        })?),
-                        LateRowPolicy::Drop => None,
-                    };
-                    Ok(OperatorContext {
-                        label: node.label.clone(),
-                        metrics: m.clone(),
-                        late_rows: settings.late_rows,
-                        dead_letter,
-                    })
+                let Some(mut op) = build_operator(node, input_schema, m.clone(), pipeline, &default_dead_letter, s)?
+                else {
+                    continue;
                 };
-                let op: Box<dyn Operator> = match &node.operator {
-                    OperatorSpec::Source(_) | OperatorSpec::Sink(_) => continue,
-                    OperatorSpec::Calc(spec) => Box::new(CalcOperator::new(spec, node.schema.clone())),
-                    OperatorSpec::Union => Box::new(Identity),
-                    OperatorSpec::Dedup(spec) => {
-                        let input =
-                            input_schema.clone().ok_or_else(|| EngineError::Internal("dedup without input".into()))?;
-                        Box::new(DedupOperator::new(spec, input, node.schema.clone(), late_ctx()?)?)
-                    }
-                    OperatorSpec::WindowAggregate(spec) => match spec.window {
-                        nagare_sql::window::WindowKind::Session { .. } => {
-                            Box::new(SessionOperator::new(spec, node.schema.clone(), late_ctx()?)?)
-                        }
-                        _ => Box::new(WindowAggregateOperator::new(spec, node.schema.clone(), late_ctx()?)?),
-                    },
-                };
+                if let Some(c) = &options.checkpoints {
+                    let parts = restore_parts(&c.store, restored.as_ref(), key, *id).await?;
+                    op.restore(parts)?;
+                }
                 ops.push((op, m));
             }
             let terminal = match &tail.operator {
@@ -311,6 +473,7 @@ pub fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, options: J
                         parallelism: tail.parallelism,
                         run_id: options.run_id.clone(),
                         metrics: metrics.nodes[tail.id].clone(),
+                        exactly_once: options.checkpoints.is_some(),
                     };
                     let sink = factory.create_sink(spec, tail.schema.clone(), ctx)?;
                     Terminal::Sink(sink, metrics.nodes[tail.id].clone())
@@ -353,22 +516,45 @@ pub fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, options: J
                         metrics: metrics.nodes[head.id].clone(),
                         stop: stop.clone(),
                     };
-                    let source = factory.create_source(spec, head.schema.clone(), ctx)?;
-                    let wm = spec.watermark.as_ref().map(|w| WatermarkGenerator::new(w.column, w.expr.clone()));
-                    let (m, stop, idle) = (metrics.nodes[head.id].clone(), stop.clone(), options.idle_timeout);
-                    tasks.spawn(
-                        async move { (task_name, run_source_task(source, wm, m, chain_struct, stop, idle).await) },
-                    );
+                    let position = restored.as_ref().and_then(|m| m.task(key)).and_then(|t| t.source_position.clone());
+                    let source = factory.create_source(spec, head.schema.clone(), ctx, position)?;
+                    source_tasks.insert(key);
+                    let driver = SourceDriver {
+                        watermarks: spec.watermark.as_ref().map(|w| WatermarkGenerator::new(w.column, w.expr.clone())),
+                        metrics: metrics.nodes[head.id].clone(),
+                        stop: stop.clone(),
+                        idle_timeout: options.idle_timeout,
+                        checkpoints: link,
+                    };
+                    tasks.spawn(async move { (task_name, run_source_task(source, driver, chain_struct).await) });
                 }
                 _ => {
                     let inputs = receivers
                         .remove(&(head.id, s))
                         .ok_or_else(|| EngineError::Internal(format!("no inputs for node {} subtask {s}", head.id)))?;
                     let gate = InputGate::new(inputs);
-                    tasks.spawn(async move { (task_name, run_operator_task(gate, chain_struct).await) });
+                    tasks.spawn(async move { (task_name, run_operator_task(gate, chain_struct, link).await) });
                 }
             }
         }
     }
-    Ok(RunningJob { tasks, metrics, stop, dead_letters })
+    drop(reports_tx);
+
+    if let Some(c) = &options.checkpoints {
+        let existing = c.store.list().await?;
+        let next_id = existing.iter().copied().max().unwrap_or(0).max(restored.as_ref().map(|m| m.id).unwrap_or(0)) + 1;
+        let coordinator = Coordinator {
+            store: c.store.clone(),
+            settings: c.settings.clone(),
+            tasks: controls.keys().copied().collect(),
+            sources: source_tasks,
+            controls,
+            fingerprints: fingerprints(pipeline),
+            parallelism: graph.nodes.iter().map(|n| (n.id, n.parallelism)).collect(),
+            next_id,
+            stats: stats.clone(),
+        };
+        tasks.spawn(async move { ("checkpoint coordinator".to_string(), coordinator.run(reports_rx).await) });
+    }
+    Ok(RunningJob { tasks, metrics, stop, dead_letters, checkpoints: stats })
 }

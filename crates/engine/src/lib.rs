@@ -2,6 +2,7 @@
 //! watermarks, checkpoint barriers and end-of-stream markers.
 
 pub mod channel;
+pub mod checkpoint;
 pub mod connector;
 pub mod dead_letter;
 pub mod error;
@@ -14,4 +15,4 @@ pub use error::{EngineError, Result};
 pub mod job;
 pub mod task;
 
-pub use job::{JobError, JobOptions, JobSummary, RunningJob, start};
+pub use job::{CheckpointOptions, JobError, JobOptions, JobSummary, RunningJob, start};

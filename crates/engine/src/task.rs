@@ -1,8 +1,11 @@
 //! Tasks: one subtask of a chain of operators, driven either by a source or by its input channels.
 //!
 //! Operators connected by forward edges with equal parallelism run in one task (a chain), so rows pass between them
-//! as plain function calls. A chain ends in a sink or in the outputs to other tasks.
+//! as plain function calls. A chain ends in a sink or in the outputs to other tasks. With checkpoints, a task also
+//! listens to the coordinator: sources start checkpoints when told, every task snapshots its operators at an
+//! aligned barrier and reports, and sinks commit when a checkpoint completes.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,10 +13,14 @@ use arrow::array::Array;
 use arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use datafusion::physical_expr::PhysicalExpr;
-use nagare_core::{Barrier, Message, Watermark};
+use nagare_core::checkpoint::{StateFile, TaskKey, TaskSnapshot};
+use nagare_core::{Barrier, CheckpointId, Message, Watermark};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{GateEvent, InputGate};
+use crate::checkpoint::store::CheckpointStore;
+use crate::checkpoint::{Control, Report};
 use crate::connector::{Sink, Source, SourceEvent};
 use crate::error::{EngineError, Result};
 use crate::metrics::NodeMetrics;
@@ -26,6 +33,18 @@ pub enum Terminal {
     Outputs(Outputs),
     /// Into a sink.
     Sink(Box<dyn Sink>, Arc<NodeMetrics>),
+}
+
+/// A task's link to the checkpoint coordinator.
+pub struct CheckpointLink {
+    /// This task (chain head, subtask).
+    pub task: TaskKey,
+    /// Where state goes.
+    pub store: CheckpointStore,
+    /// Messages from the coordinator.
+    pub control: UnboundedReceiver<Control>,
+    /// Reports to the coordinator.
+    pub reports: UnboundedSender<Report>,
 }
 
 /// The operators of one subtask of a chain, and its terminal.
@@ -111,14 +130,64 @@ impl Chain {
         }
     }
 
-    /// Forwards an aligned barrier (state snapshots hook in here).
-    pub async fn push_barrier(&mut self, barrier: Barrier) -> Result<()> {
-        match &mut self.terminal {
-            Terminal::Outputs(o) => o.broadcast(Message::Barrier(barrier)).await,
-            Terminal::Sink(sink, _) => {
-                sink.pre_commit(barrier.checkpoint).await?;
-                Ok(())
+    /// An aligned barrier: snapshots every operator, pre-commits the sink or forwards the barrier, then uploads the
+    /// state in the background and reports to the coordinator when it is stored.
+    pub async fn push_barrier(
+        &mut self,
+        barrier: Barrier,
+        alignment_us: u64,
+        source_position: Option<serde_json::Value>,
+        link: Option<&CheckpointLink>,
+    ) -> Result<()> {
+        let id = barrier.checkpoint;
+        let mut uploads = Vec::new();
+        let mut files: BTreeMap<usize, Vec<StateFile>> = BTreeMap::new();
+        if link.is_some() {
+            for (op, metrics) in &mut self.ops {
+                for part in op.snapshot()? {
+                    let bytes = CheckpointStore::encode(&part.batch)?;
+                    let path = CheckpointStore::state_path(id.0, metrics.node, self.subtask, &part.name);
+                    files.entry(metrics.node).or_default().push(StateFile {
+                        path: path.clone(),
+                        part: part.name.clone(),
+                        bytes: bytes.len() as u64,
+                        rows: part.batch.num_rows() as u64,
+                    });
+                    uploads.push((path, bytes));
+                }
             }
+        }
+        let sink_commit = match &mut self.terminal {
+            Terminal::Outputs(o) => {
+                o.broadcast(Message::Barrier(barrier)).await?;
+                None
+            }
+            Terminal::Sink(sink, _) => Some(sink.pre_commit(id).await?),
+        };
+        let Some(link) = link else { return Ok(()) };
+        let (store, reports, task) = (link.store.clone(), link.reports.clone(), link.task);
+        let snapshot = TaskSnapshot { task, state: files, source_position, sink_commit, alignment_us };
+        tokio::spawn(async move {
+            // Test hook: widens the window in which a crash hits a checkpoint whose state is being uploaded.
+            if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_UPLOAD_MS").ok().and_then(|v| v.parse().ok()) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            for (path, bytes) in uploads {
+                if let Err(e) = store.put(&path, bytes).await {
+                    let _ = reports.send(Report::Declined { id, task, reason: e.to_string() });
+                    return;
+                }
+            }
+            let _ = reports.send(Report::Ack { id, snapshot });
+        });
+        Ok(())
+    }
+
+    /// Checkpoint `id` is complete: the sink makes its pre-committed writes visible.
+    pub async fn commit(&mut self, id: CheckpointId) -> Result<()> {
+        match &mut self.terminal {
+            Terminal::Sink(sink, _) => sink.commit(id).await,
+            Terminal::Outputs(_) => Ok(()),
         }
     }
 
@@ -196,19 +265,73 @@ impl WatermarkGenerator {
     }
 }
 
-/// Runs a source subtask and its chain until the input ends or `stop` is set.
-pub async fn run_source_task(
-    mut source: Box<dyn Source>,
-    mut watermarks: Option<WatermarkGenerator>,
-    metrics: Arc<NodeMetrics>,
-    mut chain: Chain,
-    stop: CancellationToken,
-    idle_timeout: Duration,
-) -> Result<()> {
+/// What drives a source task besides its source.
+pub struct SourceDriver {
+    /// Watermarks, when the table declares them.
+    pub watermarks: Option<WatermarkGenerator>,
+    /// The node's counters.
+    pub metrics: Arc<NodeMetrics>,
+    /// Set to stop cleanly.
+    pub stop: CancellationToken,
+    /// How long without input before the subtask stops holding back the watermark.
+    pub idle_timeout: Duration,
+    /// The coordinator, when the job takes checkpoints.
+    pub checkpoints: Option<CheckpointLink>,
+}
+
+/// What a source task does with a message from the coordinator; true when the task should end.
+async fn source_control(
+    control: Control,
+    source: &mut Box<dyn Source>,
+    chain: &mut Chain,
+    link: &CheckpointLink,
+) -> Result<bool> {
+    match control {
+        Control::Trigger { id, last } => {
+            let position = source.snapshot_position(id)?;
+            chain.push_barrier(Barrier { checkpoint: id, then_stop: last }, 0, Some(position), Some(link)).await?;
+            Ok(false)
+        }
+        Control::Complete { id, last } => {
+            source.notify_checkpoint_complete(id).await?;
+            chain.commit(id).await?;
+            if last {
+                chain.finish().await?;
+                return Ok(true);
+            }
+            Ok(false)
+        }
+    }
+}
+
+/// Runs a source subtask and its chain until the input ends or the job stops (with checkpoints: until the final
+/// checkpoint has completed).
+pub async fn run_source_task(mut source: Box<dyn Source>, mut driver: SourceDriver, mut chain: Chain) -> Result<()> {
     let mut idle_since: Option<Instant> = None;
     let mut announced_idle = false;
     let mut last_tick = Instant::now();
+    let mut exhausted = false;
     loop {
+        if let Some(link) = driver.checkpoints.as_mut() {
+            // Coordinator messages are taken between reads, so a barrier never splits a batch.
+            while let Ok(control) = link.control.try_recv() {
+                if source_control(control, &mut source, &mut chain, link).await? {
+                    return Ok(());
+                }
+            }
+            if exhausted {
+                // Input is done: wait for the final checkpoint.
+                match link.control.recv().await {
+                    Some(control) => {
+                        if source_control(control, &mut source, &mut chain, link).await? {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    None => return Err(EngineError::Aborted),
+                }
+            }
+        }
         // Time-based sink work between reads; a read is never abandoned for it.
         if chain.has_sink() && last_tick.elapsed() >= Duration::from_secs(1) {
             chain.tick().await?;
@@ -216,41 +339,52 @@ pub async fn run_source_task(
         }
         let event = tokio::select! {
             biased;
-            _ = stop.cancelled() => {
-                // A clean stop: no final watermark, so windows still open stay unemitted.
-                return chain.finish().await;
+            _ = driver.stop.cancelled() => None,
+            event = source.next() => Some(event?),
+        };
+        let Some(event) = event else {
+            // A clean stop: no final watermark, so windows still open are not emitted (they stay in the state).
+            if let Some(link) = &driver.checkpoints {
+                let _ = link.reports.send(Report::SourceFinished(link.task));
+                exhausted = true;
+                continue;
             }
-            event = source.next() => event?,
+            return chain.finish().await;
         };
         match event {
             SourceEvent::Batch(batch) => {
                 idle_since = None;
                 announced_idle = false;
-                NodeMetrics::add(&metrics.rows_out, batch.num_rows());
-                let wm = match watermarks.as_mut() {
+                NodeMetrics::add(&driver.metrics.rows_out, batch.num_rows());
+                let wm = match driver.watermarks.as_mut() {
                     Some(g) => g.observe(&batch)?,
                     None => None,
                 };
                 chain.push_batch(batch).await?;
                 if let Some(w) = wm {
-                    metrics.set_watermark(chain.subtask, w);
+                    driver.metrics.set_watermark(chain.subtask, w);
                     chain.push_watermark(w).await?;
                 }
             }
             SourceEvent::Idle(wait) => {
                 let since = *idle_since.get_or_insert_with(Instant::now);
-                if !announced_idle && since.elapsed() >= idle_timeout {
+                if !announced_idle && since.elapsed() >= driver.idle_timeout {
                     chain.push_idle().await?;
                     announced_idle = true;
                 }
                 tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = driver.stop.cancelled() => {}
+                    _ = tokio::time::sleep(wait.min(Duration::from_millis(200))) => {}
                 }
             }
             SourceEvent::End => {
-                metrics.set_watermark(chain.subtask, i64::MAX);
+                driver.metrics.set_watermark(chain.subtask, i64::MAX);
                 chain.push_watermark(i64::MAX).await?;
+                if let Some(link) = &driver.checkpoints {
+                    let _ = link.reports.send(Report::SourceFinished(link.task));
+                    exhausted = true;
+                    continue;
+                }
                 return chain.finish().await;
             }
         }
@@ -258,27 +392,50 @@ pub async fn run_source_task(
 }
 
 /// Runs an operator subtask (and its chain) until every input has ended.
-pub async fn run_operator_task(mut gate: InputGate, mut chain: Chain) -> Result<()> {
+pub async fn run_operator_task(mut gate: InputGate, mut chain: Chain, mut link: Option<CheckpointLink>) -> Result<()> {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ticks = chain.has_sink();
     loop {
-        let event = if ticks {
-            tokio::select! {
-                event = gate.next() => event?,
-                _ = ticker.tick() => {
-                    chain.tick().await?;
-                    continue;
-                }
+        let event = tokio::select! {
+            event = gate.next() => event?,
+            _ = ticker.tick(), if ticks => {
+                chain.tick().await?;
+                continue;
             }
-        } else {
-            gate.next().await?
+            control = recv_control(&mut link) => {
+                if let Control::Complete { id, .. } = control {
+                    chain.commit(id).await?;
+                }
+                continue;
+            }
         };
         match event {
             GateEvent::Batch(b) => chain.push_batch(b).await?,
             GateEvent::Watermark(w) => chain.push_watermark(w).await?,
-            GateEvent::Barrier(b) => chain.push_barrier(b).await?,
-            GateEvent::End => return chain.finish().await,
+            GateEvent::Barrier(b, alignment_us) => chain.push_barrier(b, alignment_us, None, link.as_ref()).await?,
+            GateEvent::End => {
+                // Commits queued before the end of the stream (the final checkpoint's) come first.
+                if let Some(l) = link.as_mut() {
+                    while let Ok(control) = l.control.try_recv() {
+                        if let Control::Complete { id, .. } = control {
+                            chain.commit(id).await?;
+                        }
+                    }
+                }
+                return chain.finish().await;
+            }
         }
+    }
+}
+
+/// The next coordinator message, or never when the job takes no checkpoints.
+async fn recv_control(link: &mut Option<CheckpointLink>) -> Control {
+    match link {
+        Some(l) => match l.control.recv().await {
+            Some(c) => c,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }

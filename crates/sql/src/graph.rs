@@ -51,6 +51,12 @@ pub struct Settings {
     pub dead_letter_path: Option<String>,
     /// Rows per batch that sources aim for.
     pub batch_size: usize,
+    /// Time between checkpoints (when the job takes them).
+    pub checkpoint_interval: Duration,
+    /// A checkpoint not complete after this long is aborted.
+    pub checkpoint_timeout: Duration,
+    /// Completed checkpoints kept.
+    pub checkpoints_retained: usize,
 }
 
 /// Nodes and edges.

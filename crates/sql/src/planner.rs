@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -55,6 +56,13 @@ pub const SETTINGS: &[(&str, OptionKind, &str)] = &[
     ),
     ("dead_letter_path", OptionKind::String, "directory for dead-letter records (bad input, late rows)"),
     ("batch_size", OptionKind::Int { min: 1, max: 1 << 20 }, "rows per batch sources aim for (default 8192)"),
+    ("checkpoint_interval", OptionKind::Duration, "time between checkpoints, when the job takes them (default 10s)"),
+    (
+        "checkpoint_timeout",
+        OptionKind::Duration,
+        "a checkpoint not complete after this long is aborted (default 10 minutes)",
+    ),
+    ("checkpoints_retained", OptionKind::Int { min: 1, max: 1000 }, "completed checkpoints kept (default 3)"),
 ];
 
 /// Plans pipelines against a set of connectors.
@@ -400,6 +408,10 @@ impl SettingsBuilder {
             Some(OptionValue::Int(i)) => Some(*i),
             _ => None,
         };
+        let duration = |k: &str| match self.values.get(k) {
+            Some(OptionValue::Duration(d)) => Some(*d),
+            _ => None,
+        };
         Settings {
             parallelism: int("parallelism").map(|i| i as usize).unwrap_or(self.default_parallelism).max(1),
             max_parallelism: int("max_parallelism").map(|i| i as u32).unwrap_or(nagare_core::DEFAULT_MAX_PARALLELISM),
@@ -416,6 +428,9 @@ impl SettingsBuilder {
                 _ => None,
             },
             batch_size: int("batch_size").map(|i| i as usize).unwrap_or(8192),
+            checkpoint_interval: duration("checkpoint_interval").unwrap_or(Duration::from_secs(10)),
+            checkpoint_timeout: duration("checkpoint_timeout").unwrap_or(Duration::from_secs(600)),
+            checkpoints_retained: int("checkpoints_retained").map(|i| i as usize).unwrap_or(3),
         }
     }
 }

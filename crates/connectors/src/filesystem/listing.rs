@@ -61,8 +61,8 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// A piece of input one subtask reads: a byte range of a file (or the whole file).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A piece of input one subtask reads: a byte range of a file (or the whole file), or what is left of one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Split {
     /// The file.
     pub path: PathBuf,
@@ -70,6 +70,20 @@ pub struct Split {
     pub start: u64,
     /// End: lines starting before it belong to this split; `None` means to the end of the file.
     pub end: Option<u64>,
+    /// Resuming: `start` is the beginning of a line (no partial line to skip, no header).
+    #[serde(default)]
+    pub resume: Option<Resume>,
+}
+
+/// Where reading of a split resumes after a restore.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resume {
+    /// Bytes of the (decompressed) stream already read, from the split's start.
+    pub bytes: u64,
+    /// Line number of the next line, when known.
+    pub line: Option<u64>,
+    /// Parquet: rows already read.
+    pub rows: u64,
 }
 
 /// Cuts files into splits: uncompressed line-oriented files larger than `split_size` are cut into byte ranges,
@@ -86,11 +100,11 @@ pub fn plan_splits(
             let mut start = 0;
             while start < len {
                 let end = (start + split_size).min(len);
-                splits.push(Split { path: f.clone(), start, end: Some(end) });
+                splits.push(Split { path: f.clone(), start, end: Some(end), resume: None });
                 start = end;
             }
         } else {
-            splits.push(Split { path: f.clone(), start: 0, end: None });
+            splits.push(Split { path: f.clone(), start: 0, end: None, resume: None });
         }
     }
     Ok(splits)
@@ -125,7 +139,7 @@ mod tests {
         assert_eq!(files, vec![big.clone(), small.clone()]);
         let splits = plan_splits(&files, |p| p.extension().is_some_and(|e| e == "json"), 100).unwrap();
         assert_eq!(splits.len(), 4);
-        assert_eq!(splits[2], Split { path: big, start: 200, end: Some(250) });
+        assert_eq!(splits[2], Split { path: big, start: 200, end: Some(250), resume: None });
         assert_eq!(splits[3].end, None);
         let mine = assign(splits, 1, 2);
         assert_eq!(mine.iter().map(|s| s.start).collect::<Vec<_>>(), vec![100, 0]);

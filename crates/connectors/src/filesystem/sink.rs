@@ -78,7 +78,34 @@ pub struct FileSink {
     prefix: String,
     seq: u64,
     current: Option<OpenFile>,
+    /// Exactly-once: closed files not yet visible, oldest first.
+    uncommitted: Vec<Pending>,
+    /// Exactly-once: how many of `uncommitted` each pre-committed checkpoint covers.
+    prepared: std::collections::BTreeMap<u64, usize>,
     ctx: SinkContext,
+}
+
+/// A closed file waiting for its checkpoint to complete: written under a hidden name, renamed at commit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pending {
+    /// Hidden name it was written under.
+    pub temp: PathBuf,
+    /// Name it gets when committed.
+    pub final_path: PathBuf,
+}
+
+impl Pending {
+    /// Makes the file visible; idempotent (already renamed is fine).
+    pub fn commit(&self) -> Result<(), EngineError> {
+        match std::fs::rename(&self.temp, &self.final_path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.final_path.exists() => Ok(()),
+            Err(e) => Err(EngineError::io(
+                format!("committing {} (written for a completed checkpoint)", self.final_path.display()),
+                e,
+            )),
+        }
+    }
 }
 
 impl FileSink {
@@ -106,6 +133,8 @@ impl FileSink {
             prefix: format!("part-{}-{:03}", ctx.run_id, ctx.subtask),
             seq: 0,
             current: None,
+            uncommitted: Vec::new(),
+            prepared: std::collections::BTreeMap::new(),
             ctx,
         })
     }
@@ -168,8 +197,14 @@ impl FileSink {
             }
         }
         let size = std::fs::metadata(&f.temp).map(|m| m.len()).unwrap_or(0);
-        std::fs::rename(&f.temp, &f.final_path)
-            .map_err(|e| EngineError::io(format!("renaming {} to {}", f.temp.display(), f.final_path.display()), e))?;
+        let pending = Pending { temp: f.temp.clone(), final_path: f.final_path.clone() };
+        if self.ctx.exactly_once {
+            // Visible only when a checkpoint covering it completes.
+            sync_file(&f.temp)?;
+            self.uncommitted.push(pending);
+        } else {
+            pending.commit()?;
+        }
         NodeMetrics::add(&self.ctx.metrics.bytes, size as usize);
         tracing::debug!(file = %f.final_path.display(), rows = f.rows, bytes = size, "closed output file");
         Ok(())
@@ -230,7 +265,71 @@ impl Sink for FileSink {
         Ok(())
     }
 
-    async fn finish(&mut self) -> Result<(), EngineError> {
-        self.close()
+    async fn pre_commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<serde_json::Value, EngineError> {
+        self.close()?;
+        self.prepared.insert(checkpoint.0, self.uncommitted.len());
+        serde_json::to_value(&self.uncommitted).map_err(|e| EngineError::Internal(e.to_string()))
     }
+
+    async fn commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<(), EngineError> {
+        let covered = self.prepared.range(..=checkpoint.0).map(|(_, n)| *n).max().unwrap_or(0);
+        for p in self.uncommitted.drain(..covered) {
+            p.commit()?;
+        }
+        self.prepared = self.prepared.split_off(&(checkpoint.0 + 1));
+        for n in self.prepared.values_mut() {
+            *n -= covered;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), EngineError> {
+        if !self.ctx.exactly_once {
+            return self.close();
+        }
+        // The final checkpoint committed everything; rows after it cannot exist.
+        if let Some(f) = self.current.take() {
+            if f.rows > 0 {
+                return Err(EngineError::Internal(format!("{} rows written after the final checkpoint", f.rows)));
+            }
+            let _ = std::fs::remove_file(&f.temp);
+        }
+        Ok(())
+    }
+}
+
+/// Flushes a file's data to disk, so that a committed file survives a machine crash, not only a process crash.
+fn sync_file(path: &Path) -> Result<(), EngineError> {
+    File::open(path).and_then(|f| f.sync_all()).map_err(|e| EngineError::io(format!("syncing {}", path.display()), e))
+}
+
+/// Recovery before an exactly-once job starts: commits the files the restored checkpoint pre-committed (`handles`,
+/// each a list of [`Pending`]) and deletes every other in-progress file in `dir` (written after that checkpoint).
+pub fn recover(dir: &Path, handles: &[serde_json::Value]) -> Result<(), EngineError> {
+    let mut keep = std::collections::HashSet::new();
+    for h in handles {
+        let files: Vec<Pending> = serde_json::from_value(h.clone()).map_err(|e| {
+            EngineError::Config(format!("checkpoint commit data of a filesystem sink is not valid: {e}"))
+        })?;
+        for p in files {
+            if !p.temp.exists() && !p.final_path.exists() {
+                return Err(EngineError::Config(format!(
+                    "{} was written for the last completed checkpoint but is gone; the output directory was changed",
+                    p.final_path.display()
+                )));
+            }
+            p.commit()?;
+            keep.insert(p.temp);
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with(".part-") && name.ends_with(".inprogress") && !keep.contains(&path) {
+            tracing::info!(file = %path.display(), "discarding output written after the last completed checkpoint");
+            std::fs::remove_file(&path).map_err(|e| EngineError::io(format!("removing {}", path.display()), e))?;
+        }
+    }
+    Ok(())
 }

@@ -18,7 +18,7 @@ use nagare_sql::SourceSpec;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
-use super::listing::{Split, assign, list_files, owner_of, plan_splits};
+use super::listing::{Resume, Split, assign, list_files, owner_of, plan_splits};
 use crate::decode::{BadRecords, BlockDecoder, LineBase, TextFormat};
 
 /// Bytes read from a file at a time.
@@ -73,6 +73,9 @@ pub fn compression_for(option: &str, path: &Path) -> Compression {
 
 /// Reads lines of one split in blocks.
 struct TextReader {
+    split: Split,
+    /// Stream offset of the split's first byte that counts towards its resume point.
+    origin: u64,
     display: String,
     input: Box<dyn Read + Send>,
     buf: Vec<u8>,
@@ -180,6 +183,8 @@ impl TextReader {
 
 /// Reads a Parquet file, projecting and casting to the declared columns.
 struct ParquetReader {
+    split: Split,
+    rows_read: u64,
     display: String,
     reader: ParquetRecordBatchReader,
     /// For each output column: its index in the read batch, or None (absent from the file: nulls).
@@ -268,18 +273,37 @@ impl FileSource {
         let display = split.path.display().to_string();
         let mut file = File::open(&split.path).map_err(|e| EngineError::io(format!("opening {display}"), e))?;
         if self.format == Format::Parquet {
-            return self.open_parquet(file, display);
+            return self.open_parquet(file, display, split);
         }
+        let compression = compression_for(&self.compression, &split.path);
         let mut skip_first_line = self.skip_header;
         let mut offset = 0;
-        if split.start > 0 {
-            // Start inside the file: the line in progress belongs to the previous split.
-            file.seek(SeekFrom::Start(split.start - 1))
-                .map_err(|e| EngineError::io(format!("seeking {display}"), e))?;
-            offset = split.start - 1;
-            skip_first_line = true;
+        let mut origin = split.start;
+        let mut line = (split.start == 0).then_some(1);
+        let mut discard = 0u64;
+        match &split.resume {
+            Some(r) => {
+                // Resume exactly where the checkpoint left off: at the start of a line.
+                skip_first_line = false;
+                line = r.line;
+                if compression == Compression::None {
+                    offset = split.start + r.bytes;
+                    file.seek(SeekFrom::Start(offset)).map_err(|e| EngineError::io(format!("seeking {display}"), e))?;
+                } else {
+                    discard = r.bytes;
+                    origin = 0;
+                }
+            }
+            None if split.start > 0 => {
+                // Start inside the file: the line in progress belongs to the previous split.
+                file.seek(SeekFrom::Start(split.start - 1))
+                    .map_err(|e| EngineError::io(format!("seeking {display}"), e))?;
+                offset = split.start - 1;
+                skip_first_line = true;
+            }
+            None => {}
         }
-        let input: Box<dyn Read + Send> = match compression_for(&self.compression, &split.path) {
+        let mut input: Box<dyn Read + Send> = match compression {
             Compression::None => Box::new(file),
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file))),
             Compression::Zstd => Box::new(
@@ -287,14 +311,27 @@ impl FileSource {
                     .map_err(|e| EngineError::io(format!("opening zstd stream {display}"), e))?,
             ),
         };
+        if discard > 0 {
+            // Compressed streams cannot seek: decompress and drop what was read before.
+            let skipped = std::io::copy(&mut (&mut input).take(discard), &mut std::io::sink())
+                .map_err(|e| EngineError::io(format!("resuming {display}"), e))?;
+            if skipped < discard {
+                return Err(EngineError::Config(format!(
+                    "cannot resume {display}: the checkpoint had read {discard} bytes but the file now has {skipped} (was it replaced?)"
+                )));
+            }
+            offset = discard;
+        }
         Ok(Reader::Text(TextReader {
+            split: split.clone(),
+            origin,
             display,
             input,
             buf: Vec::with_capacity(READ_CHUNK),
             pos: 0,
             offset,
             end: split.end,
-            line: (split.start == 0).then_some(1),
+            line,
             skip_first_line,
             eof: false,
             done: false,
@@ -302,7 +339,7 @@ impl FileSource {
         }))
     }
 
-    fn open_parquet(&self, file: File, display: String) -> Result<Reader, EngineError> {
+    fn open_parquet(&self, file: File, display: String, split: &Split) -> Result<Reader, EngineError> {
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| EngineError::Config(format!("reading Parquet file {display}: {e}")))?;
@@ -330,9 +367,14 @@ impl FileSource {
         // Read columns come back in file order; map each output column to its position among them.
         let columns = wanted.iter().map(|w| w.and_then(|i| sorted.iter().position(|s| *s == i))).collect();
         let mask = ProjectionMask::roots(builder.parquet_schema(), sorted);
-        let reader = builder.with_projection(mask).with_batch_size(self.ctx.batch_size).build()?;
+        let rows_read = split.resume.as_ref().map(|r| r.rows).unwrap_or(0);
+        let reader = builder
+            .with_projection(mask)
+            .with_batch_size(self.ctx.batch_size)
+            .with_offset(rows_read as usize)
+            .build()?;
         NodeMetrics::add(&self.ctx.metrics.bytes, size as usize);
-        Ok(Reader::Parquet(ParquetReader { display, reader, columns }))
+        Ok(Reader::Parquet(ParquetReader { split: split.clone(), rows_read, display, reader, columns }))
     }
 
     fn adapt_parquet(&self, r: &ParquetReader, batch: RecordBatch) -> Result<RecordBatch, EngineError> {
@@ -395,8 +437,54 @@ impl FileSource {
     }
 }
 
+/// A filesystem source's checkpoint position: what is left to read, and (watching) which files it has seen.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Position {
+    splits: Vec<Split>,
+    seen: Option<Vec<PathBuf>>,
+}
+
+impl FileSource {
+    /// Resumes from a checkpoint position instead of the listing.
+    pub fn restore(&mut self, position: serde_json::Value) -> Result<(), EngineError> {
+        let p: Position = serde_json::from_value(position).map_err(|e| {
+            EngineError::Config(format!("checkpoint position of a filesystem source is not valid: {e}"))
+        })?;
+        self.splits = p.splits.into();
+        if let (Some(w), Some(seen)) = (self.watch.as_mut(), p.seen) {
+            w.seen = seen.into_iter().collect();
+        }
+        self.current = None;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Source for FileSource {
+    fn snapshot_position(&mut self, _checkpoint: nagare_core::CheckpointId) -> Result<serde_json::Value, EngineError> {
+        let mut splits = Vec::with_capacity(self.splits.len() + 1);
+        match &self.current {
+            Some(Reader::Text(r)) if !r.done => {
+                let mut s = r.split.clone();
+                s.resume = Some(Resume { bytes: r.offset - r.origin, line: r.line, rows: 0 });
+                splits.push(s);
+            }
+            Some(Reader::Parquet(r)) => {
+                let mut s = r.split.clone();
+                s.resume = Some(Resume { bytes: 0, line: None, rows: r.rows_read });
+                splits.push(s);
+            }
+            _ => {}
+        }
+        splits.extend(self.splits.iter().cloned());
+        let seen = self.watch.as_ref().map(|w| {
+            let mut v: Vec<PathBuf> = w.seen.iter().cloned().collect();
+            v.sort();
+            v
+        });
+        serde_json::to_value(Position { splits, seen }).map_err(|e| EngineError::Internal(e.to_string()))
+    }
+
     async fn next(&mut self) -> Result<SourceEvent, EngineError> {
         loop {
             if self.current.is_none() {
@@ -425,6 +513,7 @@ impl Source for FileSource {
                     Some(batch) => {
                         let batch = batch
                             .map_err(|e| EngineError::Config(format!("reading Parquet file {}: {e}", r.display)))?;
+                        r.rows_read += batch.num_rows() as u64;
                         if let Some(Reader::Parquet(r)) = self.current.as_ref() {
                             return Ok(SourceEvent::Batch(self.adapt_parquet(r, batch)?));
                         }

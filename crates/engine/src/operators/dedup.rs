@@ -15,11 +15,11 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, BinaryViewArray, LargeBinaryArray, LargeStringArray, StringArray,
-    StringViewArray, UInt32Array,
+    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, BinaryViewArray, BooleanArray, Int64Array, LargeBinaryArray,
+    LargeStringArray, StringArray, StringViewArray, StructArray, UInt16Array, UInt32Array, UInt64Array,
 };
-use arrow::compute::{interleave_record_batch, take_record_batch};
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::compute::{concat_batches, filter_record_batch, interleave_record_batch, take_record_batch};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use arrow_row::{OwnedRow, RowConverter, Rows, SortField};
 use datafusion::common::ScalarValue;
@@ -29,10 +29,10 @@ use hashbrown::hash_table::Entry;
 use nagare_sql::{DedupScope, DedupSpec, Keep};
 use smallvec::SmallVec;
 
-use super::{OperatorContext, event_times};
+use super::{OperatorContext, event_times, key_groups_of, meta_part, meta_value};
 use crate::error::{EngineError, Result};
 use crate::metrics::NodeMetrics;
-use crate::operator::Operator;
+use crate::operator::{Operator, StatePart, take_part};
 
 /// Input rows not yet behind the watermark, with their keys evaluated once at arrival.
 struct Pending {
@@ -192,6 +192,26 @@ impl DedupOperator {
             DataType::BinaryView => KeyColumns::BinaryView(c.as_binary_view().clone()),
             other => return Err(EngineError::Internal(format!("unexpected key type {other}"))),
         })
+    }
+
+    /// Key groups of keys as stored in the table (tag + bytes, or arrow-row encoding).
+    fn key_groups_of_encoded(&self, keys: &BinaryArray) -> Result<Vec<u16>> {
+        let n = keys.len();
+        let cols: Vec<ArrayRef> = match &self.key_converter {
+            None => {
+                // Tag byte 0 is NULL; otherwise the value's bytes follow the tag.
+                let values: BinaryArray = keys
+                    .iter()
+                    .map(|k| k.and_then(|k| if k.first() == Some(&1) { Some(&k[1..]) } else { None }))
+                    .collect();
+                vec![Arc::new(values)]
+            }
+            Some(conv) => {
+                let parser = conv.parser();
+                conv.convert_rows(keys.iter().flatten().map(|k| parser.parse(k)))?
+            }
+        };
+        key_groups_of(&cols, n, self.ctx.max_parallelism)
     }
 
     /// The group a row starting a new group at `t` gets: its start and exclusive end.
@@ -444,6 +464,142 @@ impl Operator for DedupOperator {
     fn state_entries(&self) -> usize {
         self.groups.len()
     }
+
+    fn snapshot(&mut self) -> Result<Vec<StatePart>> {
+        let mut keys = BinaryBuilder::with_capacity(self.groups.len(), self.groups.len() * 40);
+        let mut ends = Vec::with_capacity(self.groups.len());
+        let mut generations = Vec::new();
+        let mut last_t = Vec::new();
+        let mut last_rows: Vec<OwnedRow> = Vec::new();
+        for g in self.groups.iter() {
+            keys.append_value(&g.key);
+            ends.push(g.end);
+            if let Some(last) = &g.last {
+                generations.push(last.generation);
+                match &last.best {
+                    Some((t, Best::Stored(row))) => {
+                        last_t.push(*t);
+                        last_rows.push(row.clone());
+                    }
+                    _ => return Err(EngineError::Internal("keep-last group without a stored row at a barrier".into())),
+                }
+            }
+        }
+        let keys = keys.finish();
+        let key_groups = self.key_groups_of_encoded(&keys)?;
+        let mut fields = vec![
+            Field::new("key", DataType::Binary, false),
+            Field::new("_key_group", DataType::UInt16, false),
+            Field::new("end", DataType::Int64, false),
+        ];
+        let mut cols: Vec<ArrayRef> =
+            vec![Arc::new(keys), Arc::new(UInt16Array::from(key_groups)), Arc::new(Int64Array::from(ends))];
+        if self.keep == Keep::Last {
+            let conv = self.row_converter.as_ref().ok_or_else(|| EngineError::Internal("no row converter".into()))?;
+            let rows = conv.convert_rows(last_rows.iter().map(|r| r.row()))?;
+            let last = StructArray::try_new(self.in_schema.fields().clone(), rows, None)?;
+            fields.push(Field::new("generation", DataType::UInt64, false));
+            fields.push(Field::new("last_t", DataType::Int64, false));
+            fields.push(Field::new("last", last.data_type().clone(), false));
+            cols.push(Arc::new(UInt64Array::from(generations)));
+            cols.push(Arc::new(Int64Array::from(last_t)));
+            cols.push(Arc::new(last));
+        }
+        let groups = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?;
+        // Held rows not yet behind the watermark.
+        let mut held = Vec::new();
+        for p in &self.pending {
+            let mask: BooleanArray = p.times.iter().map(|t| Some(*t > self.watermark)).collect();
+            held.push(filter_record_batch(&p.batch, &mask)?);
+        }
+        let pending = concat_batches(&self.in_schema, &held)?;
+        Ok(vec![
+            StatePart::new("groups", groups),
+            StatePart::new("pending", pending),
+            meta_part(&[("watermark", self.watermark), ("next_generation", self.next_generation as i64)])?,
+        ])
+    }
+
+    fn restore(&mut self, mut parts: Vec<StatePart>) -> Result<()> {
+        if let Some(meta) = take_part(&mut parts, "meta") {
+            self.watermark = meta_value(&meta, "watermark")?.unwrap_or(i64::MIN);
+            let next = meta.column_by_name("next_generation").and_then(|c| c.as_primitive_opt::<Int64Type>().cloned());
+            self.next_generation = next.and_then(|c| arrow::compute::max(&c)).unwrap_or(0).max(0) as u64;
+        }
+        if let Some(groups) = take_part(&mut parts, "groups") {
+            let col = |name: &str| {
+                groups
+                    .column_by_name(name)
+                    .cloned()
+                    .ok_or_else(|| EngineError::Internal(format!("dedup state has no '{name}'")))
+            };
+            let keys = col("key")?;
+            let keys = keys.as_binary_opt::<i32>().ok_or_else(|| EngineError::Internal("dedup key column".into()))?;
+            let kg = col("_key_group")?;
+            let kg = kg
+                .as_primitive_opt::<arrow::datatypes::UInt16Type>()
+                .ok_or_else(|| EngineError::Internal("key group column".into()))?;
+            let ends = col("end")?;
+            let ends =
+                ends.as_primitive_opt::<Int64Type>().ok_or_else(|| EngineError::Internal("end column".into()))?;
+            let keep_last = if self.keep == Keep::Last {
+                let generation = col("generation")?;
+                let last_t = col("last_t")?;
+                let last = col("last")?;
+                let conv =
+                    self.row_converter.as_ref().ok_or_else(|| EngineError::Internal("no row converter".into()))?;
+                let rows = conv.convert_columns(last.as_struct().columns())?;
+                let generation = generation.as_primitive::<arrow::datatypes::UInt64Type>().clone();
+                let last_t = last_t.as_primitive::<Int64Type>().clone();
+                Some((generation, last_t, rows))
+            } else {
+                None
+            };
+            let mut expiry = Vec::new();
+            for i in 0..groups.num_rows() {
+                if !self.ctx.key_groups.contains(u32::from(kg.value(i))) {
+                    continue;
+                }
+                let key = keys.value(i);
+                let h = self.hasher.hash_one(key);
+                let end = ends.value(i);
+                let last = keep_last.as_ref().map(|(generation, last_t, rows)| {
+                    expiry.push((end, h, generation.value(i)));
+                    Box::new(LastRow {
+                        generation: generation.value(i),
+                        best: Some((last_t.value(i), Best::Stored(rows.row(i).owned()))),
+                    })
+                });
+                let hasher = &self.hasher;
+                self.groups
+                    .insert_unique(h, Group { key: Key::from_slice(key), end, last }, |g| hasher.hash_one(&g.key[..]));
+            }
+            expiry.sort_unstable();
+            self.expiry = expiry.into();
+        }
+        if let Some(pending) = take_part(&mut parts, "pending")
+            && pending.num_rows() > 0
+        {
+            let n = pending.num_rows();
+            let key_cols = self
+                .keys
+                .iter()
+                .map(|k| k.evaluate(&pending).and_then(|v| v.into_array(n)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let groups = key_groups_of(&key_cols, n, self.ctx.max_parallelism)?;
+            let mine: BooleanArray = groups.iter().map(|g| Some(self.ctx.key_groups.contains(u32::from(*g)))).collect();
+            let batch = filter_record_batch(&pending, &mine)?;
+            if batch.num_rows() > 0 {
+                let mut unused = Vec::new();
+                self.process(batch, &mut unused)?;
+            }
+        }
+        if let Some(p) = parts.first() {
+            return Err(EngineError::Internal(format!("unknown dedup state part '{}'", p.name)));
+        }
+        self.reported_entries = 0;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -496,6 +652,8 @@ mod tests {
             metrics: metrics.clone(),
             late_rows: nagare_sql::LateRowPolicy::Drop,
             dead_letter: None,
+            max_parallelism: 128,
+            key_groups: nagare_core::KeyGroupRange { start: 0, end: 128 },
         };
         (DedupOperator::new(&spec, input.clone(), output, ctx).unwrap(), input, metrics)
     }
@@ -581,5 +739,74 @@ mod tests {
         out.clear();
         d.on_watermark(i64::MAX, &mut out).unwrap();
         assert_eq!(rows(&out), vec![("a".into(), 150, "next window".into())]);
+    }
+
+    /// Runs rows through a dedup, optionally snapshotting and restoring into a fresh operator after `cut` batches.
+    fn run(
+        keep: Keep,
+        scope: DedupScope,
+        batches: &[Vec<(&str, i64, &str)>],
+        cut: Option<usize>,
+    ) -> Vec<(String, i64, String)> {
+        let (mut d, s, _) = op(keep, scope);
+        let mut out = Vec::new();
+        for (i, rows) in batches.iter().enumerate() {
+            if Some(i) == cut {
+                let parts = d.snapshot().unwrap();
+                // Snapshots go through Parquet in real checkpoints; round-trip them the same way.
+                let parts = parts
+                    .into_iter()
+                    .map(|p| {
+                        let bytes = crate::checkpoint::store::CheckpointStore::encode(&p.batch).unwrap();
+                        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+                            .unwrap()
+                            .build()
+                            .unwrap();
+                        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+                        let batch = if batches.is_empty() {
+                            RecordBatch::new_empty(p.batch.schema())
+                        } else {
+                            concat_batches(&batches[0].schema(), &batches).unwrap()
+                        };
+                        StatePart::new(&p.name, batch)
+                    })
+                    .collect();
+                let (mut fresh, _, _) = op(keep, scope);
+                fresh.restore(parts).unwrap();
+                d = fresh;
+            }
+            d.process(batch(&s, rows), &mut out).unwrap();
+            let wm = rows.iter().map(|r| r.1).max().unwrap() - 5;
+            d.on_watermark(wm, &mut out).unwrap();
+        }
+        d.on_watermark(i64::MAX, &mut out).unwrap();
+        let mut r = rows(&out);
+        r.sort();
+        r
+    }
+
+    #[test]
+    fn a_restored_snapshot_continues_exactly_like_an_uninterrupted_run() {
+        let batches = vec![
+            vec![("a", 10, "a1"), ("b", 12, "b1"), ("c", 30, "c1")],
+            vec![("a", 14, "a2"), ("d", 20, "d1"), ("b", 40, "b2")],
+            vec![("a", 8, "late a"), ("c", 33, "c2"), ("e", 60, "e1"), ("a", 90, "a3")],
+            vec![("e", 61, "e2"), ("f", 100, "f1"), ("a", 95, "a4")],
+        ];
+        for (keep, scope) in [
+            (Keep::First, DedupScope::Ttl { ttl_us: 20 }),
+            (Keep::Last, DedupScope::Ttl { ttl_us: 20 }),
+            (Keep::First, DedupScope::Window { size_us: 50 }),
+            (Keep::Last, DedupScope::Window { size_us: 50 }),
+        ] {
+            let whole = run(keep, scope, &batches, None);
+            for cut in 1..batches.len() {
+                assert_eq!(
+                    run(keep, scope, &batches, Some(cut)),
+                    whole,
+                    "{keep:?} {scope:?} restored before batch {cut}"
+                );
+            }
+        }
     }
 }

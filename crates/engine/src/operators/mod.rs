@@ -27,6 +27,10 @@ pub struct OperatorContext {
     pub late_rows: LateRowPolicy,
     /// Where late rows go when the policy says so.
     pub dead_letter: Option<Arc<DeadLetterWriter>>,
+    /// Key groups of the job.
+    pub max_parallelism: u32,
+    /// The key groups this subtask owns (restored state outside it belongs to other subtasks).
+    pub key_groups: nagare_core::KeyGroupRange,
 }
 
 impl OperatorContext {
@@ -44,6 +48,32 @@ impl OperatorContext {
         }
         Ok(())
     }
+}
+
+/// The key group of each row of `keys` (the same hash the partitioner routes by).
+pub fn key_groups_of(keys: &[ArrayRef], rows: usize, max_parallelism: u32) -> Result<Vec<u16>> {
+    let hashes = nagare_core::hash_columns(keys, rows)?;
+    Ok(hashes.iter().map(|h| nagare_core::keys::key_group_of(*h, max_parallelism) as u16).collect())
+}
+
+/// A one-row batch holding the operator's watermark (and any other scalars), for the `meta` state part.
+pub fn meta_part(values: &[(&str, i64)]) -> Result<crate::operator::StatePart> {
+    use arrow::datatypes::{Field, Schema};
+    let schema =
+        Arc::new(Schema::new(values.iter().map(|(n, _)| Field::new(*n, DataType::Int64, false)).collect::<Vec<_>>()));
+    let cols: Vec<ArrayRef> =
+        values.iter().map(|(_, v)| Arc::new(arrow::array::Int64Array::from(vec![*v])) as ArrayRef).collect();
+    Ok(crate::operator::StatePart::new("meta", RecordBatch::try_new(schema, cols)?))
+}
+
+/// Reads a scalar of the `meta` part; with several subtasks' parts concatenated, the smallest (the most cautious
+/// watermark).
+pub fn meta_value(meta: &RecordBatch, name: &str) -> Result<Option<i64>> {
+    let Some(col) = meta.column_by_name(name) else { return Ok(None) };
+    let col = col
+        .as_primitive_opt::<Int64Type>()
+        .ok_or_else(|| EngineError::Internal(format!("meta {name} is not Int64")))?;
+    Ok(arrow::compute::min(col))
 }
 
 /// Event times of a timestamp column in µs since the epoch (nulls as `None`).

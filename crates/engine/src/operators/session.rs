@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, StructArray, UInt32Array};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, StructArray, UInt32Array};
 use arrow::compute::{filter_record_batch, take, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -19,9 +19,9 @@ use nagare_sql::window::WindowKind;
 use nagare_sql::{AggregateSpec, WindowAggregateSpec};
 
 use super::window::aggregate_inputs;
-use super::{OperatorContext, event_times};
+use super::{OperatorContext, event_times, key_groups_of, meta_part, meta_value};
 use crate::error::{EngineError, Result};
-use crate::operator::Operator;
+use crate::operator::{Operator, StatePart, take_part};
 
 struct Session {
     key: OwnedRow,
@@ -38,6 +38,8 @@ pub struct SessionOperator {
     window_position: usize,
     keys: Vec<Arc<dyn PhysicalExpr>>,
     converter: RowConverter,
+    key_types: Vec<DataType>,
+    input_schema: SchemaRef,
     aggregates: Vec<AggregateSpec>,
     out_schema: SchemaRef,
     pending: Vec<(RecordBatch, Vec<i64>)>,
@@ -53,10 +55,10 @@ impl SessionOperator {
         let WindowKind::Session { gap_us } = spec.window else {
             return Err(EngineError::Internal("SessionOperator needs a session window".into()));
         };
-        let key_types: Vec<SortField> = if spec.keys.is_empty() {
-            vec![SortField::new(DataType::Boolean)]
+        let key_types: Vec<DataType> = if spec.keys.is_empty() {
+            vec![DataType::Boolean]
         } else {
-            spec.keys.iter().map(|k| Ok(SortField::new(k.data_type(&spec.input_schema)?))).collect::<Result<_>>()?
+            spec.keys.iter().map(|k| Ok(k.data_type(&spec.input_schema)?)).collect::<Result<_>>()?
         };
         Ok(SessionOperator {
             gap_us,
@@ -64,7 +66,9 @@ impl SessionOperator {
             time_type: spec.input_schema.field(spec.time_column).data_type().clone(),
             window_position: spec.window_position,
             keys: spec.keys.clone(),
-            converter: RowConverter::new(key_types)?,
+            converter: RowConverter::new(key_types.iter().cloned().map(SortField::new).collect())?,
+            key_types,
+            input_schema: spec.input_schema.clone(),
             aggregates: spec.aggregates.clone(),
             out_schema,
             pending: Vec::new(),
@@ -73,6 +77,25 @@ impl SessionOperator {
             reported_entries: 0,
             ctx,
         })
+    }
+
+    /// Columns of the `sessions` state part: keys, key group, start, last, then each aggregate's state.
+    fn state_schema(&self) -> Result<SchemaRef> {
+        let mut fields: Vec<arrow::datatypes::Field> = self
+            .key_types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| arrow::datatypes::Field::new(format!("k{i}"), t.clone(), true))
+            .collect();
+        fields.push(arrow::datatypes::Field::new("_key_group", DataType::UInt16, false));
+        fields.push(arrow::datatypes::Field::new("start", DataType::Int64, false));
+        fields.push(arrow::datatypes::Field::new("last", DataType::Int64, false));
+        for (a, spec) in self.aggregates.iter().enumerate() {
+            for (i, f) in spec.expr.state_fields()?.iter().enumerate() {
+                fields.push(arrow::datatypes::Field::new(format!("s{a}_{i}"), f.data_type().clone(), true));
+            }
+        }
+        Ok(Arc::new(arrow::datatypes::Schema::new(fields)))
     }
 
     fn key_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
@@ -303,6 +326,105 @@ impl Operator for SessionOperator {
     fn state_entries(&self) -> usize {
         self.sessions.len()
     }
+
+    fn snapshot(&mut self) -> Result<Vec<StatePart>> {
+        let schema = self.state_schema()?;
+        let sessions: Vec<&mut Session> = self.sessions.values_mut().collect();
+        let n = sessions.len();
+        let keys = self.converter.convert_rows(sessions.iter().map(|s| s.key.row()))?;
+        let key_groups = key_groups_of(&keys, n, self.ctx.max_parallelism)?;
+        let mut cols: Vec<ArrayRef> = keys;
+        cols.push(Arc::new(arrow::array::UInt16Array::from(key_groups)));
+        cols.push(Arc::new(arrow::array::Int64Array::from(sessions.iter().map(|s| s.start).collect::<Vec<_>>())));
+        cols.push(Arc::new(arrow::array::Int64Array::from(sessions.iter().map(|s| s.last).collect::<Vec<_>>())));
+        let mut per_session: Vec<Vec<Vec<ScalarValue>>> = Vec::with_capacity(n);
+        let mut sessions = sessions;
+        for s in sessions.iter_mut() {
+            let states = s.accumulators.iter_mut().map(|a| a.state()).collect::<Result<Vec<_>, _>>()?;
+            per_session.push(states);
+        }
+        // state() may consume: fold each session's state back into fresh accumulators.
+        for (s, states) in sessions.iter_mut().zip(&per_session) {
+            for (a, (acc, st)) in s.accumulators.iter_mut().zip(states).enumerate() {
+                let mut fresh = self.aggregates[a].expr.create_accumulator()?;
+                let arrays = st.iter().map(|v| v.to_array()).collect::<Result<Vec<_>, _>>()?;
+                fresh.merge_batch(&arrays)?;
+                *acc = fresh;
+            }
+        }
+        for (a, spec) in self.aggregates.iter().enumerate() {
+            for i in 0..spec.expr.state_fields()?.len() {
+                let values: Vec<ScalarValue> = per_session.iter().map(|s| s[a][i].clone()).collect();
+                let field = schema.field(cols.len());
+                cols.push(if values.is_empty() {
+                    arrow::array::new_empty_array(field.data_type())
+                } else {
+                    ScalarValue::iter_to_array(values)?
+                });
+            }
+        }
+        let cols = cols
+            .into_iter()
+            .zip(schema.fields())
+            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
+            .collect::<Result<Vec<_>, _>>()?;
+        let sessions = RecordBatch::try_new(schema, cols)?;
+        let held: Vec<RecordBatch> = self.pending.iter().map(|(b, _)| b.clone()).collect();
+        let pending = match held.first() {
+            Some(first) => arrow::compute::concat_batches(&first.schema(), &held)?,
+            None => RecordBatch::new_empty(self.input_schema.clone()),
+        };
+        Ok(vec![
+            StatePart::new("sessions", sessions),
+            StatePart::new("pending", pending),
+            meta_part(&[("watermark", self.watermark)])?,
+        ])
+    }
+
+    fn restore(&mut self, mut parts: Vec<StatePart>) -> Result<()> {
+        if let Some(meta) = take_part(&mut parts, "meta") {
+            self.watermark = meta_value(&meta, "watermark")?.unwrap_or(i64::MIN);
+        }
+        if let Some(state) = take_part(&mut parts, "sessions") {
+            let n_keys = self.key_types.len();
+            let keys = self.converter.convert_columns(&state.columns()[..n_keys])?;
+            let kgs = state.column(n_keys).as_primitive::<arrow::datatypes::UInt16Type>().clone();
+            let starts = state.column(n_keys + 1).as_primitive::<arrow::datatypes::Int64Type>().clone();
+            let lasts = state.column(n_keys + 2).as_primitive::<arrow::datatypes::Int64Type>().clone();
+            for i in 0..state.num_rows() {
+                if !self.ctx.key_groups.contains(u32::from(kgs.value(i))) {
+                    continue;
+                }
+                let mut session = self.new_session(keys.row(i).owned(), starts.value(i))?;
+                session.last = lasts.value(i);
+                let mut col = n_keys + 3;
+                for (acc, spec) in session.accumulators.iter_mut().zip(&self.aggregates) {
+                    let width = spec.expr.state_fields()?.len();
+                    let arrays: Vec<ArrayRef> =
+                        state.columns()[col..col + width].iter().map(|c| c.slice(i, 1)).collect();
+                    acc.merge_batch(&arrays)?;
+                    col += width;
+                }
+                self.sessions.insert(keys.row(i).as_ref().into(), session);
+            }
+        }
+        if let Some(pending) = take_part(&mut parts, "pending")
+            && pending.num_rows() > 0
+        {
+            let n = pending.num_rows();
+            let groups = key_groups_of(&self.key_columns(&pending)?, n, self.ctx.max_parallelism)?;
+            let mine: BooleanArray = groups.iter().map(|g| Some(self.ctx.key_groups.contains(u32::from(*g)))).collect();
+            let batch = filter_record_batch(&pending, &mine)?;
+            let mut unused = Vec::new();
+            self.process(batch, &mut unused)?;
+        }
+        if let Some(p) = parts.first() {
+            return Err(EngineError::Internal(format!("unknown session state part '{}'", p.name)));
+        }
+        self.reported_entries = 0;
+        self.report_state();
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -356,6 +478,8 @@ mod tests {
             metrics: metrics.clone(),
             late_rows: nagare_sql::LateRowPolicy::Drop,
             dead_letter: None,
+            max_parallelism: 128,
+            key_groups: nagare_core::KeyGroupRange { start: 0, end: 128 },
         };
         (SessionOperator::new(&spec, out, ctx).unwrap(), input, metrics)
     }
@@ -418,5 +542,30 @@ mod tests {
         assert_eq!(NodeMetrics::get(&m.late_rows), 1, "50 is far from the open session");
         op.on_watermark(i64::MAX, &mut out).unwrap();
         assert_eq!(rows(&out), vec![(1, 95, 110, 3)]);
+    }
+
+    #[test]
+    fn sessions_survive_a_snapshot_and_restore() {
+        let input = [vec![(1, 0, 1), (2, 3, 100)], vec![(1, 5, 2), (1, 30, 7)], vec![(1, 14, 3), (2, 50, 9)]];
+        let run = |cut: Option<usize>| {
+            let (mut op, s, _) = setup();
+            let mut out = Vec::new();
+            for (i, rows) in input.iter().enumerate() {
+                if Some(i) == cut {
+                    let parts = op.snapshot().unwrap();
+                    let (mut fresh, _, _) = setup();
+                    fresh.restore(parts).unwrap();
+                    op = fresh;
+                }
+                op.process(batch(&s, rows), &mut out).unwrap();
+                op.on_watermark(rows.iter().map(|r| r.1).max().unwrap() - 20, &mut out).unwrap();
+            }
+            op.on_watermark(i64::MAX, &mut out).unwrap();
+            rows(&out)
+        };
+        let whole = run(None);
+        for cut in 1..3 {
+            assert_eq!(run(Some(cut)), whole, "restored before batch {cut}");
+        }
     }
 }

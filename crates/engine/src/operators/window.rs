@@ -19,9 +19,9 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use nagare_sql::window::WindowKind;
 use nagare_sql::{AggregateSpec, WindowAggregateSpec};
 
-use super::{OperatorContext, event_times};
+use super::{OperatorContext, event_times, key_groups_of, meta_part, meta_value};
 use crate::error::{EngineError, Result};
-use crate::operator::Operator;
+use crate::operator::{Operator, StatePart, take_part};
 
 struct OpenWindow {
     groups: Box<dyn GroupValues>,
@@ -80,6 +80,19 @@ impl WindowAggregateOperator {
             reported_entries: 0,
             ctx,
         })
+    }
+
+    /// Columns of the `windows` state part: window start, keys, key group, then each aggregate's state.
+    fn state_schema(&self) -> Result<SchemaRef> {
+        let mut fields = vec![Field::new("window_start", DataType::Int64, false)];
+        fields.extend(self.key_schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)));
+        fields.push(Field::new("_key_group", DataType::UInt16, false));
+        for (a, spec) in self.aggregates.iter().enumerate() {
+            for (i, f) in spec.expr.state_fields()?.iter().enumerate() {
+                fields.push(Field::new(format!("s{a}_{i}"), f.data_type().clone(), true));
+            }
+        }
+        Ok(Arc::new(Schema::new(fields)))
     }
 
     fn new_window(&self) -> Result<OpenWindow> {
@@ -282,6 +295,79 @@ impl Operator for WindowAggregateOperator {
     fn state_entries(&self) -> usize {
         self.windows.values().map(|w| w.groups.len()).sum()
     }
+
+    fn snapshot(&mut self) -> Result<Vec<StatePart>> {
+        let schema = self.state_schema()?;
+        let mut batches = Vec::with_capacity(self.windows.len());
+        let starts: Vec<i64> = self.windows.keys().copied().collect();
+        for start in starts {
+            let Some(window) = self.windows.get_mut(&start) else { continue };
+            let n = window.groups.len();
+            if n == 0 {
+                continue;
+            }
+            // Emitting empties the window; the same values are merged straight back.
+            let keys = window.groups.emit(EmitTo::All)?;
+            let states = window.accumulators.iter_mut().map(|a| a.state(EmitTo::All)).collect::<Result<Vec<_>, _>>()?;
+            let mut ids = Vec::new();
+            window.groups.intern(&keys, &mut ids)?;
+            for (acc, st) in window.accumulators.iter_mut().zip(&states) {
+                acc.merge_batch(st, &ids, n)?;
+            }
+            let key_groups = key_groups_of(&keys, n, self.ctx.max_parallelism)?;
+            let mut cols: Vec<ArrayRef> = vec![Arc::new(arrow::array::Int64Array::from_value(start, n))];
+            cols.extend(keys);
+            cols.push(Arc::new(arrow::array::UInt16Array::from(key_groups)));
+            cols.extend(states.into_iter().flatten());
+            batches.push(RecordBatch::try_new(schema.clone(), cols)?);
+        }
+        let windows = arrow::compute::concat_batches(&schema, &batches)?;
+        Ok(vec![StatePart::new("windows", windows), meta_part(&[("watermark", self.watermark)])?])
+    }
+
+    fn restore(&mut self, mut parts: Vec<StatePart>) -> Result<()> {
+        if let Some(meta) = take_part(&mut parts, "meta") {
+            self.watermark = meta_value(&meta, "watermark")?.unwrap_or(i64::MIN);
+        }
+        if let Some(state) = take_part(&mut parts, "windows") {
+            let expected = self.state_schema()?;
+            if state.schema().fields().len() != expected.fields().len() {
+                return Err(EngineError::Internal("window state does not match the operator".into()));
+            }
+            let state = RecordBatch::try_new(expected, state.columns().to_vec())?;
+            let n_keys = self.key_schema.fields().len();
+            let starts = state.column(0).as_primitive::<arrow::datatypes::Int64Type>().clone();
+            let kgs = state.column(1 + n_keys).as_primitive::<arrow::datatypes::UInt16Type>().clone();
+            let mut by_window: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+            for i in 0..state.num_rows() {
+                if self.ctx.key_groups.contains(u32::from(kgs.value(i))) {
+                    by_window.entry(starts.value(i)).or_default().push(i as u32);
+                }
+            }
+            let mut ids = Vec::new();
+            for (start, rows) in by_window {
+                let idx = UInt32Array::from(rows);
+                let rows = arrow::compute::take_record_batch(&state, &idx)?;
+                let keys: Vec<ArrayRef> = rows.columns()[1..1 + n_keys].to_vec();
+                let mut window = self.new_window()?;
+                window.groups.intern(&keys, &mut ids)?;
+                let total = window.groups.len();
+                let mut col = 2 + n_keys;
+                for (acc, spec) in window.accumulators.iter_mut().zip(&self.aggregates) {
+                    let width = spec.expr.state_fields()?.len();
+                    acc.merge_batch(&rows.columns()[col..col + width], &ids, total)?;
+                    col += width;
+                }
+                self.windows.insert(start, window);
+            }
+        }
+        if let Some(p) = parts.first() {
+            return Err(EngineError::Internal(format!("unknown window state part '{}'", p.name)));
+        }
+        self.reported_entries = 0;
+        self.report_state();
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -348,6 +434,8 @@ mod tests {
             metrics: metrics.clone(),
             late_rows: nagare_sql::LateRowPolicy::Drop,
             dead_letter: None,
+            max_parallelism: 128,
+            key_groups: nagare_core::KeyGroupRange { start: 0, end: 128 },
         };
         (WindowAggregateOperator::new(&spec, out, ctx).unwrap(), input, metrics)
     }
@@ -419,5 +507,33 @@ mod tests {
         w.on_watermark(i64::MAX, &mut out).unwrap();
         assert_eq!(rows(&out), vec![(1, 50, 1, 3)]);
         assert_eq!(NodeMetrics::get(&m.late_rows), 0);
+    }
+
+    #[test]
+    fn window_state_survives_a_snapshot_and_restore() {
+        for window in [WindowKind::Tumble { size_us: 100 }, WindowKind::Hop { slide_us: 50, size_us: 100 }] {
+            let input = [vec![(1, 10, 1), (2, 20, 2), (1, 120, 3)], vec![(1, 30, 4), (2, 130, 5)], vec![(1, 250, 6)]];
+            let run = |cut: Option<usize>| {
+                let (mut w, s, _) = op(window);
+                let mut out = Vec::new();
+                for (i, rows) in input.iter().enumerate() {
+                    if Some(i) == cut {
+                        let parts = w.snapshot().unwrap();
+                        let (mut fresh, _, _) = op(window);
+                        fresh.restore(parts).unwrap();
+                        w = fresh;
+                    }
+                    w.process(batch(&s, rows), &mut out).unwrap();
+                    w.on_watermark(rows.iter().map(|r| r.1).max().unwrap() - 60, &mut out).unwrap();
+                }
+                w.on_watermark(i64::MAX, &mut out).unwrap();
+                rows(&out)
+            };
+            let whole = run(None);
+            assert!(!whole.is_empty());
+            for cut in 1..3 {
+                assert_eq!(run(Some(cut)), whole, "{window:?} restored before batch {cut}");
+            }
+        }
     }
 }

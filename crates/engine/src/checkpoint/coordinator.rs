@@ -1,0 +1,232 @@
+//! The checkpoint coordinator of a job running in one process: a task that triggers checkpoints on an interval,
+//! collects reports, writes metadata (the commit point), fans out commits and removes old checkpoints.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nagare_core::CheckpointId;
+use nagare_core::checkpoint::{AckOutcome, CheckpointMetadata, PendingCheckpoint, TaskKey, retention, to_delete};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use super::store::CheckpointStore;
+use super::{Control, Report};
+use crate::error::{EngineError, Result};
+
+/// How often and how long.
+#[derive(Debug, Clone)]
+pub struct CheckpointSettings {
+    /// Time between checkpoints.
+    pub interval: Duration,
+    /// A checkpoint not complete after this long is aborted.
+    pub timeout: Duration,
+    /// Completed checkpoints to keep.
+    pub retained: usize,
+}
+
+/// What the progress line and `nagare checkpoints` show about the running job's checkpoints.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointStats {
+    /// Checkpoints completed in this run.
+    pub completed: u64,
+    /// Checkpoints aborted (timed out or declined) in this run.
+    pub aborted: u64,
+    /// The last completed one: id, duration, alignment, bytes.
+    pub last: Option<LastCheckpoint>,
+    /// The checkpoint this run restored from.
+    pub restored_from: Option<u64>,
+}
+
+/// Figures of one completed checkpoint.
+#[derive(Debug, Clone)]
+pub struct LastCheckpoint {
+    /// Id.
+    pub id: u64,
+    /// Trigger to completion.
+    pub duration: Duration,
+    /// Largest barrier alignment time.
+    pub alignment: Duration,
+    /// State bytes written.
+    pub bytes: u64,
+}
+
+/// The coordinator's fixed inputs.
+pub struct Coordinator {
+    /// Where checkpoints go.
+    pub store: CheckpointStore,
+    /// When.
+    pub settings: CheckpointSettings,
+    /// Every task that reports (chain heads × subtasks).
+    pub tasks: BTreeSet<TaskKey>,
+    /// The source tasks among them.
+    pub sources: BTreeSet<TaskKey>,
+    /// Control channel of each task.
+    pub controls: BTreeMap<TaskKey, UnboundedSender<Control>>,
+    /// Fingerprints of nodes with state, for the metadata.
+    pub fingerprints: BTreeMap<usize, String>,
+    /// Parallelism of each node, for the metadata.
+    pub parallelism: BTreeMap<usize, usize>,
+    /// The next checkpoint id.
+    pub next_id: u64,
+    /// Shared figures.
+    pub stats: Arc<Mutex<CheckpointStats>>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Test hook: `NAGARE_FAULT_DELAY_COMMIT_MS` holds the coordinator between writing a checkpoint's metadata and
+/// telling sinks to commit, to widen that window for crash tests.
+fn fault_delay() -> Option<Duration> {
+    std::env::var("NAGARE_FAULT_DELAY_COMMIT_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis)
+}
+
+impl Coordinator {
+    fn send(&self, task: &TaskKey, control: Control) {
+        if let Some(tx) = self.controls.get(task) {
+            // A task that has already ended no longer listens; that is fine.
+            let _ = tx.send(control);
+        }
+    }
+
+    fn trigger(&mut self, last: bool) -> PendingCheckpoint {
+        let id = CheckpointId(self.next_id);
+        self.next_id += 1;
+        tracing::debug!(checkpoint = id.0, last, "triggering checkpoint");
+        for s in &self.sources {
+            self.send(s, Control::Trigger { id, last });
+        }
+        PendingCheckpoint::new(id, self.tasks.clone(), now_ms(), last)
+    }
+
+    async fn complete(&mut self, pending: PendingCheckpoint) -> Result<CheckpointMetadata> {
+        let metadata = pending.complete(now_ms(), self.fingerprints.clone(), self.parallelism.clone());
+        // The commit point: retried a few times, because failing here loses the checkpoint, not data.
+        let mut attempt = 0;
+        loop {
+            match self.store.write_metadata(&metadata).await {
+                Ok(()) => break,
+                Err(e) if attempt < 4 => {
+                    attempt += 1;
+                    tracing::warn!(checkpoint = metadata.id, error = %e, attempt, "writing checkpoint metadata failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(d) = fault_delay() {
+            tokio::time::sleep(d).await;
+        }
+        let id = CheckpointId(metadata.id);
+        let last = metadata.final_checkpoint;
+        // Non-source tasks first: a sink has its commit queued before any source can end the stream.
+        for t in self.tasks.iter().filter(|t| !self.sources.contains(t)) {
+            self.send(t, Control::Complete { id, last });
+        }
+        for t in &self.sources {
+            self.send(t, Control::Complete { id, last });
+        }
+        if let Ok(mut s) = self.stats.lock() {
+            s.completed += 1;
+            s.last = Some(LastCheckpoint {
+                id: metadata.id,
+                duration: Duration::from_millis((metadata.completed_ms - metadata.triggered_ms).max(0) as u64),
+                alignment: Duration::from_micros(metadata.alignment_us),
+                bytes: metadata.bytes,
+            });
+        }
+        tracing::info!(checkpoint = metadata.id, bytes = metadata.bytes, "checkpoint complete");
+        self.clean_up(metadata.id).await;
+        Ok(metadata)
+    }
+
+    /// Deletes checkpoints beyond retention and leftovers of crashed attempts; failures only warn.
+    async fn clean_up(&self, newest: u64) {
+        let all = match self.store.list().await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing checkpoints for clean-up failed");
+                return;
+            }
+        };
+        let mut completed = Vec::new();
+        for id in &all {
+            if *id == newest || self.store.load(*id).await.metadata.is_ok() {
+                completed.push(*id);
+            }
+        }
+        let (kept, _) = retention(completed, self.settings.retained);
+        for id in to_delete(&all, &kept, None) {
+            if let Err(e) = self.store.delete(id).await {
+                tracing::warn!(checkpoint = id, error = %e, "deleting an old checkpoint failed");
+            }
+        }
+    }
+
+    fn abort(&self, pending: &PendingCheckpoint, reason: &str) {
+        tracing::warn!(checkpoint = pending.id.0, reason, "checkpoint aborted; the next one proceeds");
+        if let Ok(mut s) = self.stats.lock() {
+            s.aborted += 1;
+        }
+    }
+
+    /// Runs until the final checkpoint has completed (or every task has gone).
+    pub async fn run(mut self, mut reports: UnboundedReceiver<Report>) -> Result<()> {
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.settings.interval, self.settings.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending: Option<PendingCheckpoint> = None;
+        let mut finished: BTreeSet<TaskKey> = BTreeSet::new();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if let Some(p) = &pending {
+                        if p.timed_out(now_ms(), self.settings.timeout.as_millis() as i64) {
+                            let missing: Vec<String> = p.missing().iter().map(|t| t.to_string()).collect();
+                            self.abort(p, &format!("timed out waiting for {}", missing.join(", ")));
+                            let last = p.final_checkpoint;
+                            pending = Some(self.trigger(last));
+                        }
+                    } else {
+                        pending = Some(self.trigger(false));
+                    }
+                }
+                report = reports.recv() => {
+                    let Some(report) = report else { return Ok(()) };
+                    match report {
+                        Report::Ack { id, snapshot } => {
+                            let outcome = match pending.as_mut() {
+                                Some(p) => p.ack(id, snapshot),
+                                None => AckOutcome::Ignored,
+                            };
+                            if outcome == AckOutcome::Complete {
+                                let p = pending.take().ok_or_else(|| EngineError::Internal("pending vanished".into()))?;
+                                let metadata = self.complete(p).await?;
+                                if metadata.final_checkpoint {
+                                    return Ok(());
+                                }
+                                if finished.len() == self.sources.len() {
+                                    pending = Some(self.trigger(true));
+                                }
+                            }
+                        }
+                        Report::Declined { id, task, reason } => {
+                            if let Some(p) = &pending
+                                && p.id == id {
+                                    self.abort(p, &format!("{task} declined: {reason}"));
+                                    pending = None;
+                                }
+                        }
+                        Report::SourceFinished(task) => {
+                            finished.insert(task);
+                            if finished.len() == self.sources.len() && pending.is_none() {
+                                pending = Some(self.trigger(true));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Where checkpoints live: state files (Parquet) and metadata (JSON) under a root in object storage — a local
+//! directory (`file://` or a plain path), `s3://bucket/prefix` or `gs://bucket/prefix`.
+//!
+//! Layout: `<root>/chk-<id>/<node>-<subtask>-<part>.parquet` and `<root>/chk-<id>/_metadata.json`. The metadata is
+//! written last and in one put (atomic on every backend): its presence marks the checkpoint complete.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use nagare_core::checkpoint::{Candidate, CheckpointMetadata, RestoreChoice, StateFile, choose_restore};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use crate::error::{EngineError, Result};
+
+const METADATA: &str = "_metadata.json";
+
+/// A checkpoint root in object storage.
+#[derive(Clone)]
+pub struct CheckpointStore {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    url: String,
+}
+
+impl std::fmt::Debug for CheckpointStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+fn storage_error(url: &str, what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::External {
+        system: format!("checkpoint store {url}"),
+        message: format!("{what}: {e}"),
+        retriable: true,
+    }
+}
+
+impl CheckpointStore {
+    /// Opens `location`: `file:///dir`, a plain directory path, `s3://bucket/prefix` (credentials and endpoint from
+    /// the usual `AWS_*` variables) or `gs://bucket/prefix` (`GOOGLE_*` variables).
+    pub fn open(location: &str) -> Result<Self> {
+        let bad = |e: &dyn std::fmt::Display| EngineError::Config(format!("checkpoint location '{location}': {e}"));
+        if location.starts_with("s3://") || location.starts_with("s3a://") {
+            let url = url::Url::parse(location).map_err(|e| bad(&e))?;
+            let store =
+                object_store::aws::AmazonS3Builder::from_env().with_url(location).build().map_err(|e| bad(&e))?;
+            let root = Path::from(url.path().trim_matches('/'));
+            return Ok(CheckpointStore { store: Arc::new(store), root, url: location.to_string() });
+        }
+        if location.starts_with("gs://") {
+            let url = url::Url::parse(location).map_err(|e| bad(&e))?;
+            let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_url(location)
+                .build()
+                .map_err(|e| bad(&e))?;
+            let root = Path::from(url.path().trim_matches('/'));
+            return Ok(CheckpointStore { store: Arc::new(store), root, url: location.to_string() });
+        }
+        let dir = match location.strip_prefix("file://") {
+            Some(p) => std::path::PathBuf::from(p),
+            None if location.contains("://") => {
+                return Err(bad(&"unsupported scheme (use file://, s3:// or gs://)"));
+            }
+            None => std::path::PathBuf::from(location),
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| EngineError::io(format!("creating checkpoint directory {}", dir.display()), e))?;
+        let dir = dir.canonicalize().map_err(|e| EngineError::io(format!("resolving {}", dir.display()), e))?;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(&e))?;
+        Ok(CheckpointStore { store: Arc::new(store), root: Path::from(""), url: format!("file://{}", dir.display()) })
+    }
+
+    /// The location as given.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn dir(&self, id: u64) -> Path {
+        self.root.clone().join(format!("chk-{id:010}").as_str())
+    }
+
+    fn path(&self, rel: &str) -> Path {
+        rel.split('/').fold(self.root.clone(), |p, part| p.join(part))
+    }
+
+    /// The relative path of a state file.
+    pub fn state_path(id: u64, node: usize, subtask: usize, part: &str) -> String {
+        format!("chk-{id:010}/{node}-{subtask}-{part}.parquet")
+    }
+
+    /// Encodes a state batch as Parquet (synchronous: done on the task, before the upload).
+    pub fn encode(batch: &RecordBatch) -> Result<Bytes> {
+        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+        let mut buf = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))?;
+        w.write(batch)?;
+        w.close()?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Uploads an encoded state file.
+    pub async fn put(&self, rel: &str, bytes: Bytes) -> Result<()> {
+        self.store
+            .put(&self.path(rel), PutPayload::from_bytes(bytes))
+            .await
+            .map_err(|e| storage_error(&self.url, &format!("writing {rel}"), e))?;
+        Ok(())
+    }
+
+    /// Reads a state file back.
+    pub async fn read_state(&self, file: &StateFile) -> Result<Vec<RecordBatch>> {
+        let bytes = self
+            .store
+            .get(&self.path(&file.path))
+            .await
+            .map_err(|e| storage_error(&self.url, &format!("reading {}", file.path), e))?
+            .bytes()
+            .await
+            .map_err(|e| storage_error(&self.url, &format!("reading {}", file.path), e))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+        Ok(reader.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Writes the metadata: the commit point of the checkpoint.
+    pub async fn write_metadata(&self, metadata: &CheckpointMetadata) -> Result<()> {
+        let json = serde_json::to_vec_pretty(metadata).map_err(|e| EngineError::Internal(e.to_string()))?;
+        let path = self.dir(metadata.id).join(METADATA);
+        self.store
+            .put(&path, PutPayload::from(json))
+            .await
+            .map_err(|e| storage_error(&self.url, &format!("writing metadata of checkpoint {}", metadata.id), e))?;
+        Ok(())
+    }
+
+    /// Ids of every checkpoint directory, complete or not, ascending.
+    pub async fn list(&self) -> Result<Vec<u64>> {
+        let prefix = (!self.root.as_ref().is_empty()).then_some(&self.root);
+        let listing = self
+            .store
+            .list_with_delimiter(prefix)
+            .await
+            .map_err(|e| storage_error(&self.url, "listing checkpoints", e))?;
+        let mut ids: Vec<u64> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().and_then(|n| n.strip_prefix("chk-")).and_then(|n| n.parse().ok()))
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Reads and checks one checkpoint: metadata present and parseable, every state file present with its size
+    /// and a Parquet footer.
+    pub async fn load(&self, id: u64) -> Candidate {
+        Candidate { id, metadata: self.load_checked(id).await }
+    }
+
+    async fn load_checked(&self, id: u64) -> std::result::Result<CheckpointMetadata, String> {
+        let path = self.dir(id).join(METADATA);
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await.map_err(|e| format!("metadata unreadable: {e}"))?,
+            Err(object_store::Error::NotFound { .. }) => return Err("no metadata: it never completed".into()),
+            Err(e) => return Err(format!("metadata unreadable: {e}")),
+        };
+        let metadata: CheckpointMetadata =
+            serde_json::from_slice(&bytes).map_err(|e| format!("metadata is not valid: {e}"))?;
+        for f in metadata.files() {
+            let p = self.path(&f.path);
+            let head = self.store.head(&p).await.map_err(|e| format!("state file {} is missing: {e}", f.path))?;
+            if head.size != f.bytes {
+                return Err(format!(
+                    "state file {} has {} bytes, {} expected (truncated?)",
+                    f.path, head.size, f.bytes
+                ));
+            }
+            if f.bytes < 8 {
+                return Err(format!("state file {} is too short to be Parquet", f.path));
+            }
+            let tail = self
+                .store
+                .get_range(&p, f.bytes - 4..f.bytes)
+                .await
+                .map_err(|e| format!("state file {}: {e}", f.path))?;
+            if tail.as_ref() != b"PAR1" {
+                return Err(format!("state file {} is not a complete Parquet file", f.path));
+            }
+        }
+        Ok(metadata)
+    }
+
+    /// The newest intact checkpoint, and the newer ones that are not.
+    pub async fn latest(&self) -> Result<RestoreChoice> {
+        let ids = self.list().await?;
+        let mut candidates = Vec::new();
+        // Newest first; stop at the first intact one.
+        for id in ids.iter().rev() {
+            let c = self.load(*id).await;
+            let ok = c.metadata.is_ok();
+            candidates.push(c);
+            if ok {
+                break;
+            }
+        }
+        Ok(choose_restore(candidates))
+    }
+
+    /// Reads the metadata of every complete checkpoint (for listings), skipping damaged ones.
+    pub async fn completed(&self) -> Result<Vec<std::result::Result<CheckpointMetadata, (u64, String)>>> {
+        let mut out = Vec::new();
+        for id in self.list().await? {
+            out.push(self.load(id).await.metadata.map_err(|e| (id, e)));
+        }
+        Ok(out)
+    }
+
+    /// Deletes a checkpoint directory and everything in it.
+    pub async fn delete(&self, id: u64) -> Result<()> {
+        let prefix = self.dir(id);
+        let files: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| storage_error(&self.url, &format!("listing checkpoint {id}"), e))?;
+        for f in files {
+            match self.store.delete(&f).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(storage_error(&self.url, &format!("deleting {f}"), e)),
+            }
+        }
+        Ok(())
+    }
+}

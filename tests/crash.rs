@@ -1,0 +1,301 @@
+//! Exactly once, proven by crashing: the `nagare` binary runs a pipeline with dedup and windows over generated
+//! input with checkpoints every 100 ms, is SIGKILLed at random moments (some while state uploads or between the
+//! commit point and the sinks' commit, widened by fault-injection delays), restarted each time, and finally allowed
+//! to finish. The output must then hold every expected row exactly once, checked against an independent
+//! computation. A second test damages checkpoints and checks that an older intact one is used, with a warning.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{files_with, read_json_rows};
+
+const BASE_MS: i64 = 1_767_225_600_000;
+
+struct Event {
+    id: String,
+    t_ms: i64,
+    tenant: i64,
+    cents: i64,
+}
+
+/// Originals 20 ms apart, shuffled locally (under the watermark delay), plus re-deliveries up to 3000 arrivals later.
+fn input(dir: &Path, n: usize, seed: u64) -> Vec<Event> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let originals: Vec<Event> = (0..n)
+        .map(|i| Event {
+            id: format!("e{i:07}"),
+            t_ms: i as i64 * 20,
+            tenant: rng.i64(1..=25),
+            cents: rng.i64(1..10_000),
+        })
+        .collect();
+    let mut order: Vec<(f64, usize)> = (0..n).map(|i| (i as f64 + rng.f64() * 60.0, i)).collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut lines: Vec<String> = Vec::new();
+    let mut dups: Vec<(usize, usize)> = Vec::new();
+    let line = |e: &Event| {
+        let t = chrono::DateTime::from_timestamp_millis(BASE_MS + e.t_ms)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        format!(r#"{{"id":"{}","time":"{t}","tenant":{},"cents":{}}}"#, e.id, e.tenant, e.cents)
+    };
+    for (pos, (_, i)) in order.iter().enumerate() {
+        lines.push(line(&originals[*i]));
+        if rng.f64() < 0.1 {
+            dups.push((pos + 1 + rng.usize(0..3000), *i));
+        }
+        dups.retain(|(at, d)| {
+            if *at <= pos {
+                lines.push(line(&originals[*d]));
+                false
+            } else {
+                true
+            }
+        });
+    }
+    lines.extend(dups.iter().map(|(_, d)| line(&originals[*d])));
+    // Four files, plain and gzip, so splits, offsets in compressed streams and file boundaries are all crossed.
+    let per = lines.len().div_ceil(4);
+    for (k, chunk) in lines.chunks(per).enumerate() {
+        let text: String = chunk.iter().map(|l| format!("{l}\n")).collect();
+        if k % 2 == 0 {
+            std::fs::write(dir.join(format!("part-{k}.jsonl")), text).unwrap();
+        } else {
+            let f = std::fs::File::create(dir.join(format!("part-{k}.jsonl.gz"))).unwrap();
+            let mut w = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+            std::io::Write::write_all(&mut w, text.as_bytes()).unwrap();
+            w.finish().unwrap();
+        }
+    }
+    originals
+}
+
+const PIPELINE: &str = r#"
+SET parallelism = 2;
+SET batch_size = 250;
+SET dedup_ttl = '10 minutes';
+SET checkpoint_interval = '100ms';
+CREATE TABLE events (
+  id TEXT, time TIMESTAMP, tenant BIGINT, cents BIGINT,
+  WATERMARK FOR time AS time - INTERVAL '3' SECOND
+) WITH (connector = 'filesystem', path = '${IN}/*', split_size = '200KB');
+CREATE TABLE deduped WITH (connector = 'filesystem', path = '${OUT}/deduped', format = 'json', rollover_rows = 3000);
+CREATE TABLE per_tenant WITH (connector = 'filesystem', path = '${OUT}/per_tenant', format = 'json');
+INSERT INTO deduped
+SELECT id, time, tenant, cents FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM events) WHERE rn = 1;
+INSERT INTO per_tenant
+SELECT tenant, TUMBLE_START(time, INTERVAL '10' SECOND) AS ws, COUNT(*) AS n, SUM(cents) AS total
+FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM events) WHERE rn = 1
+GROUP BY tenant, TUMBLE(time, INTERVAL '10' SECOND);
+"#;
+
+fn nagare(dir: &Path, extra_env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nagare"));
+    c.arg("run")
+        .arg(dir.join("pipeline.sql"))
+        .args(["--quiet", "--checkpoint-dir"])
+        .arg(dir.join("ckpt"))
+        .args([
+            "--var",
+            &format!("IN={}", dir.join("in").display()),
+            "--var",
+            &format!("OUT={}", dir.join("out").display()),
+        ])
+        .env("NAGARE_LOG", "error");
+    for (k, v) in extra_env {
+        c.env(k, v);
+    }
+    c
+}
+
+fn ts_ms(v: &serde_json::Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap().timestamp_millis() - BASE_MS
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("in")).unwrap();
+    let originals = input(&dir.path().join("in"), 100_000, 99);
+    std::fs::write(dir.path().join("pipeline.sql"), PIPELINE).unwrap();
+
+    let mut rng = fastrand::Rng::with_seed(4242);
+    let mut kills = 0;
+    let mut resumed: Vec<u64> = Vec::new();
+    let mut restarts_from_scratch = 0;
+    let mut finished = false;
+    let faults: [&[(&str, &str)]; 3] =
+        [&[], &[("NAGARE_FAULT_DELAY_UPLOAD_MS", "120")], &[("NAGARE_FAULT_DELAY_COMMIT_MS", "150")]];
+    for round in 0..40 {
+        let mut child =
+            nagare(dir.path(), faults[round % 3]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_millis(rng.u64(200..2_500));
+        let mut exited = None;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                exited = Some(status);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        match exited {
+            Some(status) => {
+                let mut err = String::new();
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+                assert!(status.success(), "run {round} failed: {err}");
+                finished = true;
+                if kills >= 10 {
+                    break;
+                }
+                // Finished before being killed: start over from scratch to get more kills in.
+                std::fs::remove_dir_all(dir.path().join("ckpt")).unwrap();
+                std::fs::remove_dir_all(dir.path().join("out")).unwrap();
+                finished = false;
+                restarts_from_scratch += 1;
+            }
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+                let mut err = String::new();
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+                if let Some(id) =
+                    err.split("resuming from checkpoint ").nth(1).and_then(|t| t.split_whitespace().next())
+                {
+                    resumed.push(id.parse::<u64>().unwrap());
+                }
+            }
+        }
+        if kills >= 12 {
+            break;
+        }
+    }
+    assert!(kills >= 10, "only {kills} kills landed");
+    // The kills must have hit a job that had made progress: most restarts resumed from a checkpoint.
+    assert!(
+        resumed.len() >= 6,
+        "only {} of {kills} killed runs had resumed from a checkpoint: {resumed:?}",
+        resumed.len()
+    );
+    eprintln!(
+        "{kills} kills, {restarts_from_scratch} runs finished early; killed runs had resumed from checkpoints {resumed:?}"
+    );
+    if !finished {
+        let out = nagare(dir.path(), &[]).output().unwrap();
+        assert!(out.status.success(), "final run failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    // Nothing half-written is visible, and nothing in progress is left behind.
+    assert!(files_with(&dir.path().join("out"), &[".inprogress"]).is_empty());
+    let rows = read_json_rows(&dir.path().join("out/deduped"));
+    let mut seen = BTreeMap::new();
+    for r in &rows {
+        *seen.entry(r["id"].as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    let dup: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(dup.is_empty(), "duplicated ids after {kills} kills: {dup:?}");
+    let want: BTreeSet<(String, i64, i64, i64)> =
+        originals.iter().map(|e| (e.id.clone(), e.t_ms, e.tenant, e.cents)).collect();
+    let got: BTreeSet<(String, i64, i64, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                ts_ms(&r["time"]),
+                r["tenant"].as_i64().unwrap(),
+                r["cents"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let missing: Vec<_> = want.difference(&got).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "missing rows after {kills} kills: {missing:?} ({} of {})",
+        want.len() - got.len(),
+        want.len()
+    );
+    assert_eq!(rows.len(), originals.len());
+
+    let mut want: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();
+    for e in &originals {
+        let s = want.entry((e.tenant, e.t_ms - e.t_ms.rem_euclid(10_000))).or_default();
+        s.0 += 1;
+        s.1 += e.cents;
+    }
+    let windows = read_json_rows(&dir.path().join("out/per_tenant"));
+    let got: BTreeMap<(i64, i64), (i64, i64)> = windows
+        .iter()
+        .map(|r| {
+            ((r["tenant"].as_i64().unwrap(), ts_ms(&r["ws"])), (r["n"].as_i64().unwrap(), r["total"].as_i64().unwrap()))
+        })
+        .collect();
+    assert_eq!(windows.len(), got.len(), "a window emitted twice");
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_damaged_checkpoint_is_skipped_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("in")).unwrap();
+    input(&dir.path().join("in"), 20_000, 5);
+    std::fs::write(
+        dir.path().join("pipeline.sql"),
+        PIPELINE.replace(
+            "SET checkpoint_interval = '100ms';",
+            "SET checkpoint_interval = '50ms';\nSET checkpoints_retained = 10;",
+        ),
+    )
+    .unwrap();
+    let out = nagare(dir.path(), &[]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ckpt = dir.path().join("ckpt");
+    let mut ids: Vec<u64> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_string_lossy().strip_prefix("chk-").and_then(|n| n.parse().ok()))
+        .collect();
+    ids.sort();
+    assert!(ids.len() >= 4, "expected several checkpoints, got {ids:?}");
+    let chk = |id: u64| ckpt.join(format!("chk-{id:010}"));
+    let n = ids.len();
+    // Newest: a truncated state file. Next: a missing state file. Next: metadata that is not JSON.
+    let truncate = files_with(&chk(ids[n - 1]), &[".parquet"])
+        .into_iter()
+        .max_by_key(|f| std::fs::metadata(f).unwrap().len())
+        .unwrap();
+    let len = std::fs::metadata(&truncate).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&truncate).unwrap().set_len(len / 2).unwrap();
+    std::fs::remove_file(&files_with(&chk(ids[n - 2]), &[".parquet"])[0]).unwrap();
+    std::fs::write(chk(ids[n - 3]).join("_metadata.json"), b"{ not json").unwrap();
+
+    let listing = Command::new(env!("CARGO_BIN_EXE_nagare"))
+        .arg("checkpoints")
+        .arg(dir.path().join("pipeline.sql"))
+        .arg("--checkpoint-dir")
+        .arg(&ckpt)
+        .args([
+            "--var",
+            &format!("IN={}", dir.path().join("in").display()),
+            "--var",
+            &format!("OUT={}", dir.path().join("out").display()),
+        ])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains("not usable"), "{listing}");
+
+    let out = nagare(dir.path(), &[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for (id, why) in [(ids[n - 1], "truncated"), (ids[n - 2], "missing"), (ids[n - 3], "not valid")] {
+        assert!(
+            stderr.contains(&format!("checkpoint {id} in")) && stderr.contains(why),
+            "warning about {id} ({why}): {stderr}"
+        );
+    }
+    assert!(stderr.contains(&format!("resuming from checkpoint {}", ids[n - 4])), "{stderr}");
+}
