@@ -299,3 +299,20 @@ fn a_damaged_checkpoint_is_skipped_with_a_warning() {
     }
     assert!(stderr.contains(&format!("resuming from checkpoint {}", ids[n - 4])), "{stderr}");
 }
+
+#[test]
+fn checkpoints_that_keep_failing_fail_the_job_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("in")).unwrap();
+    input(&dir.path().join("in"), 5_000, 3);
+    let sql = PIPELINE.replace(
+        "SET checkpoint_interval = '100ms';",
+        "SET checkpoint_interval = '50ms';\nSET checkpoint_timeout = '100ms';\nSET checkpoint_tolerable_failures = 2;",
+    );
+    std::fs::write(dir.path().join("pipeline.sql"), sql).unwrap();
+    // Every state upload takes longer than the timeout.
+    let out = nagare(dir.path(), &[("NAGARE_FAULT_DELAY_UPLOAD_MS", "400")]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("3 checkpoints in a row failed") && stderr.contains("timed out waiting for"), "{stderr}");
+}

@@ -160,6 +160,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                         interval: pipeline.settings.checkpoint_interval,
                         timeout: pipeline.settings.checkpoint_timeout,
                         retained: pipeline.settings.checkpoints_retained,
+                        tolerable_failures: pipeline.settings.checkpoint_tolerable_failures,
                     },
                     from_scratch,
                 }),

@@ -553,6 +553,7 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
             parallelism: graph.nodes.iter().map(|n| (n.id, n.parallelism)).collect(),
             next_id,
             stats: stats.clone(),
+            failures_in_a_row: 0,
         };
         tasks.spawn(async move { ("checkpoint coordinator".to_string(), coordinator.run(reports_rx).await) });
     }

@@ -140,20 +140,13 @@ impl Chain {
         link: Option<&CheckpointLink>,
     ) -> Result<()> {
         let id = barrier.checkpoint;
-        let mut uploads = Vec::new();
-        let mut files: BTreeMap<usize, Vec<StateFile>> = BTreeMap::new();
+        // Snapshots are taken here (the operators' state as Arrow batches); encoding and upload run in the
+        // background while the task goes on processing.
+        let mut parts = Vec::new();
         if link.is_some() {
             for (op, metrics) in &mut self.ops {
                 for part in op.snapshot()? {
-                    let bytes = CheckpointStore::encode(&part.batch)?;
-                    let path = CheckpointStore::state_path(id.0, metrics.node, self.subtask, &part.name);
-                    files.entry(metrics.node).or_default().push(StateFile {
-                        path: path.clone(),
-                        part: part.name.clone(),
-                        bytes: bytes.len() as u64,
-                        rows: part.batch.num_rows() as u64,
-                    });
-                    uploads.push((path, bytes));
+                    parts.push((metrics.node, part));
                 }
             }
         }
@@ -165,19 +158,36 @@ impl Chain {
             Terminal::Sink(sink, _) => Some(sink.pre_commit(id).await?),
         };
         let Some(link) = link else { return Ok(()) };
-        let (store, reports, task) = (link.store.clone(), link.reports.clone(), link.task);
-        let snapshot = TaskSnapshot { task, state: files, source_position, sink_commit, alignment_us };
+        let (store, reports, task, subtask) = (link.store.clone(), link.reports.clone(), link.task, self.subtask);
         tokio::spawn(async move {
             // Test hook: widens the window in which a crash hits a checkpoint whose state is being uploaded.
             if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_UPLOAD_MS").ok().and_then(|v| v.parse().ok()) {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            for (path, bytes) in uploads {
-                if let Err(e) = store.put(&path, bytes).await {
-                    let _ = reports.send(Report::Declined { id, task, reason: e.to_string() });
-                    return;
+            let mut files: BTreeMap<usize, Vec<StateFile>> = BTreeMap::new();
+            for (node, part) in parts {
+                let path = CheckpointStore::state_path(id.0, node, subtask, &part.name);
+                let stored = match CheckpointStore::encode(&part.batch) {
+                    Ok(bytes) => {
+                        let len = bytes.len() as u64;
+                        store.put(&path, bytes).await.map(|()| len)
+                    }
+                    Err(e) => Err(e),
+                };
+                match stored {
+                    Ok(bytes) => files.entry(node).or_default().push(StateFile {
+                        path,
+                        part: part.name.clone(),
+                        bytes,
+                        rows: part.batch.num_rows() as u64,
+                    }),
+                    Err(e) => {
+                        let _ = reports.send(Report::Declined { id, task, reason: e.to_string() });
+                        return;
+                    }
                 }
             }
+            let snapshot = TaskSnapshot { task, state: files, source_position, sink_commit, alignment_us };
             let _ = reports.send(Report::Ack { id, snapshot });
         });
         Ok(())

@@ -57,6 +57,8 @@ pub struct Settings {
     pub checkpoint_timeout: Duration,
     /// Completed checkpoints kept.
     pub checkpoints_retained: usize,
+    /// Checkpoints that may fail in a row before the job fails.
+    pub checkpoint_tolerable_failures: u32,
 }
 
 /// Nodes and edges.

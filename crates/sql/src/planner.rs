@@ -63,6 +63,11 @@ pub const SETTINGS: &[(&str, OptionKind, &str)] = &[
         "a checkpoint not complete after this long is aborted (default 10 minutes)",
     ),
     ("checkpoints_retained", OptionKind::Int { min: 1, max: 1000 }, "completed checkpoints kept (default 3)"),
+    (
+        "checkpoint_tolerable_failures",
+        OptionKind::Int { min: 0, max: 1000 },
+        "checkpoints that may fail in a row before the job fails (default 3)",
+    ),
 ];
 
 /// Plans pipelines against a set of connectors.
@@ -431,6 +436,7 @@ impl SettingsBuilder {
             checkpoint_interval: duration("checkpoint_interval").unwrap_or(Duration::from_secs(10)),
             checkpoint_timeout: duration("checkpoint_timeout").unwrap_or(Duration::from_secs(600)),
             checkpoints_retained: int("checkpoints_retained").map(|i| i as usize).unwrap_or(3),
+            checkpoint_tolerable_failures: int("checkpoint_tolerable_failures").map(|i| i as u32).unwrap_or(3),
         }
     }
 }

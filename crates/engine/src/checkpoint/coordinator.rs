@@ -22,6 +22,8 @@ pub struct CheckpointSettings {
     pub timeout: Duration,
     /// Completed checkpoints to keep.
     pub retained: usize,
+    /// Checkpoints that may fail in a row before the job fails (it could never commit its output otherwise).
+    pub tolerable_failures: u32,
 }
 
 /// What the progress line and `nagare checkpoints` show about the running job's checkpoints.
@@ -70,6 +72,8 @@ pub struct Coordinator {
     pub next_id: u64,
     /// Shared figures.
     pub stats: Arc<Mutex<CheckpointStats>>,
+    /// Aborted checkpoints since the last completed one.
+    pub failures_in_a_row: u32,
 }
 
 fn now_ms() -> i64 {
@@ -102,6 +106,7 @@ impl Coordinator {
 
     async fn complete(&mut self, pending: PendingCheckpoint) -> Result<CheckpointMetadata> {
         let metadata = pending.complete(now_ms(), self.fingerprints.clone(), self.parallelism.clone());
+        self.failures_in_a_row = 0;
         // The commit point: retried a few times, because failing here loses the checkpoint, not data.
         let mut attempt = 0;
         loop {
@@ -164,11 +169,23 @@ impl Coordinator {
         }
     }
 
-    fn abort(&self, pending: &PendingCheckpoint, reason: &str) {
+    fn abort(&mut self, pending: &PendingCheckpoint, reason: &str) -> Result<()> {
         tracing::warn!(checkpoint = pending.id.0, reason, "checkpoint aborted; the next one proceeds");
         if let Ok(mut s) = self.stats.lock() {
             s.aborted += 1;
         }
+        self.failures_in_a_row += 1;
+        if self.failures_in_a_row > self.settings.tolerable_failures {
+            return Err(EngineError::External {
+                system: "checkpoints".into(),
+                message: format!(
+                    "{} checkpoints in a row failed, the last ({}) {reason}; output cannot be committed",
+                    self.failures_in_a_row, pending.id
+                ),
+                retriable: false,
+            });
+        }
+        Ok(())
     }
 
     /// Runs until the final checkpoint has completed (or every task has gone).
@@ -184,8 +201,9 @@ impl Coordinator {
                     if let Some(p) = &pending {
                         if p.timed_out(now_ms(), self.settings.timeout.as_millis() as i64) {
                             let missing: Vec<String> = p.missing().iter().map(|t| t.to_string()).collect();
-                            self.abort(p, &format!("timed out waiting for {}", missing.join(", ")));
                             let last = p.final_checkpoint;
+                            let p = p.clone();
+                            self.abort(&p, &format!("timed out waiting for {}", missing.join(", ")))?;
                             pending = Some(self.trigger(last));
                         }
                     } else {
@@ -212,11 +230,13 @@ impl Coordinator {
                             }
                         }
                         Report::Declined { id, task, reason } => {
-                            if let Some(p) = &pending
-                                && p.id == id {
-                                    self.abort(p, &format!("{task} declined: {reason}"));
-                                    pending = None;
+                            if let Some(p) = pending.take_if(|p| p.id == id) {
+                                self.abort(&p, &format!("was declined by {task}: {reason}"))?;
+                                let last = p.final_checkpoint;
+                                if last {
+                                    pending = Some(self.trigger(true));
                                 }
+                            }
                         }
                         Report::SourceFinished(task) => {
                             finished.insert(task);

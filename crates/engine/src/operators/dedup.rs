@@ -275,9 +275,13 @@ impl DedupOperator {
     }
 
     /// Keep-first: drops closed groups when the table is about to grow, so memory follows the live keys.
-    fn sweep_if_full(&mut self, watermark: i64) {
+    ///
+    /// `now` is the event time of the row being processed: rows are processed in event-time order, so a group
+    /// ending at or before it can never be joined again. (Not the target watermark: rows up to it are still to be
+    /// processed and may belong to groups that end before it.)
+    fn sweep_if_full(&mut self, now: i64) {
         if self.keep == Keep::First && self.groups.len() == self.groups.capacity() && self.groups.len() > 1024 {
-            self.groups.retain(|g| g.end.saturating_sub(1) > watermark);
+            self.groups.retain(|g| g.end > now);
         }
     }
 
@@ -307,7 +311,7 @@ impl DedupOperator {
             self.pending[b].keys.encode_into(r, &mut self.scratch);
             let h = self.hasher.hash_one(&self.scratch[..]);
             let (_, end) = self.group_bounds(t);
-            self.sweep_if_full(watermark);
+            self.sweep_if_full(t);
             let generation = self.next_generation;
             let scratch = &self.scratch;
             let hasher = &self.hasher;
@@ -808,5 +812,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn sweeping_during_the_final_flush_keeps_open_groups() {
+        // Regression: sweeps during a step once used the step's target watermark, so the flush at the end of input
+        // (watermark MAX) forgot every key and let later duplicates through.
+        let (mut d, s, m) = op(Keep::First, DedupScope::Ttl { ttl_us: 1_000_000 });
+        let ids: Vec<String> = (0..5_000).map(|i| format!("k{i}")).collect();
+        let mut rows: Vec<(&str, i64, &str)> = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            rows.push((id.as_str(), i as i64 / 40, "orig"));
+            if i >= 100 {
+                rows.push((ids[i - 100].as_str(), (i - 100) as i64 / 40, "again"));
+            }
+        }
+        let mut out = Vec::new();
+        d.process(batch(&s, &rows), &mut out).unwrap();
+        d.on_watermark(i64::MAX, &mut out).unwrap();
+        assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 5_000);
+        assert_eq!(NodeMetrics::get(&m.duplicates), 4_900);
     }
 }

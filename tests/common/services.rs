@@ -1,0 +1,54 @@
+//! Real services for tests, started by the project's scripts (scripts/services/) — never assumed present.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Runs `scripts/services/<script>` under a lock (tests run in parallel processes) and returns the `KEY=value`
+/// lines it prints. Panics with how to start the service by hand if it cannot be started.
+pub fn start(script: &str) -> BTreeMap<String, String> {
+    let root = super::repo_root();
+    let svc_dir =
+        std::env::var("SVC_DIR").unwrap_or_else(|_| format!("{}/nagare-services", std::env::temp_dir().display()));
+    std::fs::create_dir_all(&svc_dir).unwrap();
+    let path = root.join("scripts/services").join(script);
+    // -o: the lock is not inherited by the service the script leaves running.
+    let out = Command::new("flock")
+        .arg("-o")
+        .arg(format!("{svc_dir}/{script}.lock"))
+        .arg(&path)
+        .env("SVC_DIR", &svc_dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}; start it by hand: {}", path.display(), path.display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}); start it by hand and rerun the tests:\n  {}\nstderr:\n{}",
+        script,
+        out.status,
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.split_whitespace().next().unwrap_or("").to_string()))
+        .collect()
+}
+
+/// moto (S3, SQS, ...) on loopback: the environment variables an AWS client needs.
+pub fn moto() -> &'static BTreeMap<String, String> {
+    static MOTO: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+    MOTO.get_or_init(|| {
+        let mut env = start("start-moto.sh");
+        env.insert("AWS_ALLOW_HTTP".into(), "true".into());
+        env
+    })
+}
+
+/// Creates an S3 bucket on moto (path-style PUT).
+pub fn create_bucket(name: &str) {
+    let endpoint = &moto()["AWS_ENDPOINT_URL"];
+    let status = Command::new("curl").args(["-sf", "-X", "PUT", &format!("{endpoint}/{name}")]).status().unwrap();
+    assert!(status.success(), "creating bucket {name} on {endpoint}");
+}
