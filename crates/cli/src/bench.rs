@@ -49,6 +49,19 @@ pub enum BenchCommand {
         /// Also run the job in DuckDB (python3 with `pip install duckdb==2.0.0`).
         #[arg(long)]
         duckdb: bool,
+        /// Also run it with checkpoints at these intervals (e.g. 10s,1s) to measure their overhead.
+        #[arg(long, value_delimiter = ',')]
+        checkpoint_intervals: Vec<String>,
+    },
+    /// Checkpoint state: a dedup holding --keys keys is snapshotted to Parquet and restored; compared with
+    /// writing and reading the same keys as a plain Parquet file.
+    State {
+        /// Keys in the dedup's state.
+        #[arg(long, default_value_t = 10_000_000)]
+        keys: usize,
+        /// Working directory (the checkpoint store).
+        #[arg(long, default_value = "target/bench-state")]
+        dir: PathBuf,
     },
     /// The DataFusion batch baseline of W1 (run by `bench w1` as a child process).
     #[command(hide = true)]
@@ -153,6 +166,7 @@ struct Measured {
     seconds: f64,
     peak_rss: u64,
     rows_out: u64,
+    checkpoints: u64,
 }
 
 fn run_child(label: &str, args: &[String], stats: &Path, output: &Path, repeat: usize) -> Result<Measured> {
@@ -180,9 +194,10 @@ fn run_program(
         }
         let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(stats)?)?;
         let peak_rss = stats["peak_rss_bytes"].as_u64().unwrap_or(0);
+        let checkpoints = stats["checkpoints_completed"].as_u64().unwrap_or(0);
         let rows_out = parquet_rows(output)?;
         if best.as_ref().is_none_or(|b| seconds < b.seconds) {
-            best = Some(Measured { label: label.to_string(), seconds, peak_rss, rows_out });
+            best = Some(Measured { label: label.to_string(), seconds, peak_rss, rows_out, checkpoints });
         }
     }
     best.context("no run")
@@ -208,15 +223,169 @@ fn parquet_rows(dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
+/// The dedup of W1 (keep the first event per id, TTL 10 minutes) holding `keys` keys.
+fn dedup_with_keys(keys: usize) -> Result<(nagare_engine::operators::dedup::DedupOperator, Arc<Schema>)> {
+    use datafusion::physical_expr::expressions::Column;
+    use nagare_engine::operator::Operator;
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let input = Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, true), Field::new("time", ts, true)]));
+    let mut out_fields = input.fields().to_vec();
+    out_fields.push(Arc::new(Field::new("rn", DataType::UInt64, false)));
+    let output = Arc::new(Schema::new(out_fields));
+    let spec = nagare_sql::DedupSpec {
+        keys: vec![Arc::new(Column::new("id", 0))],
+        key_names: vec!["id".into()],
+        time_column: 1,
+        keep: nagare_sql::Keep::First,
+        scope: nagare_sql::DedupScope::Ttl { ttl_us: 600_000_000 },
+    };
+    let ctx = nagare_engine::operators::OperatorContext {
+        label: "dedup".into(),
+        metrics: Arc::new(nagare_engine::metrics::NodeMetrics::new(0, "dedup".into(), "dedup", 1)),
+        late_rows: nagare_sql::LateRowPolicy::Drop,
+        dead_letter: None,
+        max_parallelism: 128,
+        key_groups: nagare_core::KeyGroupRange { start: 0, end: 128 },
+    };
+    let mut op = nagare_engine::operators::dedup::DedupOperator::new(&spec, input.clone(), output, ctx.clone())?;
+    let mut out = Vec::new();
+    let base = 1_767_225_600_000_000i64;
+    let chunk = 100_000;
+    for start in (0..keys).step_by(chunk) {
+        let n = chunk.min(keys - start);
+        let ids = arrow::array::StringArray::from_iter_values(
+            (start..start + n).map(|i| format!("{:016x}-{i:020}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15))),
+        );
+        // All within the TTL: every key stays in the state.
+        let times = arrow::array::TimestampMicrosecondArray::from(vec![base + start as i64; n]).with_timezone("UTC");
+        let batch = arrow::record_batch::RecordBatch::try_new(input.clone(), vec![Arc::new(ids), Arc::new(times)])?;
+        op.process(batch, &mut out)?;
+        op.on_watermark(base + start as i64, &mut out)?;
+        out.clear();
+    }
+    Ok((op, input))
+}
+
+async fn bench_state(keys: usize, dir: &Path) -> Result<()> {
+    use nagare_engine::checkpoint::store::CheckpointStore;
+    use nagare_engine::operator::{Operator, StatePart};
+    let _ = std::fs::remove_dir_all(dir);
+    let store = CheckpointStore::open(&dir.to_string_lossy())?;
+    let t = Instant::now();
+    let (mut op, _) = dedup_with_keys(keys)?;
+    let fill = t.elapsed();
+    println!(
+        "dedup state: {} keys (filled in {:.2}s), peak RSS so far {:.0} MB",
+        op.state_entries(),
+        fill.as_secs_f64(),
+        peak_rss_bytes() as f64 / 1e6
+    );
+
+    // Snapshot: the synchronous part (on the task) and the background part (encode + write).
+    let t = Instant::now();
+    let parts = op.snapshot()?;
+    let snapshot = t.elapsed();
+    let t = Instant::now();
+    let mut files = Vec::new();
+    let mut bytes = 0u64;
+    for p in &parts {
+        let encoded = CheckpointStore::encode(&p.batch)?;
+        bytes += encoded.len() as u64;
+        let path = CheckpointStore::state_path(1, 1, 0, &p.name);
+        store.put(&path, encoded.clone()).await?;
+        files.push(nagare_core::checkpoint::StateFile {
+            path,
+            part: p.name.clone(),
+            bytes: encoded.len() as u64,
+            rows: p.batch.num_rows() as u64,
+        });
+    }
+    let upload = t.elapsed();
+
+    // Restore into a fresh operator.
+    let t = Instant::now();
+    let mut restored_parts = Vec::new();
+    for f in &files {
+        let batches = store.read_state(f).await?;
+        if let Some(first) = batches.first() {
+            let batch = arrow::compute::concat_batches(&first.schema(), &batches)?;
+            restored_parts.push(StatePart::new(&f.part, batch));
+        }
+    }
+    let read = t.elapsed();
+    let t = Instant::now();
+    let (mut fresh, _) = dedup_with_keys(0)?;
+    fresh.restore(restored_parts)?;
+    let rebuild = t.elapsed();
+    anyhow::ensure!(fresh.state_entries() == keys, "restored {} of {keys} keys", fresh.state_entries());
+
+    // Baseline: the same keys written and read as a plain one-column Parquet file.
+    let groups = &parts.iter().find(|p| p.name == "groups").context("no groups part")?.batch;
+    let key_only = arrow::record_batch::RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new("key", DataType::Binary, false)])),
+        vec![groups.column(0).clone()],
+    )?;
+    let t = Instant::now();
+    let encoded = CheckpointStore::encode(&key_only)?;
+    let baseline_bytes = encoded.len();
+    std::fs::write(dir.join("baseline.parquet"), &encoded)?;
+    let baseline_write = t.elapsed();
+    let t = Instant::now();
+    let data = bytes::Bytes::from(std::fs::read(dir.join("baseline.parquet"))?);
+    let n: usize = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(data)?
+        .build()?
+        .map(|b| b.map(|b| b.num_rows()))
+        .sum::<Result<usize, _>>()?;
+    anyhow::ensure!(n == keys);
+    let baseline_read = t.elapsed();
+
+    let write = snapshot + upload;
+    let restore = read + rebuild;
+    println!("{:<58} {:>9} {:>12}", "step", "seconds", "MB");
+    println!(
+        "{:<58} {:>9.2} {:>12}",
+        "snapshot: state to Arrow (on the task, blocks processing)",
+        snapshot.as_secs_f64(),
+        ""
+    );
+    println!(
+        "{:<58} {:>9.2} {:>12.1}",
+        "snapshot: encode Parquet + write (background)",
+        upload.as_secs_f64(),
+        bytes as f64 / 1e6
+    );
+    println!("{:<58} {:>9.2} {:>12}", "restore: read Parquet", read.as_secs_f64(), "");
+    println!("{:<58} {:>9.2} {:>12}", "restore: rebuild the hash table", rebuild.as_secs_f64(), "");
+    println!(
+        "{:<58} {:>9.2} {:>12.1}",
+        "baseline: write the keys as plain Parquet",
+        baseline_write.as_secs_f64(),
+        baseline_bytes as f64 / 1e6
+    );
+    println!("{:<58} {:>9.2} {:>12}", "baseline: read them back", baseline_read.as_secs_f64(), "");
+    println!(
+        "{keys} keys: write {:.2}s ({:.2}x baseline), restore {:.2}s ({:.2}x baseline), {:.1} MB on disk ({:.1} bytes/key); peak RSS {:.0} MB",
+        write.as_secs_f64(),
+        write.as_secs_f64() / baseline_write.as_secs_f64(),
+        restore.as_secs_f64(),
+        restore.as_secs_f64() / baseline_read.as_secs_f64(),
+        bytes as f64 / 1e6,
+        bytes as f64 / keys as f64,
+        peak_rss_bytes() as f64 / 1e6
+    );
+    Ok(())
+}
+
 /// Runs a benchmark command.
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::State { keys, dir } => bench_state(keys, &dir).await,
         BenchCommand::W1Batch { input, output, threads, stats_json } => {
             w1_batch(&input, &output, threads).await?;
             std::fs::write(&stats_json, serde_json::json!({"peak_rss_bytes": peak_rss_bytes()}).to_string())?;
             Ok(())
         }
-        BenchCommand::W1 { rows, dir, threads, repeat, duckdb } => {
+        BenchCommand::W1 { rows, dir, threads, repeat, duckdb, checkpoint_intervals } => {
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             std::fs::create_dir_all(&dir)?;
             let dir = dir.canonicalize()?;
@@ -229,10 +398,10 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             let sql = dir.join("w1.sql");
             std::fs::write(&sql, W1_SQL)?;
             let s = |p: &Path| p.to_string_lossy().to_string();
-            let nagare = |label: &str, p: usize, out: &str| -> Result<Measured> {
+            let nagare = |label: &str, p: usize, out: &str, interval: Option<&str>| -> Result<Measured> {
                 let output = dir.join(out);
                 let stats = dir.join(format!("{out}.json"));
-                let args = vec![
+                let mut args = vec![
                     "run".into(),
                     s(&sql),
                     "--quiet".into(),
@@ -247,6 +416,11 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                     "--stats-json".into(),
                     s(&stats),
                 ];
+                if let Some(i) = interval {
+                    let ckpt = dir.join(format!("{out}-ckpt"));
+                    let _ = std::fs::remove_dir_all(&ckpt);
+                    args.extend(["--checkpoint-dir".into(), s(&ckpt), "--checkpoint-interval".into(), i.to_string()]);
+                }
                 run_child(label, &args, &stats, &output, repeat)
             };
             let df_out = dir.join("out-datafusion");
@@ -275,8 +449,13 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                 &df_out,
                 repeat,
             )?;
-            let streaming = nagare(&format!("nagare streaming, parallelism {threads}"), threads, "out-nagare")?;
-            let one_core = nagare("nagare streaming, 1 core", 1, "out-nagare-1")?;
+            let streaming = nagare(&format!("nagare streaming, parallelism {threads}"), threads, "out-nagare", None)?;
+            let one_core = nagare("nagare streaming, 1 core", 1, "out-nagare-1", None)?;
+            let mut checkpointed = Vec::new();
+            for (k, interval) in checkpoint_intervals.iter().enumerate() {
+                let label = format!("nagare streaming, parallelism {threads}, checkpoints every {interval}");
+                checkpointed.push(nagare(&label, threads, &format!("out-nagare-ckpt{k}"), Some(interval))?);
+            }
             let duck = if duckdb {
                 let script = dir.join("w1_duckdb.py");
                 std::fs::write(&script, W1_DUCKDB)?;
@@ -292,7 +471,11 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                 "{:<64} {:>8} {:>12} {:>10} {:>10} {:>8}",
                 "run", "seconds", "events/s", "peak MB", "rows out", "ratio"
             );
-            for m in [Some(&baseline), Some(&streaming), Some(&one_core), duck.as_ref()].into_iter().flatten() {
+            let runs = [Some(&baseline), Some(&streaming), Some(&one_core), duck.as_ref()]
+                .into_iter()
+                .flatten()
+                .chain(checkpointed.iter());
+            for m in runs {
                 println!(
                     "{:<64} {:>8.2} {:>12.0} {:>10.0} {:>10} {:>8.2}",
                     m.label,
@@ -310,6 +493,15 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             );
             if let Some(d) = &duck {
                 println!("ratio nagare/DuckDB = {:.2}", streaming.seconds / d.seconds);
+            }
+            for (m, interval) in checkpointed.iter().zip(&checkpoint_intervals) {
+                println!(
+                    "checkpoints every {interval}: {} completed, throughput {:.1}% of the run without ({} rows out)",
+                    m.checkpoints,
+                    100.0 * streaming.seconds / m.seconds,
+                    m.rows_out
+                );
+                anyhow::ensure!(m.rows_out == baseline.rows_out, "checkpointed run wrote {} rows", m.rows_out);
             }
             if streaming.rows_out != baseline.rows_out || one_core.rows_out != baseline.rows_out {
                 bail!(

@@ -475,7 +475,8 @@ impl Operator for DedupOperator {
         let mut generations = Vec::new();
         let mut last_t = Vec::new();
         let mut last_rows: Vec<OwnedRow> = Vec::new();
-        for g in self.groups.iter() {
+        // Closed groups (not yet swept) can never be joined again: they are left out.
+        for g in self.groups.iter().filter(|g| g.end.saturating_sub(1) > self.watermark) {
             keys.append_value(&g.key);
             ends.push(g.end);
             if let Some(last) = &g.last {
