@@ -316,3 +316,45 @@ fn checkpoints_that_keep_failing_fail_the_job_with_the_reason() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("3 checkpoints in a row failed") && stderr.contains("timed out waiting for"), "{stderr}");
 }
+
+#[test]
+fn dedup_state_is_incremental_and_a_damaged_chain_is_not_silently_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("in")).unwrap();
+    input(&dir.path().join("in"), 20_000, 7);
+    // Few enough checkpoints that the chain is not compacted (a new base) by the end, even on a slow machine.
+    let sql = PIPELINE.replace(
+        "SET checkpoint_interval = '100ms';",
+        "SET checkpoint_interval = '200ms';\nSET checkpoints_retained = 1;",
+    );
+    std::fs::write(dir.path().join("pipeline.sql"), sql).unwrap();
+    let out = nagare(dir.path(), &[]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let ckpt = dir.path().join("ckpt");
+    let dirs = files_with(&ckpt, &["_metadata.json"]);
+    assert_eq!(dirs.len(), 1, "one checkpoint retained: {dirs:?}");
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&dirs[0]).unwrap()).unwrap();
+    let id = meta["id"].as_u64().unwrap();
+    let files: Vec<&serde_json::Value> =
+        meta["tasks"].as_array().unwrap().iter().flat_map(|t| t["state"].as_object().unwrap().values()).collect();
+    let files: Vec<&serde_json::Value> = files.iter().flat_map(|f| f.as_array().unwrap()).collect();
+    // The dedup's keys are a chain: files written by earlier checkpoints are still referred to.
+    assert!(files.iter().any(|f| f["checkpoint"].as_u64().unwrap() < id), "no incremental state: {meta}");
+    assert!(meta["bytes_written"].as_u64().unwrap() < meta["bytes"].as_u64().unwrap(), "{meta}");
+    // Shared files nothing refers to any more were deleted.
+    let referenced: BTreeSet<String> = files.iter().map(|f| f["path"].as_str().unwrap().to_string()).collect();
+    let shared: BTreeSet<String> = std::fs::read_dir(ckpt.join("shared"))
+        .unwrap()
+        .map(|e| format!("shared/{}", e.unwrap().file_name().to_string_lossy()))
+        .collect();
+    assert!(!shared.is_empty() && shared.is_subset(&referenced), "{shared:?} vs {referenced:?}");
+
+    // The only checkpoint loses a file of its chain: starting over would write committed output again, so the run
+    // is refused unless asked for.
+    std::fs::remove_file(ckpt.join(shared.iter().next().unwrap())).unwrap();
+    let out = nagare(dir.path(), &[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no usable checkpoint") && stderr.contains("--from-scratch"), "{stderr}");
+}

@@ -54,11 +54,15 @@ pub enum BenchCommand {
         checkpoint_intervals: Vec<String>,
     },
     /// Checkpoint state: a dedup holding --keys keys is snapshotted to Parquet and restored; compared with
-    /// writing and reading the same keys as a plain Parquet file.
+    /// writing and reading the same keys as a plain Parquet file. Then --new-keys more arrive and an incremental
+    /// snapshot stores only those.
     State {
         /// Keys in the dedup's state.
         #[arg(long, default_value_t = 10_000_000)]
         keys: usize,
+        /// Keys added after the full snapshot, before the incremental one.
+        #[arg(long, default_value_t = 100_000)]
+        new_keys: usize,
         /// Working directory (the checkpoint store).
         #[arg(long, default_value = "target/bench-state")]
         dir: PathBuf,
@@ -226,7 +230,6 @@ fn parquet_rows(dir: &Path) -> Result<u64> {
 /// The dedup of W1 (keep the first event per id, TTL 10 minutes) holding `keys` keys.
 fn dedup_with_keys(keys: usize) -> Result<(nagare_engine::operators::dedup::DedupOperator, Arc<Schema>)> {
     use datafusion::physical_expr::expressions::Column;
-    use nagare_engine::operator::Operator;
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     let input = Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, true), Field::new("time", ts, true)]));
     let mut out_fields = input.fields().to_vec();
@@ -248,11 +251,22 @@ fn dedup_with_keys(keys: usize) -> Result<(nagare_engine::operators::dedup::Dedu
         key_groups: nagare_core::KeyGroupRange { start: 0, end: 128 },
     };
     let mut op = nagare_engine::operators::dedup::DedupOperator::new(&spec, input.clone(), output, ctx.clone())?;
+    add_keys(&mut op, &input, 0..keys)?;
+    Ok((op, input))
+}
+
+/// Feeds keys `range` (distinct ids, all within the TTL) through the dedup.
+fn add_keys(
+    op: &mut nagare_engine::operators::dedup::DedupOperator,
+    input: &Arc<Schema>,
+    range: std::ops::Range<usize>,
+) -> Result<()> {
+    use nagare_engine::operator::Operator;
     let mut out = Vec::new();
     let base = 1_767_225_600_000_000i64;
     let chunk = 100_000;
-    for start in (0..keys).step_by(chunk) {
-        let n = chunk.min(keys - start);
+    for start in range.clone().step_by(chunk) {
+        let n = chunk.min(range.end - start);
         let ids = arrow::array::StringArray::from_iter_values(
             (start..start + n).map(|i| format!("{:016x}-{i:020}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15))),
         );
@@ -263,12 +277,56 @@ fn dedup_with_keys(keys: usize) -> Result<(nagare_engine::operators::dedup::Dedu
         op.on_watermark(base + start as i64, &mut out)?;
         out.clear();
     }
-    Ok((op, input))
+    Ok(())
 }
 
-async fn bench_state(keys: usize, dir: &Path) -> Result<()> {
+/// Encodes and writes snapshot parts as checkpoint `id` would; returns the files and bytes.
+async fn write_parts(
+    store: &nagare_engine::checkpoint::store::CheckpointStore,
+    id: u64,
+    parts: &[nagare_engine::operator::StatePart],
+) -> Result<(Vec<nagare_core::checkpoint::StateFile>, u64)> {
     use nagare_engine::checkpoint::store::CheckpointStore;
-    use nagare_engine::operator::{Operator, StatePart};
+    let mut files = Vec::new();
+    let mut bytes = 0u64;
+    for p in parts {
+        let encoded = CheckpointStore::encode(&p.batch)?;
+        bytes += encoded.len() as u64;
+        let path = CheckpointStore::shared_path(id, 1, 0, &p.name);
+        store.put(&path, encoded.clone()).await?;
+        files.push(nagare_core::checkpoint::StateFile {
+            path,
+            part: p.name.clone(),
+            bytes: encoded.len() as u64,
+            rows: p.batch.num_rows() as u64,
+            checkpoint: id,
+        });
+    }
+    Ok((files, bytes))
+}
+
+/// Reads state files back as the job's restore does: files of one part are concatenated.
+async fn read_parts(
+    store: &nagare_engine::checkpoint::store::CheckpointStore,
+    files: &[nagare_core::checkpoint::StateFile],
+) -> Result<Vec<nagare_engine::operator::StatePart>> {
+    let mut parts: Vec<nagare_engine::operator::StatePart> = Vec::new();
+    for f in files {
+        let mut batches = store.read_state(f).await?;
+        if let Some(i) = parts.iter().position(|p| p.name == f.part) {
+            batches.insert(0, parts.remove(i).batch);
+        }
+        if let Some(first) = batches.first() {
+            let batch = arrow::compute::concat_batches(&first.schema(), &batches)?;
+            parts.push(nagare_engine::operator::StatePart::new(&f.part, batch));
+        }
+    }
+    Ok(parts)
+}
+
+async fn bench_state(keys: usize, new_keys: usize, dir: &Path) -> Result<()> {
+    use nagare_engine::checkpoint::store::CheckpointStore;
+    use nagare_engine::operator::Operator;
     let _ = std::fs::remove_dir_all(dir);
     let store = CheckpointStore::open(&dir.to_string_lossy())?;
     let t = Instant::now();
@@ -283,41 +341,47 @@ async fn bench_state(keys: usize, dir: &Path) -> Result<()> {
 
     // Snapshot: the synchronous part (on the task) and the background part (encode + write).
     let t = Instant::now();
-    let parts = op.snapshot()?;
+    let parts = op.snapshot(false)?;
     let snapshot = t.elapsed();
+    anyhow::ensure!(parts.iter().any(|p| p.kind == nagare_engine::operator::PartKind::Base), "not a full snapshot");
     let t = Instant::now();
-    let mut files = Vec::new();
-    let mut bytes = 0u64;
-    for p in &parts {
-        let encoded = CheckpointStore::encode(&p.batch)?;
-        bytes += encoded.len() as u64;
-        let path = CheckpointStore::state_path(1, 1, 0, &p.name);
-        store.put(&path, encoded.clone()).await?;
-        files.push(nagare_core::checkpoint::StateFile {
-            path,
-            part: p.name.clone(),
-            bytes: encoded.len() as u64,
-            rows: p.batch.num_rows() as u64,
-        });
-    }
+    let (files, bytes) = write_parts(&store, 1, &parts).await?;
     let upload = t.elapsed();
 
     // Restore into a fresh operator.
     let t = Instant::now();
-    let mut restored_parts = Vec::new();
-    for f in &files {
-        let batches = store.read_state(f).await?;
-        if let Some(first) = batches.first() {
-            let batch = arrow::compute::concat_batches(&first.schema(), &batches)?;
-            restored_parts.push(StatePart::new(&f.part, batch));
-        }
-    }
+    let restored_parts = read_parts(&store, &files).await?;
     let read = t.elapsed();
     let t = Instant::now();
     let (mut fresh, _) = dedup_with_keys(0)?;
     fresh.restore(restored_parts)?;
     let rebuild = t.elapsed();
     anyhow::ensure!(fresh.state_entries() == keys, "restored {} of {keys} keys", fresh.state_entries());
+    drop(fresh);
+
+    // Incremental: new keys arrive, the next snapshot stores only them; a restore reads base + delta.
+    let (_, input) = dedup_with_keys(0)?;
+    add_keys(&mut op, &input, keys..keys + new_keys)?;
+    let t = Instant::now();
+    let delta_parts = op.snapshot(false)?;
+    let delta_snapshot = t.elapsed();
+    let delta_kind = delta_parts.iter().find(|p| p.name == "groups").map(|p| p.kind);
+    anyhow::ensure!(delta_kind == Some(nagare_engine::operator::PartKind::Delta), "not incremental: {delta_kind:?}");
+    let t = Instant::now();
+    let (delta_files, delta_bytes) = write_parts(&store, 2, &delta_parts).await?;
+    let delta_upload = t.elapsed();
+    let chain: Vec<_> = files.iter().filter(|f| f.part == "groups").chain(&delta_files).cloned().collect();
+    let t = Instant::now();
+    let (mut fresh, _) = dedup_with_keys(0)?;
+    fresh.restore(read_parts(&store, &chain).await?)?;
+    let chain_restore = t.elapsed();
+    anyhow::ensure!(
+        fresh.state_entries() == keys + new_keys,
+        "restored {} of {} keys from base + delta",
+        fresh.state_entries(),
+        keys + new_keys
+    );
+    drop(fresh);
 
     // Baseline: the same keys written and read as a plain one-column Parquet file.
     let groups = &parts.iter().find(|p| p.name == "groups").context("no groups part")?.batch;
@@ -364,6 +428,25 @@ async fn bench_state(keys: usize, dir: &Path) -> Result<()> {
     );
     println!("{:<58} {:>9.2} {:>12}", "baseline: read them back", baseline_read.as_secs_f64(), "");
     println!(
+        "{:<58} {:>9.2} {:>12}",
+        format!("incremental: {new_keys} new keys to Arrow (on the task)"),
+        delta_snapshot.as_secs_f64(),
+        ""
+    );
+    println!(
+        "{:<58} {:>9.2} {:>12.1}",
+        "incremental: encode Parquet + write (background)",
+        delta_upload.as_secs_f64(),
+        delta_bytes as f64 / 1e6
+    );
+    println!("{:<58} {:>9.2} {:>12}", "incremental: restore base + delta", chain_restore.as_secs_f64(), "");
+    println!(
+        "incremental snapshot after {new_keys} new keys: {:.2}s, {:.1} MB ({:.1}% of a full snapshot's time)",
+        (delta_snapshot + delta_upload).as_secs_f64(),
+        delta_bytes as f64 / 1e6,
+        100.0 * (delta_snapshot + delta_upload).as_secs_f64() / write.as_secs_f64()
+    );
+    println!(
         "{keys} keys: write {:.2}s ({:.2}x baseline), restore {:.2}s ({:.2}x baseline), {:.1} MB on disk ({:.1} bytes/key); peak RSS {:.0} MB",
         write.as_secs_f64(),
         write.as_secs_f64() / baseline_write.as_secs_f64(),
@@ -379,7 +462,7 @@ async fn bench_state(keys: usize, dir: &Path) -> Result<()> {
 /// Runs a benchmark command.
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::State { keys, dir } => bench_state(keys, &dir).await,
+        BenchCommand::State { keys, new_keys, dir } => bench_state(keys, new_keys, &dir).await,
         BenchCommand::W1Batch { input, output, threads, stats_json } => {
             w1_batch(&input, &output, threads).await?;
             std::fs::write(&stats_json, serde_json::json!({"peak_rss_bytes": peak_rss_bytes()}).to_string())?;

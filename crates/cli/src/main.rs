@@ -297,7 +297,10 @@ async fn list_checkpoints(pipeline: &Pipeline, dir: &str) -> Result<()> {
         println!("no checkpoints in {}", store.url());
         return Ok(());
     }
-    println!("{:>6}  {:<24} {:>10} {:>10} {:>12}  status", "id", "completed (UTC)", "duration", "alignment", "size");
+    println!(
+        "{:>6}  {:<24} {:>10} {:>10} {:>12} {:>12}  status",
+        "id", "completed (UTC)", "duration", "alignment", "size", "written"
+    );
     for c in all {
         match c {
             Ok(m) => {
@@ -311,16 +314,17 @@ async fn list_checkpoints(pipeline: &Pipeline, dir: &str) -> Result<()> {
                     (false, _) => format!("complete, but does not match this pipeline: {}", problems.join("; ")),
                 };
                 println!(
-                    "{:>6}  {:<24} {:>9}ms {:>8.1}ms {:>12}  {status}",
+                    "{:>6}  {:<24} {:>9}ms {:>8.1}ms {:>12} {:>12}  {status}",
                     m.id,
                     when,
                     m.completed_ms - m.triggered_ms,
                     m.alignment_us as f64 / 1000.0,
-                    format!("{} B", m.bytes)
+                    format!("{} B", m.bytes),
+                    format!("{} B", m.bytes_written)
                 );
             }
             Err((id, reason)) => {
-                println!("{id:>6}  {:<24} {:>10} {:>10} {:>12}  not usable: {reason}", "-", "-", "-", "-")
+                println!("{id:>6}  {:<24} {:>10} {:>10} {:>12} {:>12}  not usable: {reason}", "-", "-", "-", "-", "-")
             }
         }
     }

@@ -53,7 +53,7 @@ pub fn spawn_progress(
                 .lock()
                 .ok()
                 .and_then(|s| s.last.clone())
-                .map(|c| format!("  ckpt #{} ({:.1}s, {})", c.id, c.duration.as_secs_f64(), bytes(c.bytes)))
+                .map(|c| format!("  ckpt #{} ({:.1}s, {} new)", c.id, c.duration.as_secs_f64(), bytes(c.bytes_written)))
                 .unwrap_or_default();
             let line = format!(
                 "in {} ({}/s)  out {}  dup {}  late {}  bad {}  watermark {}{ckpt}  {:.0}s",
@@ -113,11 +113,12 @@ pub fn print_summary(s: &JobSummary, metrics: &JobMetrics) {
             .as_ref()
             .map(|l| {
                 format!(
-                    "; last #{} took {:.2}s (alignment {:.1}ms), {}",
+                    "; last #{} took {:.2}s (alignment {:.1}ms), state {} ({} written)",
                     l.id,
                     l.duration.as_secs_f64(),
                     l.alignment.as_secs_f64() * 1e3,
-                    bytes(l.bytes)
+                    bytes(l.bytes),
+                    bytes(l.bytes_written)
                 )
             })
             .unwrap_or_default();

@@ -38,6 +38,9 @@ pub struct StateFile {
     pub bytes: u64,
     /// Rows.
     pub rows: u64,
+    /// The checkpoint that wrote it: incremental state refers to files written by earlier checkpoints.
+    #[serde(default)]
+    pub checkpoint: u64,
 }
 
 /// What one subtask contributed to a checkpoint.
@@ -75,8 +78,11 @@ pub struct CheckpointMetadata {
     pub completed_ms: i64,
     /// Largest alignment time over subtasks, µs.
     pub alignment_us: u64,
-    /// Bytes of state written.
+    /// Bytes of state it refers to: what a restore reads.
     pub bytes: u64,
+    /// Bytes of state this checkpoint wrote (less than `bytes` when state is incremental).
+    #[serde(default)]
+    pub bytes_written: u64,
     /// Whether the job ended with this checkpoint (its input was exhausted or it was stopped).
     pub final_checkpoint: bool,
 }
@@ -151,7 +157,9 @@ impl PendingCheckpoint {
     ) -> CheckpointMetadata {
         let tasks: Vec<TaskSnapshot> = self.acks.into_values().collect();
         let alignment_us = tasks.iter().map(|t| t.alignment_us).max().unwrap_or(0);
-        let bytes = tasks.iter().flat_map(|t| t.state.values().flatten()).map(|f| f.bytes).sum();
+        let files = || tasks.iter().flat_map(|t| t.state.values().flatten());
+        let bytes = files().map(|f| f.bytes).sum();
+        let bytes_written = files().filter(|f| f.checkpoint == self.id.0).map(|f| f.bytes).sum();
         CheckpointMetadata {
             version: METADATA_VERSION,
             id: self.id.0,
@@ -162,6 +170,7 @@ impl PendingCheckpoint {
             completed_ms,
             alignment_us,
             bytes,
+            bytes_written,
             final_checkpoint: self.final_checkpoint,
         }
     }
@@ -252,6 +261,18 @@ pub fn to_delete(all_dirs: &[u64], kept: &[u64], in_flight: Option<u64>) -> Vec<
         .collect()
 }
 
+/// Shared state files (written by checkpoint `id`, found under the shared directory) that no kept checkpoint refers
+/// to and no future checkpoint can: those written at or before `newest`, the checkpoint just completed. Later ones may
+/// belong to a chain still being built (a delta uploaded for a checkpoint that has not completed yet).
+pub fn shared_to_delete<'a>(shared: &'a [(String, u64)], kept: &[CheckpointMetadata], newest: u64) -> Vec<&'a str> {
+    let referenced: BTreeSet<&str> = kept.iter().flat_map(|m| m.files()).map(|f| f.path.as_str()).collect();
+    shared
+        .iter()
+        .filter(|(path, id)| *id <= newest && !referenced.contains(path.as_str()))
+        .map(|(path, _)| path.as_str())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,7 +286,13 @@ mod tests {
             task: key(node, subtask),
             state: BTreeMap::from([(
                 node,
-                vec![StateFile { path: format!("{node}-{subtask}"), part: "groups".into(), bytes: 10, rows: 1 }],
+                vec![StateFile {
+                    path: format!("{node}-{subtask}"),
+                    part: "groups".into(),
+                    bytes: 10,
+                    rows: 1,
+                    checkpoint: 7,
+                }],
             )]),
             source_position: None,
             sink_commit: None,
@@ -293,7 +320,7 @@ mod tests {
         assert_eq!(p.ack(CheckpointId(7), snap(0, 1)), AckOutcome::Recorded);
         assert_eq!(p.ack(CheckpointId(7), snap(2, 0)), AckOutcome::Complete);
         let m = p.complete(250, BTreeMap::new(), BTreeMap::new());
-        assert_eq!((m.id, m.bytes, m.alignment_us, m.files().count()), (7, 30, 20, 3));
+        assert_eq!((m.id, m.bytes, m.bytes_written, m.alignment_us, m.files().count()), (7, 30, 30, 20, 3));
     }
 
     #[test]
@@ -345,5 +372,32 @@ mod tests {
         // Without a checkpoint in flight, a directory newer than the newest completed one is left alone
         // (another writer may own it; it is removed once older than a completed checkpoint).
         assert_eq!(to_delete(&[4, 5, 6], &[4, 5], None), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn shared_files_go_when_no_kept_checkpoint_refers_to_them() {
+        let file = |path: &str, checkpoint: u64| StateFile {
+            path: path.into(),
+            part: "groups".into(),
+            bytes: 1,
+            rows: 1,
+            checkpoint,
+        };
+        let mut kept = meta(9);
+        // Checkpoint 9's chain: a base from 5 and deltas from 7 (8 was aborted, but its delta is in the chain too).
+        let mut task = snap(1, 0);
+        task.state.insert(
+            1,
+            vec![file("shared/a-5", 5), file("shared/a-7", 7), file("shared/a-8", 8), file("shared/a-9", 9)],
+        );
+        kept.tasks.push(task);
+        let shared: Vec<(String, u64)> =
+            [("shared/a-3", 3), ("shared/a-5", 5), ("shared/a-6", 6), ("shared/a-7", 7), ("shared/a-8", 8)]
+                .iter()
+                .chain(&[("shared/a-9", 9), ("shared/a-10", 10)])
+                .map(|(p, id)| (p.to_string(), *id))
+                .collect();
+        // 3 and 6 are garbage (an older chain; a delta of a failed upload); 10 may be part of a chain in flight.
+        assert_eq!(shared_to_delete(&shared, &[kept], 9), vec!["shared/a-3", "shared/a-6"]);
     }
 }

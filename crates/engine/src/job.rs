@@ -259,7 +259,26 @@ async fn choose_checkpoint(pipeline: &Pipeline, options: &CheckpointOptions) -> 
         tracing::warn!(checkpoint = id, reason = %reason, "skipping a damaged or incomplete checkpoint");
         eprintln!("warning: checkpoint {id} in {} is not usable ({reason}); using an older one", options.store.url());
     }
-    let Some(metadata) = choice.restore else { return Ok(None) };
+    let damaged: Vec<u64> = choice
+        .skipped
+        .iter()
+        .filter(|(_, reason)| reason != crate::checkpoint::store::NEVER_COMPLETED)
+        .map(|(id, _)| *id)
+        .collect();
+    let Some(metadata) = choice.restore else {
+        // Completed checkpoints exist but none is usable: starting fresh would write again what their sinks
+        // committed.
+        if !damaged.is_empty() && !options.from_scratch {
+            return Err(EngineError::Config(format!(
+                "no usable checkpoint in {}: {} completed but damaged ({}); run with --from-scratch to start over \
+                 (output already committed would be written again)",
+                options.store.url(),
+                damaged.len(),
+                damaged.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        return Ok(None);
+    };
     if options.from_scratch {
         tracing::info!(checkpoint = metadata.id, "starting from scratch as asked; existing checkpoints are ignored");
         return Ok(None);
@@ -297,9 +316,14 @@ async fn restore_parts(
 ) -> Result<Vec<StatePart>> {
     let Some(m) = metadata else { return Ok(Vec::new()) };
     let Some(files) = m.task(task).and_then(|t| t.state.get(&node)) else { return Ok(Vec::new()) };
-    let mut parts = Vec::new();
+    // A part stored incrementally has several files (a base and deltas): they are concatenated, the operator
+    // merges them.
+    let mut parts: Vec<StatePart> = Vec::new();
     for f in files {
-        let batches = store.read_state(f).await?;
+        let mut batches = store.read_state(f).await?;
+        if let Some(i) = parts.iter().position(|p| p.name == f.part) {
+            batches.insert(0, parts.remove(i).batch);
+        }
         let batch = match batches.first() {
             Some(b) => arrow::compute::concat_batches(&b.schema(), &batches)?,
             None => continue,
@@ -447,7 +471,7 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
                 Some(c) => {
                     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Control>();
                     controls.insert(key, tx);
-                    Some(CheckpointLink { task: key, store: c.store.clone(), control: rx, reports: reports_tx.clone() })
+                    Some(CheckpointLink::new(key, s, c.store.clone(), rx, reports_tx.clone()))
                 }
                 None => None,
             };

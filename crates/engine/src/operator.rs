@@ -4,6 +4,19 @@ use arrow::record_batch::RecordBatch;
 
 use crate::error::{EngineError, Result};
 
+/// How a state part relates to the same part in earlier checkpoints: large state is written incrementally, as a
+/// base followed by deltas, so a checkpoint costs what changed rather than everything held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartKind {
+    /// Everything, stored with this checkpoint only.
+    Whole,
+    /// Everything, and the start of a chain that later deltas extend.
+    Base,
+    /// Only what changed since the previous snapshot; restored by reading the chain's base and every delta after it
+    /// (the operator must merge them regardless of order).
+    Delta,
+}
+
 /// A named piece of an operator's state, as rows: what a checkpoint stores (as Parquet) and a restore reads back.
 #[derive(Debug, Clone)]
 pub struct StatePart {
@@ -11,12 +24,19 @@ pub struct StatePart {
     pub name: String,
     /// The rows.
     pub batch: RecordBatch,
+    /// Whole, or part of a chain.
+    pub kind: PartKind,
 }
 
 impl StatePart {
-    /// A part.
+    /// A part stored whole.
     pub fn new(name: &str, batch: RecordBatch) -> Self {
-        StatePart { name: name.to_string(), batch }
+        StatePart { name: name.to_string(), batch, kind: PartKind::Whole }
+    }
+
+    /// A part of a chain (base or delta).
+    pub fn chained(name: &str, batch: RecordBatch, kind: PartKind) -> Self {
+        StatePart { name: name.to_string(), batch, kind }
     }
 }
 
@@ -49,8 +69,10 @@ pub trait Operator: Send {
     }
 
     /// Everything the operator holds, for a checkpoint; called between `process` calls when the barrier is aligned.
-    /// Keyed state carries a `_key_group` column so it can be split when the job is rescaled.
-    fn snapshot(&mut self) -> Result<Vec<StatePart>> {
+    /// Keyed state carries a `_key_group` column so it can be split when the job is rescaled. An operator may return
+    /// [`PartKind::Delta`] parts (changes since its previous snapshot) unless `force_full` is set, which the task does
+    /// when an earlier upload failed and the chain is broken.
+    fn snapshot(&mut self, _force_full: bool) -> Result<Vec<StatePart>> {
         Ok(Vec::new())
     }
 

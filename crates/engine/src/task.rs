@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::Array;
@@ -24,7 +25,7 @@ use crate::checkpoint::{Control, Report};
 use crate::connector::{Sink, Source, SourceEvent};
 use crate::error::{EngineError, Result};
 use crate::metrics::NodeMetrics;
-use crate::operator::Operator;
+use crate::operator::{Operator, PartKind, StatePart};
 use crate::partition::Outputs;
 
 /// Where a chain's output goes.
@@ -39,12 +40,140 @@ pub enum Terminal {
 pub struct CheckpointLink {
     /// This task (chain head, subtask).
     pub task: TaskKey,
-    /// Where state goes.
-    pub store: CheckpointStore,
     /// Messages from the coordinator.
     pub control: UnboundedReceiver<Control>,
     /// Reports to the coordinator.
     pub reports: UnboundedSender<Report>,
+    uploads: UnboundedSender<Upload>,
+    /// Set by the uploader when an upload failed: the next snapshot must not be a delta.
+    force_full: Arc<AtomicBool>,
+}
+
+impl CheckpointLink {
+    /// A link for `task`; starts its uploader (call inside the runtime).
+    pub fn new(
+        task: TaskKey,
+        subtask: usize,
+        store: CheckpointStore,
+        control: UnboundedReceiver<Control>,
+        reports: UnboundedSender<Report>,
+    ) -> Self {
+        let (uploads, queue) = tokio::sync::mpsc::unbounded_channel();
+        let force_full = Arc::new(AtomicBool::new(false));
+        let uploader = Uploader {
+            task,
+            subtask,
+            store,
+            reports: reports.clone(),
+            force_full: force_full.clone(),
+            chains: BTreeMap::new(),
+            broken: false,
+        };
+        tokio::spawn(uploader.run(queue));
+        CheckpointLink { task, control, reports, uploads, force_full }
+    }
+}
+
+/// One checkpoint's state of a task, to be stored.
+struct Upload {
+    id: CheckpointId,
+    parts: Vec<(usize, StatePart)>,
+    source_position: Option<serde_json::Value>,
+    sink_commit: Option<serde_json::Value>,
+    alignment_us: u64,
+}
+
+/// Stores a task's snapshots one checkpoint after another, in the background, and keeps the chains of incremental
+/// state: a delta's checkpoint refers to the base and every delta since. In order, so a delta is never stored before
+/// the files its chain needs.
+struct Uploader {
+    task: TaskKey,
+    subtask: usize,
+    store: CheckpointStore,
+    reports: UnboundedSender<Report>,
+    force_full: Arc<AtomicBool>,
+    /// Files of each (node, part) chain, as of the last stored snapshot.
+    chains: BTreeMap<(usize, String), Vec<StateFile>>,
+    /// An upload failed: deltas already taken cannot be stored until a snapshot with only full state arrives.
+    broken: bool,
+}
+
+impl Uploader {
+    async fn run(mut self, mut queue: UnboundedReceiver<Upload>) {
+        while let Some(upload) = queue.recv().await {
+            // Test hook: widens the window in which a crash hits a checkpoint whose state is being uploaded.
+            if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_UPLOAD_MS").ok().and_then(|v| v.parse().ok()) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let id = upload.id;
+            match self.store_one(upload).await {
+                Ok(snapshot) => {
+                    let _ = self.reports.send(Report::Ack { id, snapshot });
+                }
+                Err(reason) => {
+                    self.broken = true;
+                    self.force_full.store(true, Ordering::Relaxed);
+                    let _ = self.reports.send(Report::Declined { id, task: self.task, reason });
+                }
+            }
+        }
+    }
+
+    async fn store_one(&mut self, upload: Upload) -> std::result::Result<TaskSnapshot, String> {
+        let id = upload.id.0;
+        let has_delta = upload.parts.iter().any(|(_, p)| p.kind == PartKind::Delta);
+        if self.broken && has_delta {
+            return Err("an earlier state upload failed, so this incremental snapshot has no base to extend; \
+                        the next checkpoint stores full state"
+                .into());
+        }
+        let mut files: BTreeMap<usize, Vec<StateFile>> = BTreeMap::new();
+        let mut chains = Vec::new();
+        for (node, part) in upload.parts {
+            let path = match part.kind {
+                PartKind::Whole => CheckpointStore::state_path(id, node, self.subtask, &part.name),
+                PartKind::Base | PartKind::Delta => CheckpointStore::shared_path(id, node, self.subtask, &part.name),
+            };
+            let rows = part.batch.num_rows() as u64;
+            let batch = part.batch;
+            // Encoding is CPU work: off the runtime's worker threads.
+            let encoded = tokio::task::spawn_blocking(move || CheckpointStore::encode(&batch))
+                .await
+                .map_err(|e| format!("encoding state: {e}"))?
+                .map_err(|e| e.to_string())?;
+            let bytes = encoded.len() as u64;
+            self.store.put(&path, encoded).await.map_err(|e| e.to_string())?;
+            let file = StateFile { path, part: part.name.clone(), bytes, rows, checkpoint: id };
+            match part.kind {
+                PartKind::Whole => files.entry(node).or_default().push(file),
+                PartKind::Base => chains.push(((node, part.name), vec![file])),
+                PartKind::Delta => {
+                    let mut chain = self.chains.get(&(node, part.name.clone())).cloned().ok_or_else(|| {
+                        format!(
+                            "node {node} sent a delta of '{}' without a base (a bug): storing full state next",
+                            part.name
+                        )
+                    })?;
+                    chain.push(file);
+                    chains.push(((node, part.name), chain));
+                }
+            }
+        }
+        for (key, chain) in chains {
+            files.entry(key.0).or_default().extend(chain.iter().cloned());
+            self.chains.insert(key, chain);
+        }
+        if !has_delta {
+            self.broken = false;
+        }
+        Ok(TaskSnapshot {
+            task: self.task,
+            state: files,
+            source_position: upload.source_position,
+            sink_commit: upload.sink_commit,
+            alignment_us: upload.alignment_us,
+        })
+    }
 }
 
 /// The operators of one subtask of a chain, and its terminal.
@@ -143,9 +272,10 @@ impl Chain {
         // Snapshots are taken here (the operators' state as Arrow batches); encoding and upload run in the
         // background while the task goes on processing.
         let mut parts = Vec::new();
-        if link.is_some() {
+        if let Some(link) = link {
+            let force_full = link.force_full.swap(false, Ordering::Relaxed);
             for (op, metrics) in &mut self.ops {
-                for part in op.snapshot()? {
+                for part in op.snapshot(force_full)? {
                     parts.push((metrics.node, part));
                 }
             }
@@ -158,38 +288,9 @@ impl Chain {
             Terminal::Sink(sink, _) => Some(sink.pre_commit(id).await?),
         };
         let Some(link) = link else { return Ok(()) };
-        let (store, reports, task, subtask) = (link.store.clone(), link.reports.clone(), link.task, self.subtask);
-        tokio::spawn(async move {
-            // Test hook: widens the window in which a crash hits a checkpoint whose state is being uploaded.
-            if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_UPLOAD_MS").ok().and_then(|v| v.parse().ok()) {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-            }
-            let mut files: BTreeMap<usize, Vec<StateFile>> = BTreeMap::new();
-            for (node, part) in parts {
-                let path = CheckpointStore::state_path(id.0, node, subtask, &part.name);
-                let stored = match CheckpointStore::encode(&part.batch) {
-                    Ok(bytes) => {
-                        let len = bytes.len() as u64;
-                        store.put(&path, bytes).await.map(|()| len)
-                    }
-                    Err(e) => Err(e),
-                };
-                match stored {
-                    Ok(bytes) => files.entry(node).or_default().push(StateFile {
-                        path,
-                        part: part.name.clone(),
-                        bytes,
-                        rows: part.batch.num_rows() as u64,
-                    }),
-                    Err(e) => {
-                        let _ = reports.send(Report::Declined { id, task, reason: e.to_string() });
-                        return;
-                    }
-                }
-            }
-            let snapshot = TaskSnapshot { task, state: files, source_position, sink_commit, alignment_us };
-            let _ = reports.send(Report::Ack { id, snapshot });
-        });
+        link.uploads
+            .send(Upload { id, parts, source_position, sink_commit, alignment_us })
+            .map_err(|_| EngineError::Internal("the state uploader has stopped".into()))?;
         Ok(())
     }
 

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nagare_core::CheckpointId;
-use nagare_core::checkpoint::{AckOutcome, CheckpointMetadata, PendingCheckpoint, TaskKey, retention, to_delete};
+use nagare_core::checkpoint::{
+    AckOutcome, CheckpointMetadata, PendingCheckpoint, TaskKey, retention, shared_to_delete, to_delete,
+};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::store::CheckpointStore;
@@ -48,8 +50,10 @@ pub struct LastCheckpoint {
     pub duration: Duration,
     /// Largest barrier alignment time.
     pub alignment: Duration,
-    /// State bytes written.
+    /// State bytes it refers to (what a restore reads).
     pub bytes: u64,
+    /// State bytes it wrote (less with incremental state).
+    pub bytes_written: u64,
 }
 
 /// The coordinator's fixed inputs.
@@ -139,15 +143,22 @@ impl Coordinator {
                 duration: Duration::from_millis((metadata.completed_ms - metadata.triggered_ms).max(0) as u64),
                 alignment: Duration::from_micros(metadata.alignment_us),
                 bytes: metadata.bytes,
+                bytes_written: metadata.bytes_written,
             });
         }
-        tracing::info!(checkpoint = metadata.id, bytes = metadata.bytes, "checkpoint complete");
-        self.clean_up(metadata.id).await;
+        tracing::info!(
+            checkpoint = metadata.id,
+            bytes = metadata.bytes,
+            bytes_written = metadata.bytes_written,
+            "checkpoint complete"
+        );
+        self.clean_up(&metadata).await;
         Ok(metadata)
     }
 
-    /// Deletes checkpoints beyond retention and leftovers of crashed attempts; failures only warn.
-    async fn clean_up(&self, newest: u64) {
+    /// Deletes checkpoints beyond retention, leftovers of crashed attempts, and shared state files no kept
+    /// checkpoint refers to; failures only warn.
+    async fn clean_up(&self, newest: &CheckpointMetadata) {
         let all = match self.store.list().await {
             Ok(ids) => ids,
             Err(e) => {
@@ -155,16 +166,31 @@ impl Coordinator {
                 return;
             }
         };
-        let mut completed = Vec::new();
+        let mut completed = BTreeMap::new();
         for id in &all {
-            if *id == newest || self.store.load(*id).await.metadata.is_ok() {
-                completed.push(*id);
+            if *id == newest.id {
+                completed.insert(*id, newest.clone());
+            } else if let Ok(m) = self.store.load(*id).await.metadata {
+                completed.insert(*id, m);
             }
         }
-        let (kept, _) = retention(completed, self.settings.retained);
+        let (kept, _) = retention(completed.keys().copied().collect(), self.settings.retained);
         for id in to_delete(&all, &kept, None) {
             if let Err(e) = self.store.delete(id).await {
                 tracing::warn!(checkpoint = id, error = %e, "deleting an old checkpoint failed");
+            }
+        }
+        let shared = match self.store.list_shared().await {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing shared state for clean-up failed");
+                return;
+            }
+        };
+        let kept: Vec<CheckpointMetadata> = kept.iter().filter_map(|id| completed.remove(id)).collect();
+        for path in shared_to_delete(&shared, &kept, newest.id) {
+            if let Err(e) = self.store.delete_file(path).await {
+                tracing::warn!(file = path, error = %e, "deleting an unreferenced state file failed");
             }
         }
     }

@@ -2,7 +2,9 @@
 //! directory (`file://` or a plain path), `s3://bucket/prefix` or `gs://bucket/prefix`.
 //!
 //! Layout: `<root>/chk-<id>/<node>-<subtask>-<part>.parquet` and `<root>/chk-<id>/_metadata.json`. The metadata is
-//! written last and in one put (atomic on every backend): its presence marks the checkpoint complete.
+//! written last and in one put (atomic on every backend): its presence marks the checkpoint complete. Incremental
+//! state (a base and deltas that later checkpoints keep referring to) lives in
+//! `<root>/shared/<node>-<subtask>-<part>-<id>.parquet` and is deleted once no kept checkpoint refers to it.
 
 use std::sync::Arc;
 
@@ -20,6 +22,9 @@ use parquet::file::properties::WriterProperties;
 use crate::error::{EngineError, Result};
 
 const METADATA: &str = "_metadata.json";
+const SHARED: &str = "shared";
+/// Why a checkpoint directory without metadata is skipped: a checkpoint that never completed, not a damaged one.
+pub const NEVER_COMPLETED: &str = "no metadata: it never completed";
 
 /// A checkpoint root in object storage.
 #[derive(Clone)]
@@ -96,6 +101,39 @@ impl CheckpointStore {
         format!("chk-{id:010}/{node}-{subtask}-{part}.parquet")
     }
 
+    /// The relative path of a state file that later checkpoints may refer to (a base or a delta).
+    pub fn shared_path(id: u64, node: usize, subtask: usize, part: &str) -> String {
+        format!("{SHARED}/{node}-{subtask}-{part}-{id:010}.parquet")
+    }
+
+    /// Every shared state file, with the checkpoint that wrote it.
+    pub async fn list_shared(&self) -> Result<Vec<(String, u64)>> {
+        let prefix = self.path(SHARED);
+        let files: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| storage_error(&self.url, "listing shared state", e))?;
+        Ok(files
+            .iter()
+            .filter_map(|f| {
+                let name = f.filename()?;
+                let id = name.strip_suffix(".parquet")?.rsplit('-').next()?.parse().ok()?;
+                Some((format!("{SHARED}/{name}"), id))
+            })
+            .collect())
+    }
+
+    /// Deletes one state file (relative path); a missing file is not an error.
+    pub async fn delete_file(&self, rel: &str) -> Result<()> {
+        match self.store.delete(&self.path(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(storage_error(&self.url, &format!("deleting {rel}"), e)),
+        }
+    }
+
     /// Encodes a state batch as Parquet (synchronous: done on the task, before the upload).
     pub fn encode(batch: &RecordBatch) -> Result<Bytes> {
         let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
@@ -167,7 +205,7 @@ impl CheckpointStore {
         let path = self.dir(id).join(METADATA);
         let bytes = match self.store.get(&path).await {
             Ok(r) => r.bytes().await.map_err(|e| format!("metadata unreadable: {e}"))?,
-            Err(object_store::Error::NotFound { .. }) => return Err("no metadata: it never completed".into()),
+            Err(object_store::Error::NotFound { .. }) => return Err(NEVER_COMPLETED.into()),
             Err(e) => return Err(format!("metadata unreadable: {e}")),
         };
         let metadata: CheckpointMetadata =

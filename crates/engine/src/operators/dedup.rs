@@ -32,7 +32,7 @@ use smallvec::SmallVec;
 use super::{OperatorContext, event_times, key_groups_of, meta_part, meta_value};
 use crate::error::{EngineError, Result};
 use crate::metrics::NodeMetrics;
-use crate::operator::{Operator, StatePart, take_part};
+use crate::operator::{Operator, PartKind, StatePart, take_part};
 
 /// Input rows not yet behind the watermark, with their keys evaluated once at arrival.
 struct Pending {
@@ -126,8 +126,29 @@ pub struct DedupOperator {
     next_generation: u64,
     reported_entries: i64,
     scratch: Vec<u8>,
+    /// Keep-first, after the first snapshot: groups started since the last snapshot, for an incremental one.
+    changes: Option<Changes>,
+    /// Snapshots in the current chain (base and deltas) and the rows they hold.
+    chain: (usize, usize),
     ctx: OperatorContext,
 }
+
+/// Groups started since the last snapshot: their keys and ends (about key length + 12 bytes each).
+struct Changes {
+    keys: BinaryBuilder,
+    ends: Vec<i64>,
+}
+
+impl Changes {
+    fn new() -> Self {
+        Changes { keys: BinaryBuilder::new(), ends: Vec::new() }
+    }
+}
+
+/// A chain of incremental snapshots is compacted into a new base after this many deltas ...
+const MAX_DELTAS: usize = 50;
+/// ... or once its deltas hold more rows than this many times the live groups (restores would read mostly dead rows).
+const MAX_DELTA_ROWS_PER_GROUP: usize = 1;
 
 impl DedupOperator {
     /// A dedup for `spec`; `in_schema` is its input and `out_schema` its output (input plus the row number).
@@ -171,6 +192,8 @@ impl DedupOperator {
             next_generation: 0,
             reported_entries: 0,
             scratch: Vec::with_capacity(64),
+            changes: None,
+            chain: (0, 0),
             ctx,
         })
     }
@@ -285,6 +308,20 @@ impl DedupOperator {
         }
     }
 
+    /// Held rows not yet behind the watermark, for a snapshot.
+    fn pending_part(&self) -> Result<StatePart> {
+        let mut held = Vec::new();
+        for p in &self.pending {
+            let mask: BooleanArray = p.times.iter().map(|t| Some(*t > self.watermark)).collect();
+            held.push(filter_record_batch(&p.batch, &mask)?);
+        }
+        Ok(StatePart::new("pending", concat_batches(&self.in_schema, &held)?))
+    }
+
+    fn meta_part(&self) -> Result<StatePart> {
+        meta_part(&[("watermark", self.watermark), ("next_generation", self.next_generation as i64)])
+    }
+
     /// Processes held rows with event time in `(previous watermark, watermark]` in event-time order, then closes
     /// keep-last groups that end.
     fn advance(&mut self, watermark: i64, out: &mut Vec<RecordBatch>) -> Result<()> {
@@ -352,7 +389,13 @@ impl DedupOperator {
             if new_group {
                 self.next_generation += 1;
                 match self.keep {
-                    Keep::First => emit.push((b, r)),
+                    Keep::First => {
+                        emit.push((b, r));
+                        if let Some(changes) = self.changes.as_mut() {
+                            changes.keys.append_value(&self.scratch);
+                            changes.ends.push(end);
+                        }
+                    }
                     Keep::Last => self.expiry.push_back((end, h, generation)),
                 }
             }
@@ -469,14 +512,50 @@ impl Operator for DedupOperator {
         self.groups.len()
     }
 
-    fn snapshot(&mut self) -> Result<Vec<StatePart>> {
+    fn snapshot(&mut self, force_full: bool) -> Result<Vec<StatePart>> {
+        let open = |end: i64| end.saturating_sub(1) > self.watermark;
+        // Keep-first state is written incrementally: the groups started since the last snapshot, until the chain
+        // is long or mostly dead rows, then a new base.
+        let mut kind = PartKind::Whole;
+        if self.keep == Keep::First {
+            kind = PartKind::Base;
+            if let Some(changes) = self.changes.as_mut()
+                && !force_full
+                && self.chain.0 <= MAX_DELTAS
+                && self.chain.1 + changes.ends.len() <= self.groups.len().max(1024) * MAX_DELTA_ROWS_PER_GROUP
+            {
+                let keys = changes.keys.finish();
+                let ends = std::mem::take(&mut changes.ends);
+                let live: BooleanArray = ends.iter().map(|e| Some(open(*e))).collect();
+                let keys = arrow::compute::filter(&keys, &live)?;
+                let keys = keys.as_binary::<i32>().clone();
+                let ends = arrow::compute::filter(&Int64Array::from(ends), &live)?;
+                let key_groups = self.key_groups_of_encoded(&keys)?;
+                let fields = vec![
+                    Field::new("key", DataType::Binary, false),
+                    Field::new("_key_group", DataType::UInt16, false),
+                    Field::new("end", DataType::Int64, false),
+                ];
+                let delta = RecordBatch::try_new(
+                    Arc::new(Schema::new(fields)),
+                    vec![Arc::new(keys), Arc::new(UInt16Array::from(key_groups)), ends],
+                )?;
+                self.chain = (self.chain.0 + 1, self.chain.1 + delta.num_rows());
+                return Ok(vec![
+                    StatePart::chained("groups", delta, PartKind::Delta),
+                    self.pending_part()?,
+                    self.meta_part()?,
+                ]);
+            }
+            self.changes = Some(Changes::new());
+        }
         let mut keys = BinaryBuilder::with_capacity(self.groups.len(), self.groups.len() * 40);
         let mut ends = Vec::with_capacity(self.groups.len());
         let mut generations = Vec::new();
         let mut last_t = Vec::new();
         let mut last_rows: Vec<OwnedRow> = Vec::new();
         // Closed groups (not yet swept) can never be joined again: they are left out.
-        for g in self.groups.iter().filter(|g| g.end.saturating_sub(1) > self.watermark) {
+        for g in self.groups.iter().filter(|g| open(g.end)) {
             keys.append_value(&g.key);
             ends.push(g.end);
             if let Some(last) = &g.last {
@@ -511,18 +590,8 @@ impl Operator for DedupOperator {
             cols.push(Arc::new(last));
         }
         let groups = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?;
-        // Held rows not yet behind the watermark.
-        let mut held = Vec::new();
-        for p in &self.pending {
-            let mask: BooleanArray = p.times.iter().map(|t| Some(*t > self.watermark)).collect();
-            held.push(filter_record_batch(&p.batch, &mask)?);
-        }
-        let pending = concat_batches(&self.in_schema, &held)?;
-        Ok(vec![
-            StatePart::new("groups", groups),
-            StatePart::new("pending", pending),
-            meta_part(&[("watermark", self.watermark), ("next_generation", self.next_generation as i64)])?,
-        ])
+        self.chain = (0, groups.num_rows());
+        Ok(vec![StatePart::chained("groups", groups, kind), self.pending_part()?, self.meta_part()?])
     }
 
     fn restore(&mut self, mut parts: Vec<StatePart>) -> Result<()> {
@@ -568,6 +637,20 @@ impl Operator for DedupOperator {
                 let key = keys.value(i);
                 let h = self.hasher.hash_one(key);
                 let end = ends.value(i);
+                if keep_last.is_none() {
+                    // Keep-first state may come as a base and deltas: a key's latest group (largest end) wins.
+                    if end.saturating_sub(1) <= self.watermark {
+                        continue;
+                    }
+                    let hasher = &self.hasher;
+                    match self.groups.entry(h, |g| g.key.as_slice() == key, |g| hasher.hash_one(&g.key[..])) {
+                        Entry::Occupied(mut e) => e.get_mut().end = e.get().end.max(end),
+                        Entry::Vacant(v) => {
+                            v.insert(Group { key: Key::from_slice(key), end, last: None });
+                        }
+                    }
+                    continue;
+                }
                 let last = keep_last.as_ref().map(|(generation, last_t, rows)| {
                     expiry.push((end, h, generation.value(i)));
                     Box::new(LastRow {
@@ -757,7 +840,7 @@ mod tests {
         let mut out = Vec::new();
         for (i, rows) in batches.iter().enumerate() {
             if Some(i) == cut {
-                let parts = d.snapshot().unwrap();
+                let parts = d.snapshot(false).unwrap();
                 // Snapshots go through Parquet in real checkpoints; round-trip them the same way.
                 let parts = parts
                     .into_iter()
@@ -833,5 +916,95 @@ mod tests {
         d.on_watermark(i64::MAX, &mut out).unwrap();
         assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 5_000);
         assert_eq!(NodeMetrics::get(&m.duplicates), 4_900);
+    }
+
+    /// Snapshots before every batch, keeping chains as the uploader does, and restores from the snapshot taken
+    /// before batch `cut`: a base plus deltas must restore the same state as a full snapshot.
+    fn run_incremental(
+        keep: Keep,
+        scope: DedupScope,
+        batches: &[Vec<(&str, i64, &str)>],
+        cut: usize,
+    ) -> (Vec<(String, i64, String)>, usize) {
+        let (mut d, s, _) = op(keep, scope);
+        let mut out = Vec::new();
+        let mut chain: Vec<RecordBatch> = Vec::new();
+        let mut deltas = 0;
+        for (i, rows) in batches.iter().enumerate() {
+            if i > 0 {
+                let mut parts = d.snapshot(false).unwrap();
+                for p in &parts {
+                    match p.kind {
+                        PartKind::Base => chain = vec![p.batch.clone()],
+                        PartKind::Delta => {
+                            chain.push(p.batch.clone());
+                            // Deltas in the chain that is restored.
+                            deltas += usize::from(i <= cut);
+                        }
+                        PartKind::Whole => {}
+                    }
+                }
+                if i == cut {
+                    parts.retain(|p| p.kind == PartKind::Whole);
+                    if !chain.is_empty() {
+                        let groups = concat_batches(&chain[0].schema(), &chain).unwrap();
+                        parts.push(StatePart::new("groups", groups));
+                    }
+                    let (mut fresh, _, _) = op(keep, scope);
+                    fresh.restore(parts).unwrap();
+                    d = fresh;
+                }
+            }
+            d.process(batch(&s, rows), &mut out).unwrap();
+            let wm = rows.iter().map(|r| r.1).max().unwrap() - 5;
+            d.on_watermark(wm, &mut out).unwrap();
+        }
+        d.on_watermark(i64::MAX, &mut out).unwrap();
+        let mut r = rows(&out);
+        r.sort();
+        (r, deltas)
+    }
+
+    #[test]
+    fn a_base_and_deltas_restore_like_a_full_snapshot() {
+        let batches = vec![
+            vec![("a", 10, "a1"), ("b", 12, "b1"), ("c", 30, "c1")],
+            vec![("a", 14, "a2"), ("d", 20, "d1"), ("b", 40, "b2")],
+            vec![("a", 8, "late a"), ("c", 33, "c2"), ("e", 60, "e1"), ("a", 90, "a3")],
+            vec![("e", 61, "e2"), ("f", 100, "f1"), ("a", 95, "a4"), ("b", 99, "b3")],
+            vec![("a", 112, "a5"), ("g", 120, "g1"), ("f", 104, "f2")],
+            vec![("g", 125, "g2"), ("a", 140, "a6"), ("h", 150, "h1")],
+        ];
+        for (keep, scope) in [
+            (Keep::First, DedupScope::Ttl { ttl_us: 20 }),
+            (Keep::First, DedupScope::Window { size_us: 50 }),
+            (Keep::Last, DedupScope::Ttl { ttl_us: 20 }),
+        ] {
+            let whole = run(keep, scope, &batches, None);
+            for cut in 1..batches.len() {
+                let (got, deltas) = run_incremental(keep, scope, &batches, cut);
+                assert_eq!(got, whole, "{keep:?} {scope:?} restored from the chain before batch {cut}");
+                // Keep-first writes deltas after its first (full) snapshot; keep-last always writes everything.
+                assert_eq!(deltas > 0, keep == Keep::First && cut > 1, "{keep:?} {scope:?} cut {cut}: {deltas}");
+            }
+        }
+    }
+
+    #[test]
+    fn forced_or_long_chains_start_a_new_base() {
+        let (mut d, s, _) = op(Keep::First, DedupScope::Ttl { ttl_us: 1_000_000 });
+        let mut out = Vec::new();
+        let kind = |parts: &[StatePart]| parts.iter().find(|p| p.name == "groups").unwrap().kind;
+        assert_eq!(kind(&d.snapshot(false).unwrap()), PartKind::Base, "the first snapshot is full");
+        d.process(batch(&s, &[("a", 10, "x")]), &mut out).unwrap();
+        d.on_watermark(20, &mut out).unwrap();
+        let parts = d.snapshot(false).unwrap();
+        assert_eq!(kind(&parts), PartKind::Delta);
+        assert_eq!(parts[0].batch.num_rows(), 1, "only the new group");
+        assert_eq!(kind(&d.snapshot(true).unwrap()), PartKind::Base, "forced after a failed upload");
+        for _ in 0..=MAX_DELTAS {
+            assert_eq!(kind(&d.snapshot(false).unwrap()), PartKind::Delta);
+        }
+        assert_eq!(kind(&d.snapshot(false).unwrap()), PartKind::Base, "compacted after {MAX_DELTAS} deltas");
     }
 }

@@ -327,7 +327,7 @@ impl Operator for SessionOperator {
         self.sessions.len()
     }
 
-    fn snapshot(&mut self) -> Result<Vec<StatePart>> {
+    fn snapshot(&mut self, _force_full: bool) -> Result<Vec<StatePart>> {
         let schema = self.state_schema()?;
         let sessions: Vec<&mut Session> = self.sessions.values_mut().collect();
         let n = sessions.len();
@@ -552,7 +552,7 @@ mod tests {
             let mut out = Vec::new();
             for (i, rows) in input.iter().enumerate() {
                 if Some(i) == cut {
-                    let parts = op.snapshot().unwrap();
+                    let parts = op.snapshot(false).unwrap();
                     let (mut fresh, _, _) = setup();
                     fresh.restore(parts).unwrap();
                     op = fresh;

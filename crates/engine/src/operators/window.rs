@@ -296,7 +296,7 @@ impl Operator for WindowAggregateOperator {
         self.windows.values().map(|w| w.groups.len()).sum()
     }
 
-    fn snapshot(&mut self) -> Result<Vec<StatePart>> {
+    fn snapshot(&mut self, _force_full: bool) -> Result<Vec<StatePart>> {
         let schema = self.state_schema()?;
         let mut batches = Vec::with_capacity(self.windows.len());
         let starts: Vec<i64> = self.windows.keys().copied().collect();
@@ -518,7 +518,7 @@ mod tests {
                 let mut out = Vec::new();
                 for (i, rows) in input.iter().enumerate() {
                     if Some(i) == cut {
-                        let parts = w.snapshot().unwrap();
+                        let parts = w.snapshot(false).unwrap();
                         let (mut fresh, _, _) = op(window);
                         fresh.restore(parts).unwrap();
                         w = fresh;
