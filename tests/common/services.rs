@@ -52,3 +52,38 @@ pub fn create_bucket(name: &str) {
     let status = Command::new("curl").args(["-sf", "-X", "PUT", &format!("{endpoint}/{name}")]).status().unwrap();
     assert!(status.success(), "creating bucket {name} on {endpoint}");
 }
+
+/// bqemulator (BigQuery REST v2 + Storage Write gRPC) on loopback: `BIGQUERY_REST_URL`, `BIGQUERY_GRPC_ENDPOINT`,
+/// `BIGQUERY_PROJECT`.
+pub fn bigquery() -> &'static BTreeMap<String, String> {
+    static BQ: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+    BQ.get_or_init(|| start("start-bqemulator.sh"))
+}
+
+/// Calls the emulator's REST API (independently of nagare's client) and returns the JSON answer.
+pub fn bq_rest(method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+    let url =
+        format!("{}/bigquery/v2/projects/{}/{path}", bigquery()["BIGQUERY_REST_URL"], bigquery()["BIGQUERY_PROJECT"]);
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-X", method, &url, "-H", "content-type: application/json"]);
+    if let Some(b) = body {
+        cmd.args(["--data-binary", &b.to_string()]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "curl {method} {url}");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Creates a dataset (a fresh name per test keeps tests apart).
+pub fn bq_dataset(name: &str) {
+    bq_rest("POST", "datasets", Some(serde_json::json!({"datasetReference": {"datasetId": name}})));
+}
+
+/// Runs a query and returns the rows' cell values as text.
+pub fn bq_query(sql: &str) -> Vec<Vec<Option<String>>> {
+    let v = bq_rest("POST", "queries", Some(serde_json::json!({"query": sql, "useLegacySql": false})));
+    let rows = v["rows"].as_array().unwrap_or_else(|| panic!("query {sql} failed: {v}"));
+    rows.iter()
+        .map(|r| r["f"].as_array().unwrap().iter().map(|c| c["v"].as_str().map(str::to_string)).collect())
+        .collect()
+}

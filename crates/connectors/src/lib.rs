@@ -24,6 +24,7 @@ impl Connectors {
         c.register(Arc::new(filesystem::FilesystemSpec));
         c.register(Arc::new(generator::GeneratorSpec));
         c.register(Arc::new(stdout::StdoutSpec));
+        c.register(Arc::new(nagare_bigquery::BigQuerySpec));
         c
     }
 }
@@ -62,7 +63,15 @@ impl ConnectorFactory for Connectors {
                 let dir = spec.table.options.get_str("path").unwrap_or_default();
                 filesystem::sink::recover(std::path::Path::new(&dir), handles)
             }
+            "bigquery" => Ok(nagare_bigquery::sink::recover(spec, handles).await?),
             // stdout has nothing to commit or discard.
+            _ => Ok(()),
+        }
+    }
+
+    async fn prepare_sink(&self, spec: &SinkSpec, schema: SchemaRef) -> Result<(), EngineError> {
+        match spec.table.connector.as_str() {
+            "bigquery" => Ok(nagare_bigquery::sink::prepare(spec, &schema).await?),
             _ => Ok(()),
         }
     }
@@ -71,6 +80,7 @@ impl ConnectorFactory for Connectors {
         match spec.table.connector.as_str() {
             "filesystem" => Ok(Box::new(filesystem::sink::FileSink::new(spec, schema, ctx)?)),
             "stdout" => Ok(Box::new(stdout::StdoutSink::new(spec, schema, ctx))),
+            "bigquery" => Ok(Box::new(nagare_bigquery::BigQuerySink::new(spec, schema, ctx)?)),
             other => Err(EngineError::Config(format!("connector '{other}' cannot be a sink"))),
         }
     }

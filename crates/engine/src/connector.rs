@@ -56,6 +56,10 @@ pub struct SinkContext {
     pub metrics: Arc<NodeMetrics>,
     /// Whether output is committed by checkpoints (two-phase) rather than made visible as it is written.
     pub exactly_once: bool,
+    /// Time between checkpoints, when there are checkpoints (for quota estimates).
+    pub checkpoint_interval: Option<Duration>,
+    /// Where rows the destination rejects go (the sink's `dead_letter_path`, or the pipeline's).
+    pub dead_letter: Option<Arc<DeadLetterWriter>>,
 }
 
 /// A parallel reader of one source table: each subtask reads its share of the input.
@@ -119,6 +123,12 @@ pub trait ConnectorFactory: Send + Sync {
     /// Checks that can only be done on the machine that runs the job (paths exist, credentials resolve), before
     /// any task starts.
     fn check_source(&self, _spec: &SourceSpec) -> Result<()> {
+        Ok(())
+    }
+
+    /// Before any task starts: makes the destination ready for rows of `schema` (creates or checks a table), so a
+    /// mismatch fails the job before it reads anything.
+    async fn prepare_sink(&self, _spec: &SinkSpec, _schema: SchemaRef) -> Result<()> {
         Ok(())
     }
 

@@ -407,6 +407,11 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
     };
     let stats =
         Arc::new(Mutex::new(CheckpointStats { restored_from: restored.as_ref().map(|m| m.id), ..Default::default() }));
+    for node in &graph.nodes {
+        if let OperatorSpec::Sink(spec) = &node.operator {
+            factory.prepare_sink(spec, node.schema.clone()).await?;
+        }
+    }
     if options.checkpoints.is_some() {
         for node in &graph.nodes {
             let OperatorSpec::Sink(spec) = &node.operator else { continue };
@@ -498,6 +503,11 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
                         run_id: options.run_id.clone(),
                         metrics: metrics.nodes[tail.id].clone(),
                         exactly_once: options.checkpoints.is_some(),
+                        checkpoint_interval: options.checkpoints.as_ref().map(|c| c.settings.interval),
+                        dead_letter: match spec.table.options.get_str("dead_letter_path") {
+                            Some(p) => Some(dead_letters.writer(&PathBuf::from(p))?),
+                            None => default_dead_letter.clone(),
+                        },
                     };
                     let sink = factory.create_sink(spec, tail.schema.clone(), ctx)?;
                     Terminal::Sink(sink, metrics.nodes[tail.id].clone())

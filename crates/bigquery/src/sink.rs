@@ -1,0 +1,456 @@
+//! `connector = 'bigquery'`: the sink, its options, and recovery.
+//!
+//! `append` with checkpoints is exactly once: each sink subtask writes an epoch's rows to its own PENDING write
+//! stream; at the checkpoint barrier it waits for every acknowledgement, finalizes the stream, checks the row count
+//! and puts `{table, streams}` in the checkpoint; when the checkpoint completes the streams are committed with
+//! `BatchCommitWriteStreams`. After a crash, the restored checkpoint's streams are committed again (a stream already
+//! committed counts as done) and streams of later epochs, never committed, are abandoned: BigQuery drops them.
+//! Without checkpoints rows go to the table's `_default` stream and are visible at once (at least once).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use nagare_core::CheckpointId;
+use nagare_engine::EngineError;
+use nagare_engine::connector::{Sink, SinkContext};
+use nagare_engine::dead_letter::DeadLetterWriter;
+use nagare_sql::SinkSpec;
+use nagare_sql::catalog::{ConnectorSpec, TableDef, TableRole};
+use nagare_sql::error::PlanError;
+use nagare_sql::options::{OptionKind, OptionSpec, Options};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Auth;
+use crate::error::BqError;
+use crate::rest::{CreateOptions, RestClient, TableRef};
+use crate::types::{compatibility, table_schema, to_wire, wire_schema};
+use crate::write::{Appender, DEFAULT_MAX_REQUEST_BYTES, Rejected, WriteClient};
+
+/// BigQuery's quota on `CreateWriteStream`: streams per project and region per hour.
+pub const STREAMS_PER_HOUR_QUOTA: f64 = 10_000.0;
+
+/// Options of the bigquery sink.
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec::required("project", OptionKind::String, "the project holding the dataset"),
+    OptionSpec::required("dataset", OptionKind::String, "the dataset holding the table"),
+    OptionSpec::required("table", OptionKind::String, "the table"),
+    OptionSpec::optional(
+        "write_mode",
+        OptionKind::Enum(&["append", "upsert", "merge", "load"]),
+        Some("append"),
+        "append: Storage Write API, exactly once with checkpoints (upsert, merge and load are not available yet)",
+    ),
+    OptionSpec::optional(
+        "create_table",
+        OptionKind::Enum(&["never", "if_not_exists"]),
+        Some("never"),
+        "create the table from the declared columns when it does not exist",
+    ),
+    OptionSpec::optional(
+        "schema_update",
+        OptionKind::Enum(&["add_columns", "none"]),
+        Some("add_columns"),
+        "add columns the pipeline writes but the table lacks (as NULLABLE), or fail",
+    ),
+    OptionSpec::optional(
+        "partition_by",
+        OptionKind::String,
+        None,
+        "a TIMESTAMP, DATETIME or DATE column to partition a created table by",
+    ),
+    OptionSpec::optional(
+        "partition_granularity",
+        OptionKind::Enum(&["HOUR", "DAY", "MONTH", "YEAR"]),
+        Some("DAY"),
+        "partition size of a created table",
+    ),
+    OptionSpec::optional(
+        "cluster_by",
+        OptionKind::String,
+        None,
+        "up to four comma-separated columns to cluster a created table by",
+    ),
+    OptionSpec::optional(
+        "credentials",
+        OptionKind::Enum(&["default", "none"]),
+        Some("default"),
+        "default: Application Default Credentials; none: no credentials (an emulator)",
+    ),
+    OptionSpec::optional(
+        "endpoint",
+        OptionKind::String,
+        Some("https://bigquerystorage.googleapis.com"),
+        "the Storage Write API (gRPC) endpoint",
+    ),
+    OptionSpec::optional(
+        "rest_endpoint",
+        OptionKind::String,
+        Some("https://bigquery.googleapis.com"),
+        "the REST v2 endpoint",
+    ),
+    OptionSpec::optional(
+        "max_request_size",
+        OptionKind::ByteSize,
+        Some("8MB"),
+        "append requests are split to stay under this (BigQuery's limit is 10 MB)",
+    ),
+    OptionSpec::optional(
+        "dead_letter_path",
+        OptionKind::String,
+        None,
+        "directory for rows BigQuery rejects, with the reason",
+    ),
+];
+
+/// The bigquery connector's spec.
+#[derive(Debug)]
+pub struct BigQuerySpec;
+
+fn columns_of(opts: &Options, name: &str) -> Vec<String> {
+    opts.get_str(name)
+        .map(|v| v.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect())
+        .unwrap_or_default()
+}
+
+impl ConnectorSpec for BigQuerySpec {
+    fn name(&self) -> &'static str {
+        "bigquery"
+    }
+
+    fn description(&self) -> &'static str {
+        "writes to a BigQuery table with the Storage Write API (exactly once with checkpoints)"
+    }
+
+    fn options(&self, role: TableRole) -> Option<&'static [OptionSpec]> {
+        (role == TableRole::Sink).then_some(OPTIONS)
+    }
+
+    fn validate(&self, table: &TableDef, _role: TableRole) -> Result<(), PlanError> {
+        let o = &table.options;
+        let mode = o.get_str("write_mode").unwrap_or_default();
+        if mode != "append" {
+            return Err(o.error(
+                "write_mode",
+                format!("write_mode = '{mode}' is not available yet; use 'append' (exactly once with checkpoints)"),
+            ));
+        }
+        if table.has_columns {
+            table_schema(&table.schema).map_err(|e| o.error("connector", e.to_string()))?;
+            if let Some(p) = o.get_str("partition_by") {
+                match table.schema.field_with_name(&p) {
+                    Ok(f)
+                        if matches!(
+                            f.data_type(),
+                            arrow::datatypes::DataType::Timestamp(..) | arrow::datatypes::DataType::Date32
+                        ) => {}
+                    Ok(f) => {
+                        return Err(o.error(
+                            "partition_by",
+                            format!("column '{p}' is {}, not TIMESTAMP, DATETIME or DATE", f.data_type()),
+                        ));
+                    }
+                    Err(_) => return Err(o.error("partition_by", format!("no column '{p}' in table {}", table.name))),
+                }
+            }
+            let cluster = columns_of(o, "cluster_by");
+            if cluster.len() > 4 {
+                return Err(o.error("cluster_by", "BigQuery clusters by at most four columns"));
+            }
+            for c in &cluster {
+                if table.schema.field_with_name(c).is_err() {
+                    return Err(o.error("cluster_by", format!("no column '{c}' in table {}", table.name)));
+                }
+            }
+        }
+        for name in ["endpoint", "rest_endpoint"] {
+            let v = o.get_str(name).unwrap_or_default();
+            if !(v.starts_with("https://") || v.starts_with("http://")) {
+                return Err(o.error(name, format!("'{v}' is not an http:// or https:// URL")));
+            }
+        }
+        let max = o.get_bytes("max_request_size").unwrap_or(DEFAULT_MAX_REQUEST_BYTES as u64);
+        if !(64 * 1024..=10_000_000).contains(&max) {
+            return Err(o.error("max_request_size", "must be between 64KB and 10MB (BigQuery's request limit)"));
+        }
+        Ok(())
+    }
+
+    fn sink_needs_columns(&self) -> bool {
+        false
+    }
+}
+
+/// Connection settings of one bigquery table, from its options.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The table.
+    pub table: TableRef,
+    /// Credentials.
+    pub auth: Auth,
+    /// gRPC endpoint.
+    pub endpoint: String,
+    /// REST endpoint.
+    pub rest_endpoint: String,
+    /// Request size limit.
+    pub max_request_bytes: usize,
+}
+
+impl Target {
+    /// Reads the options of `spec`.
+    pub fn from_spec(spec: &SinkSpec) -> Result<Self, BqError> {
+        let o = &spec.table.options;
+        let get = |n: &str| o.get_str(n).unwrap_or_default();
+        Ok(Target {
+            table: TableRef { project: get("project"), dataset: get("dataset"), table: get("table") },
+            auth: Auth::from_option(&get("credentials"))?,
+            endpoint: get("endpoint"),
+            rest_endpoint: get("rest_endpoint"),
+            max_request_bytes: o.get_bytes("max_request_size").map_or(DEFAULT_MAX_REQUEST_BYTES, |b| b as usize),
+        })
+    }
+
+    /// A Storage Write client.
+    pub fn write_client(&self) -> Result<WriteClient, BqError> {
+        WriteClient::new(&self.endpoint, self.auth.clone())
+    }
+
+    /// A REST client.
+    pub fn rest_client(&self) -> Result<RestClient, BqError> {
+        RestClient::new(&self.rest_endpoint, self.auth.clone())
+    }
+}
+
+/// Creates the table if asked and missing, checks that it can take the pipeline's rows, and adds columns it lacks.
+pub async fn prepare(spec: &SinkSpec, schema: &SchemaRef) -> Result<(), BqError> {
+    let target = Target::from_spec(spec)?;
+    let o = &spec.table.options;
+    let ours = table_schema(&wire_schema(schema))?;
+    let rest = target.rest_client()?;
+    let t = &target.table;
+    let Some(existing) = rest.get_table(t).await? else {
+        if o.get_str("create_table").as_deref() != Some("if_not_exists") {
+            return Err(BqError::Config(format!(
+                "table {t} does not exist (set create_table = 'if_not_exists' to create it from the declared columns)"
+            )));
+        }
+        let opts = CreateOptions {
+            partition: o
+                .get_str("partition_by")
+                .map(|c| (c, o.get_str("partition_granularity").unwrap_or_else(|| "DAY".into()))),
+            cluster_by: columns_of(o, "cluster_by"),
+            primary_key: spec.table.primary_key.clone(),
+        };
+        rest.create_table(t, &ours, &opts).await?;
+        tracing::info!(table = %t, "created BigQuery table");
+        return Ok(());
+    };
+    let c = compatibility(&existing, &ours);
+    if !c.conflicts.is_empty() {
+        return Err(BqError::Schema(format!(
+            "table {t} cannot take the rows of sink '{}': {}",
+            spec.table.name,
+            c.conflicts.join("; ")
+        )));
+    }
+    if !c.missing.is_empty() {
+        let names: Vec<&str> = c.missing.iter().map(|f| f.name.as_str()).collect();
+        if o.get_str("schema_update").as_deref() != Some("add_columns") {
+            return Err(BqError::Schema(format!(
+                "table {t} has no column(s) {} (set schema_update = 'add_columns' to add them)",
+                names.join(", ")
+            )));
+        }
+        let mut fields = existing.clone();
+        fields.extend(c.missing.iter().cloned());
+        rest.set_schema(t, &fields).await?;
+        tracing::info!(table = %t, columns = ?names, "added NULLABLE columns to the BigQuery table");
+    }
+    Ok(())
+}
+
+/// What a checkpoint records for a sink subtask: finalized streams to commit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommitHandle {
+    /// `projects/p/datasets/d/tables/t`.
+    pub table: String,
+    /// Finalized streams not yet known to be committed, oldest first.
+    pub streams: Vec<PendingStream>,
+}
+
+/// A finalized PENDING stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingStream {
+    /// Stream name.
+    pub name: String,
+    /// Rows in it.
+    pub rows: i64,
+    /// The checkpoint it was finalized for.
+    pub checkpoint: u64,
+}
+
+/// Commits the streams recorded in a restored checkpoint (idempotent).
+pub async fn recover(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
+    let handles: Vec<CommitHandle> = handles
+        .iter()
+        .filter(|h| !h.is_null())
+        .map(|h| serde_json::from_value(h.clone()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| BqError::Protocol(format!("checkpoint has a bigquery handle that is not understood: {e}")))?;
+    if handles.iter().all(|h| h.streams.is_empty()) {
+        return Ok(());
+    }
+    let target = Target::from_spec(spec)?;
+    let client = target.write_client()?;
+    for h in &handles {
+        let names: Vec<String> = h.streams.iter().map(|s| s.name.clone()).collect();
+        client.commit_streams(&h.table, &names).await?;
+        let rows: i64 = h.streams.iter().map(|s| s.rows).sum();
+        tracing::info!(table = %h.table, streams = names.len(), rows, "re-committed the restored checkpoint's streams");
+    }
+    Ok(())
+}
+
+/// One subtask of a bigquery sink.
+pub struct BigQuerySink {
+    target: Target,
+    client: WriteClient,
+    wire: SchemaRef,
+    ctx: SinkContext,
+    /// The current epoch's stream (PENDING with checkpoints, `_default` without).
+    current: Option<Appender>,
+    /// Finalized streams waiting for their checkpoint to complete.
+    uncommitted: Vec<PendingStream>,
+    name: String,
+}
+
+impl BigQuerySink {
+    /// A sink subtask writing rows of `schema`.
+    pub fn new(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Self, BqError> {
+        let target = Target::from_spec(spec)?;
+        if let Some(interval) = ctx.checkpoint_interval
+            && ctx.subtask == 0
+        {
+            // One stream per subtask per checkpoint with data.
+            let per_hour = ctx.parallelism as f64 * 3600.0 / interval.as_secs_f64().max(0.001);
+            if per_hour > STREAMS_PER_HOUR_QUOTA / 2.0 {
+                tracing::warn!(
+                    table = %target.table,
+                    streams_per_hour = per_hour as u64,
+                    quota = STREAMS_PER_HOUR_QUOTA,
+                    "this sink may create write streams near BigQuery's CreateWriteStream quota \
+                     (parallelism x 3600 / checkpoint_interval per hour): use a longer checkpoint_interval or fewer \
+                     sink subtasks"
+                );
+            }
+        }
+        Ok(BigQuerySink {
+            client: target.write_client()?,
+            wire: wire_schema(&schema),
+            name: spec.table.name.clone(),
+            target,
+            ctx,
+            current: None,
+            uncommitted: Vec::new(),
+        })
+    }
+
+    fn handle(&self) -> CommitHandle {
+        CommitHandle { table: self.target.table.path(), streams: self.uncommitted.clone() }
+    }
+
+    fn dead_letter(&self, rejected: Vec<Rejected>) -> Result<(), EngineError> {
+        for r in rejected {
+            let dl: Option<&Arc<DeadLetterWriter>> = self.ctx.dead_letter.as_ref();
+            let Some(dl) = dl else {
+                return Err(EngineError::External {
+                    system: "bigquery".into(),
+                    message: format!(
+                        "BigQuery rejected {} row(s) of sink '{}' (first: {}); set dead_letter_path to keep them and \
+                         go on",
+                        r.batch.num_rows(),
+                        self.name,
+                        r.reasons.first().cloned().unwrap_or_default()
+                    ),
+                    retriable: false,
+                });
+            };
+            for (i, reason) in r.reasons.iter().enumerate() {
+                dl.write_rows(&format!("bigquery sink '{}'", self.name), reason, &r.batch.slice(i, 1))?;
+            }
+            nagare_engine::metrics::NodeMetrics::add(&self.ctx.metrics.bad_records, r.batch.num_rows());
+        }
+        Ok(())
+    }
+
+    async fn appender(&mut self) -> Result<&mut Appender, BqError> {
+        if self.current.is_none() {
+            let table = self.target.table.path();
+            let a = if self.ctx.exactly_once {
+                let stream = self.client.create_pending_stream(&table).await?;
+                self.client.appender(stream, &self.wire, self.target.max_request_bytes)?
+            } else {
+                self.client.default_stream_appender(&table, &self.wire, self.target.max_request_bytes)?
+            };
+            self.current = Some(a);
+        }
+        self.current.as_mut().ok_or_else(|| BqError::Protocol("no stream".into()))
+    }
+}
+
+#[async_trait]
+impl Sink for BigQuerySink {
+    async fn write(&mut self, batch: RecordBatch) -> Result<(), EngineError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let wire = to_wire(&batch, &self.wire)?;
+        let rejected = self.appender().await?.append(&wire).await?;
+        self.dead_letter(rejected)
+    }
+
+    async fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<serde_json::Value, EngineError> {
+        if let Some(mut a) = self.current.take() {
+            let rejected = a.flush().await?;
+            self.dead_letter(rejected)?;
+            a.close();
+            let rows = self.client.finalize(a.stream()).await?;
+            if rows != a.rows_sent() {
+                return Err(BqError::Protocol(format!(
+                    "stream {} holds {rows} rows after finalizing, {} were acknowledged",
+                    a.stream(),
+                    a.rows_sent()
+                ))
+                .into());
+            }
+            if rows > 0 {
+                self.uncommitted.push(PendingStream { name: a.stream().to_string(), rows, checkpoint: checkpoint.0 });
+            }
+        }
+        serde_json::to_value(self.handle()).map_err(|e| EngineError::Internal(e.to_string()))
+    }
+
+    async fn commit(&mut self, checkpoint: CheckpointId) -> Result<(), EngineError> {
+        let (done, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.uncommitted).into_iter().partition(|s| s.checkpoint <= checkpoint.0);
+        self.uncommitted = later;
+        let names: Vec<String> = done.iter().map(|s| s.name.clone()).collect();
+        if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").ok().and_then(|v| v.parse().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        self.client.commit_streams(&self.target.table.path(), &names).await?;
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), EngineError> {
+        if !self.ctx.exactly_once
+            && let Some(mut a) = self.current.take()
+        {
+            let rejected = a.flush().await?;
+            self.dead_letter(rejected)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! The bigquery sink against bqemulator (started by scripts/services/start-bqemulator.sh): tables created from the
+//! SQL schema, mismatches refused before the job starts, and `append` exactly once across SIGKILLs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::services::{bigquery, bq_dataset, bq_query, bq_rest};
+
+/// A pipeline writing `count` generated events to `dataset.table`; `${...}` filled in by [`nagare`].
+fn pipeline(count: usize, rate: usize, extra: &str) -> String {
+    format!(
+        r#"
+SET parallelism = 2;
+{extra}
+CREATE TABLE events (id TEXT, time TIMESTAMP, source TEXT, account TEXT,
+  WATERMARK FOR time AS time - INTERVAL '5' SECOND)
+WITH (connector = 'generator', count = '{count}', rate = '{rate}', duplicate_rate = '0', seed = '11',
+      start_time = '2026-01-01T00:00:00Z');
+CREATE TABLE bq (id TEXT NOT NULL, event_time TIMESTAMP, source TEXT, account BIGINT)
+WITH (connector = 'bigquery', project = '${{PROJECT}}', dataset = '${{DATASET}}', table = '${{TABLE}}',
+      credentials = 'none', endpoint = '${{GRPC}}', rest_endpoint = '${{REST}}', create_table = 'if_not_exists',
+      partition_by = 'event_time', cluster_by = 'source');
+INSERT INTO bq SELECT id, time, source, CAST(account AS BIGINT) FROM events;
+"#
+    )
+}
+
+fn nagare(sql: &std::path::Path, dataset: &str, table: &str, args: &[&str]) -> Command {
+    let env = bigquery();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nagare"));
+    c.arg("run").arg(sql).arg("-q").args(args);
+    for (k, v) in [
+        ("PROJECT", env["BIGQUERY_PROJECT"].as_str()),
+        ("DATASET", dataset),
+        ("TABLE", table),
+        ("GRPC", env["BIGQUERY_GRPC_ENDPOINT"].as_str()),
+        ("REST", env["BIGQUERY_REST_URL"].as_str()),
+    ] {
+        c.args(["--var", &format!("{k}={v}")]);
+    }
+    c.env("NAGARE_LOG", "warn");
+    c
+}
+
+fn count(dataset: &str, table: &str) -> (i64, i64) {
+    let project = &bigquery()["BIGQUERY_PROJECT"];
+    let r = bq_query(&format!("SELECT COUNT(*), COUNT(DISTINCT id) FROM `{project}.{dataset}.{table}`"));
+    let n = |i: usize| r[0][i].as_deref().unwrap().parse::<i64>().unwrap();
+    (n(0), n(1))
+}
+
+#[test]
+fn tables_are_created_from_the_sql_schema_and_mismatches_refused() {
+    let dataset = format!("schema_{}", std::process::id());
+    bq_dataset(&dataset);
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, pipeline(500, 0, "")).unwrap();
+
+    // Without checkpoints: the _default stream, rows visible as written.
+    let out = nagare(&sql, &dataset, "events", &[]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(count(&dataset, "events"), (500, 500));
+    let t = bq_rest("GET", &format!("datasets/{dataset}/tables/events"), None);
+    let fields: Vec<(String, String, String)> = t["schema"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let s = |k: &str| f[k].as_str().unwrap_or("NULLABLE").to_string();
+            (s("name"), s("type"), s("mode"))
+        })
+        .collect();
+    let fields: Vec<(&str, &str, &str)> = fields.iter().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())).collect();
+    assert_eq!(fields.len(), 4, "{t}");
+    assert_eq!(fields[0].0, "id");
+    assert_eq!(fields[0].2, "REQUIRED");
+    assert!(["TIMESTAMP"].contains(&fields[1].1), "{fields:?}");
+    assert!(["INT64", "INTEGER"].contains(&fields[3].1), "{fields:?}");
+
+    // A table whose column has another type: refused before anything runs, naming the column.
+    bq_rest(
+        "POST",
+        &format!("datasets/{dataset}/tables"),
+        Some(serde_json::json!({
+            "tableReference": {"projectId": bigquery()["BIGQUERY_PROJECT"], "datasetId": dataset, "tableId": "wrong"},
+            "schema": {"fields": [{"name": "id", "type": "STRING", "mode": "REQUIRED"}, {"name": "account", "type": "STRING"}]}
+        })),
+    );
+    let out = nagare(&sql, &dataset, "wrong", &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("column 'account' is STRING in the table but INT64 in the pipeline"), "{err}");
+    assert_eq!(count(&dataset, "wrong"), (0, 0), "nothing was written");
+
+    // A missing table without create_table: refused, saying how to create it.
+    std::fs::write(&sql, pipeline(10, 0, "").replace("create_table = 'if_not_exists',", "")).unwrap();
+    let out = nagare(&sql, &dataset, "missing", &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("does not exist") && err.contains("create_table = 'if_not_exists'"), "{err}");
+
+    // A table lacking a column gets it (NULLABLE). (bqemulator's tables.patch changes the schema but not its
+    // storage, so no rows are written here; with real BigQuery they would be.)
+    bq_rest(
+        "POST",
+        &format!("datasets/{dataset}/tables"),
+        Some(serde_json::json!({
+            "tableReference": {"projectId": bigquery()["BIGQUERY_PROJECT"], "datasetId": dataset, "tableId": "narrow"},
+            "schema": {"fields": [{"name": "id", "type": "STRING"}, {"name": "event_time", "type": "TIMESTAMP"}]}
+        })),
+    );
+    std::fs::write(&sql, pipeline(10, 0, "").replace("FROM events;", "FROM events WHERE id = 'no such id';")).unwrap();
+    let out = nagare(&sql, &dataset, "narrow", &[]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = bq_rest("GET", &format!("datasets/{dataset}/tables/narrow"), None);
+    let fields = t["schema"]["fields"].as_array().unwrap();
+    assert_eq!(fields.len(), 4, "{t}");
+    assert_eq!(fields[3]["name"], "account");
+    assert_eq!(fields[3]["mode"], "NULLABLE", "added columns are NULLABLE even if declared NOT NULL");
+}
+
+#[test]
+fn append_is_exactly_once_across_sigkills() {
+    const N: usize = 40_000;
+    let dataset = format!("crash_{}", std::process::id());
+    bq_dataset(&dataset);
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, pipeline(N, 4_000, "SET checkpoint_interval = '300ms';")).unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let ckpt_arg = ckpt.to_string_lossy().to_string();
+    let args = ["--checkpoint-dir", ckpt_arg.as_str()];
+
+    let mut rng = fastrand::Rng::with_seed(77);
+    let faults: [&[(&str, &str)]; 3] = [
+        &[],
+        // Between the checkpoint's metadata and the commit: recovery must commit the streams.
+        &[("NAGARE_FAULT_DELAY_COMMIT_MS", "400")],
+        // In the middle of the sinks' commits.
+        &[("NAGARE_FAULT_DELAY_BQ_COMMIT_MS", "200")],
+    ];
+    let (mut kills, mut resumed) = (0, 0);
+    // A run that finishes before enough kills landed starts over with a new table and no checkpoints.
+    let mut generation = 0;
+    let table = |g: usize| format!("events_{g}");
+    let mut finished = false;
+    for round in 0..60 {
+        let mut c = nagare(&sql, &dataset, &table(generation), &args);
+        for (k, v) in faults[round % 3] {
+            c.env(k, v);
+        }
+        let mut child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_millis(rng.u64(300..2_500));
+        let mut exited = None;
+        while Instant::now() < deadline {
+            if let Some(s) = child.try_wait().unwrap() {
+                exited = Some(s);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut err = String::new();
+        match exited {
+            Some(status) => {
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+                assert!(status.success(), "run {round} failed: {err}");
+                assert_eq!(count(&dataset, &table(generation)), (N as i64, N as i64), "generation {generation}");
+                finished = true;
+                if kills >= 10 {
+                    break;
+                }
+                generation += 1;
+                finished = false;
+                std::fs::remove_dir_all(&ckpt).unwrap();
+            }
+            None => {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                kills += 1;
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+                assert!(!err.contains("panicked"), "{err}");
+                resumed += usize::from(err.contains("resuming from checkpoint"));
+            }
+        }
+        if kills >= 12 {
+            break;
+        }
+    }
+    assert!(kills >= 10, "only {kills} kills landed");
+    assert!(resumed >= 6, "only {resumed} of {kills} killed runs had resumed from a checkpoint");
+    if !finished {
+        let out = nagare(&sql, &dataset, &table(generation), &args).output().unwrap();
+        assert!(out.status.success(), "final run: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Every generated event exactly once (the generator emits N distinct ids).
+    assert_eq!(count(&dataset, &table(generation)), (N as i64, N as i64));
+}
