@@ -96,6 +96,16 @@ impl RestClient {
         format!("{}/projects/{}/datasets/{}/tables/{}", self.base, t.project, t.dataset, t.table)
     }
 
+    /// Creates a dataset unless it exists (for tools and benchmarks; pipelines expect their dataset to exist).
+    pub async fn create_dataset(&self, project: &str, dataset: &str) -> Result<()> {
+        let url = format!("{}/projects/{project}/datasets", self.base);
+        let body = json!({"datasetReference": {"projectId": project, "datasetId": dataset}});
+        match self.call("datasets.insert", reqwest::Method::POST, &url, Some(&body)).await {
+            Ok(_) | Err(BqError::Rest { status: 409, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The table's columns, or `None` if it does not exist.
     pub async fn get_table(&self, t: &TableRef) -> Result<Option<Vec<TableField>>> {
         match self.call("tables.get", reqwest::Method::GET, &self.table_url(t), None).await {

@@ -67,6 +67,34 @@ pub enum BenchCommand {
         #[arg(long, default_value = "target/bench-state")]
         dir: PathBuf,
     },
+    /// W1 into BigQuery (`append`, exactly once, checkpoints) vs the same job into the Parquet sink, in the same run;
+    /// the sinks' own CPU per row is measured against a run whose sink receives nothing.
+    Bigquery {
+        /// Input events.
+        #[arg(long, default_value_t = 500_000)]
+        rows: u64,
+        /// Working directory.
+        #[arg(long, default_value = "target/bench-bq")]
+        dir: PathBuf,
+        /// Storage Write API endpoint (an emulator by default).
+        #[arg(long, env = "BIGQUERY_GRPC_ENDPOINT", default_value = "http://127.0.0.1:19060")]
+        endpoint: String,
+        /// REST endpoint.
+        #[arg(long, env = "BIGQUERY_REST_URL", default_value = "http://127.0.0.1:19050")]
+        rest_endpoint: String,
+        /// Project.
+        #[arg(long, env = "BIGQUERY_PROJECT", default_value = "test-project")]
+        project: String,
+        /// `credentials` of the sink (`none` for an emulator).
+        #[arg(long, default_value = "none")]
+        credentials: String,
+        /// Sink and pipeline parallelism.
+        #[arg(long, default_value_t = 2)]
+        parallelism: usize,
+        /// Checkpoint interval of every run.
+        #[arg(long, default_value = "10s")]
+        checkpoint_interval: String,
+    },
     /// The DataFusion batch baseline of W1 (run by `bench w1` as a child process).
     #[command(hide = true)]
     W1Batch {
@@ -459,9 +487,131 @@ async fn bench_state(keys: usize, new_keys: usize, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// CPU seconds (user + system) used by waited-for child processes so far (`cutime` + `cstime` of
+/// /proc/self/stat, in USER_HZ = 100 ticks per second on Linux).
+fn children_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // cutime and cstime are fields 16 and 17 (1-based); `rest` starts at field 3.
+    (tick(13) + tick(14)) / 100.0
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn bench_bigquery(
+    rows: u64,
+    dir: &Path,
+    endpoint: &str,
+    rest_endpoint: &str,
+    project: &str,
+    credentials: &str,
+    p: usize,
+    interval: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    let input = dir.join(format!("w1-{rows}.jsonl"));
+    if !input.exists() {
+        eprintln!("generating {} ...", input.display());
+        write_w1(&input, rows, 42, 0.1)?;
+    }
+    let dataset = "nagare_bench";
+    let table = format!("w1_{}", std::process::id());
+    let auth = nagare_bigquery::auth::Auth::from_option(credentials)?;
+    let rest = nagare_bigquery::rest::RestClient::new(rest_endpoint, auth)?;
+    rest.create_dataset(project, dataset).await?;
+    let sink_line = "CREATE TABLE deduped WITH (connector = 'filesystem', path = '${OUTPUT}', format = 'parquet');";
+    anyhow::ensure!(W1_SQL.contains(sink_line), "the W1 pipeline changed: update bench bigquery");
+    let variants = [
+        ("sink receives nothing (baseline CPU)", W1_SQL.replace("WHERE rn = 1;", "WHERE rn = 1 AND id = '';")),
+        ("filesystem Parquet sink", W1_SQL.to_string()),
+        (
+            "bigquery sink, append (Storage Write API, exactly once)",
+            W1_SQL.replace(
+                sink_line,
+                &format!(
+                    "CREATE TABLE deduped WITH (connector = 'bigquery', project = '{project}', dataset = '{dataset}', \
+                     table = '{table}', credentials = '{credentials}', endpoint = '{endpoint}', \
+                     rest_endpoint = '{rest_endpoint}', create_table = 'if_not_exists');"
+                ),
+            ),
+        ),
+    ];
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let exe = std::env::current_exe().context("locating the nagare binary")?;
+    let mut results = Vec::new();
+    for (k, (label, sql)) in variants.iter().enumerate() {
+        let sql_path = dir.join(format!("bq-{k}.sql"));
+        std::fs::write(&sql_path, sql)?;
+        let output = dir.join(format!("bq-out-{k}"));
+        let ckpt = dir.join(format!("bq-ckpt-{k}"));
+        let _ = std::fs::remove_dir_all(&output);
+        let _ = std::fs::remove_dir_all(&ckpt);
+        std::fs::create_dir_all(&output)?;
+        let cpu_before = children_cpu_seconds();
+        let started = Instant::now();
+        let status = Command::new(&exe)
+            .args(["run", &s(&sql_path), "--quiet", "--var", &format!("INPUT={}", s(&input))])
+            .args(["--var", &format!("OUTPUT={}", s(&output)), "--parallelism", &p.to_string()])
+            .args(["--threads", &p.to_string(), "--checkpoint-dir", &s(&ckpt), "--checkpoint-interval", interval])
+            .status()?;
+        let seconds = started.elapsed().as_secs_f64();
+        let cpu = children_cpu_seconds() - cpu_before;
+        anyhow::ensure!(status.success(), "{label} failed ({status})");
+        results.push((*label, seconds, cpu, parquet_rows(&output)?));
+    }
+    let counted = rest.query(project, &format!("SELECT COUNT(*) FROM `{project}.{dataset}.{table}`"), None).await?;
+    let bq_rows: u64 = counted
+        .first()
+        .and_then(|r| r.first())
+        .and_then(|v| v.as_str())
+        .and_then(|v| v.parse().ok())
+        .context("counting the BigQuery table")?;
+    let (base, parquet, bq) = (&results[0], &results[1], &results[2]);
+    let out_rows = parquet.3;
+    anyhow::ensure!(bq_rows == out_rows, "BigQuery holds {bq_rows} rows, the Parquet sink wrote {out_rows}");
+    println!("W1 ({rows} events, {out_rows} after dedup), parallelism {p}, checkpoints every {interval}");
+    println!("{:<58} {:>8} {:>12} {:>9} {:>16}", "run", "seconds", "rows out/s", "CPU s", "sink CPU µs/row");
+    for (label, seconds, cpu, _) in &results {
+        let sink_us = (cpu - base.2).max(0.0) / out_rows as f64 * 1e6;
+        println!("{label:<58} {seconds:>8.2} {:>12.0} {cpu:>9.2} {sink_us:>16.2}", out_rows as f64 / seconds);
+    }
+    println!(
+        "bigquery/parquet: {:.2}x the time; the bigquery sink's own CPU is {:.1}% of the pipeline's (nagare process \
+         only, the emulator excluded); {bq_rows} rows in {project}.{dataset}.{table}",
+        bq.1 / parquet.1,
+        100.0 * (bq.2 - base.2).max(0.0) / bq.2
+    );
+    Ok(())
+}
+
 /// Runs a benchmark command.
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Bigquery {
+            rows,
+            dir,
+            endpoint,
+            rest_endpoint,
+            project,
+            credentials,
+            parallelism,
+            checkpoint_interval,
+        } => {
+            bench_bigquery(
+                rows,
+                &dir,
+                &endpoint,
+                &rest_endpoint,
+                &project,
+                &credentials,
+                parallelism,
+                &checkpoint_interval,
+            )
+            .await
+        }
         BenchCommand::State { keys, new_keys, dir } => bench_state(keys, new_keys, &dir).await,
         BenchCommand::W1Batch { input, output, threads, stats_json } => {
             w1_batch(&input, &output, threads).await?;
