@@ -6,6 +6,8 @@ pub mod auth;
 pub mod error;
 pub mod rest;
 pub mod sink;
+#[cfg(test)]
+mod testing;
 pub mod types;
 pub mod write;
 

@@ -1,0 +1,364 @@
+//! An in-process test double of the Storage Write API (BigQueryWrite) with the semantics Google documents for
+//! PENDING streams and offsets, and faults to inject: dropped connections, lost acknowledgements, OUT_OF_RANGE and
+//! row errors, which bqemulator never produces. Test code only.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::Int64Type;
+use futures::Stream;
+use googleapis_tonic_google_cloud_bigquery_storage_v1::google::cloud::bigquery::storage::v1 as pb;
+use googleapis_tonic_google_cloud_bigquery_storage_v1::google::rpc::Status as RpcStatus;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+mod generated {
+    #![allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
+    include!(concat!(env!("OUT_DIR"), "/google.cloud.bigquery.storage.v1.BigQueryWrite.rs"));
+}
+use generated::big_query_write_server::{BigQueryWrite, BigQueryWriteServer};
+
+/// A fault applied to the next append request that arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The connection breaks before the request is looked at.
+    DropConnection,
+    /// The rows are written, then the connection breaks before the acknowledgement.
+    AckLost,
+    /// The request is answered OUT_OF_RANGE without writing.
+    OutOfRange,
+}
+
+#[derive(Debug, Default)]
+pub struct StreamState {
+    pub rows: Vec<RecordBatch>,
+    pub row_count: i64,
+    pub finalized: bool,
+    pub committed: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub streams: HashMap<String, StreamState>,
+    pub faults: VecDeque<Fault>,
+    /// Rows whose first (INT64) column holds this value are refused with a row error.
+    pub reject: Option<i64>,
+    pub append_requests: usize,
+    next_id: u64,
+}
+
+#[derive(Clone, Default)]
+pub struct Fake {
+    pub state: Arc<Mutex<State>>,
+}
+
+fn error_response(code: tonic::Code, message: &str, row_errors: Vec<pb::RowError>) -> pb::AppendRowsResponse {
+    pb::AppendRowsResponse {
+        response: Some(pb::append_rows_response::Response::Error(RpcStatus {
+            code: code as i32,
+            message: message.into(),
+            details: Vec::new(),
+        })),
+        row_errors,
+        ..Default::default()
+    }
+}
+
+fn decode(schema: &[u8], batch: &[u8]) -> RecordBatch {
+    let mut bytes = schema.to_vec();
+    bytes.extend_from_slice(batch);
+    let mut reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None).unwrap();
+    reader.next().unwrap().unwrap()
+}
+
+impl Fake {
+    /// Serves on a free loopback port; returns its `http://` endpoint.
+    pub async fn serve(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let svc = BigQueryWriteServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    /// Every row of a stream, in offset order.
+    pub fn rows_of(&self, stream: &str) -> Vec<i64> {
+        let st = self.state.lock().unwrap();
+        let s = &st.streams[stream];
+        s.rows.iter().flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec()).collect()
+    }
+}
+
+type AppendStream = Pin<Box<dyn Stream<Item = Result<pb::AppendRowsResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl BigQueryWrite for Fake {
+    async fn create_write_stream(
+        &self,
+        request: Request<pb::CreateWriteStreamRequest>,
+    ) -> Result<Response<pb::WriteStream>, Status> {
+        let req = request.into_inner();
+        let mut st = self.state.lock().unwrap();
+        st.next_id += 1;
+        let name = format!("{}/streams/s{}", req.parent, st.next_id);
+        st.streams.insert(name.clone(), StreamState::default());
+        Ok(Response::new(pb::WriteStream {
+            name,
+            r#type: pb::write_stream::Type::Pending as i32,
+            ..Default::default()
+        }))
+    }
+
+    type AppendRowsStream = AppendStream;
+
+    async fn append_rows(
+        &self,
+        request: Request<Streaming<pb::AppendRowsRequest>>,
+    ) -> Result<Response<Self::AppendRowsStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let mut schema: Option<Vec<u8>> = None;
+            while let Ok(Some(req)) = inbound.message().await {
+                let Some(pb::append_rows_request::Rows::ArrowRows(data)) = req.rows else {
+                    let _ = tx.send(Err(Status::invalid_argument("only arrow_rows"))).await;
+                    return;
+                };
+                if let Some(s) = data.writer_schema {
+                    schema = Some(s.serialized_schema);
+                }
+                let (Some(schema), Some(rows)) = (&schema, data.rows) else {
+                    let _ = tx.send(Err(Status::invalid_argument("no writer schema"))).await;
+                    return;
+                };
+                let batch = decode(schema, &rows.serialized_record_batch);
+                // Decided under the lock, sent after it (a guard cannot be held across an await).
+                let action: Result<Result<pb::AppendRowsResponse, Status>, Status> = (|| {
+                    let mut st = state.lock().unwrap();
+                    st.append_requests += 1;
+                    let fault = st.faults.pop_front();
+                    if fault == Some(Fault::DropConnection) {
+                        return Err(Status::unavailable("connection reset (injected)"));
+                    }
+                    if fault == Some(Fault::OutOfRange) {
+                        return Ok(Ok(error_response(tonic::Code::OutOfRange, "injected", Vec::new())));
+                    }
+                    let reject = st.reject;
+                    let Some(stream) = st.streams.get_mut(&req.write_stream) else {
+                        return Err(Status::not_found("stream"));
+                    };
+                    let offset = req.offset.unwrap_or(stream.row_count);
+                    let ids = batch.column(0).as_primitive::<Int64Type>().clone();
+                    let bad: Vec<pb::RowError> = (0..ids.len())
+                        .filter(|i| ids.is_valid(*i) && Some(ids.value(*i)) == reject)
+                        .map(|i| pb::RowError {
+                            index: i as i64,
+                            code: pb::row_error::RowErrorCode::FieldsError as i32,
+                            message: format!("row {i}: value not allowed"),
+                        })
+                        .collect();
+                    if stream.finalized {
+                        return Ok(Err(Status::failed_precondition("stream is finalized")));
+                    }
+                    if offset < stream.row_count {
+                        return Ok(Ok(error_response(
+                            tonic::Code::AlreadyExists,
+                            "offset already written",
+                            Vec::new(),
+                        )));
+                    }
+                    if offset > stream.row_count {
+                        return Ok(Ok(error_response(tonic::Code::OutOfRange, "offset beyond the end", Vec::new())));
+                    }
+                    if !bad.is_empty() {
+                        return Ok(Ok(error_response(tonic::Code::InvalidArgument, "rows have errors", bad)));
+                    }
+                    stream.row_count += batch.num_rows() as i64;
+                    stream.rows.push(batch);
+                    if fault == Some(Fault::AckLost) {
+                        return Err(Status::unavailable("ack lost (injected)"));
+                    }
+                    Ok(Ok(pb::AppendRowsResponse {
+                        response: Some(pb::append_rows_response::Response::AppendResult(
+                            pb::append_rows_response::AppendResult { offset: Some(offset) },
+                        )),
+                        ..Default::default()
+                    }))
+                })();
+                match action {
+                    Ok(response) => {
+                        if tx.send(response).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broken) => {
+                        let _ = tx.send(Err(broken)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn get_write_stream(
+        &self,
+        request: Request<pb::GetWriteStreamRequest>,
+    ) -> Result<Response<pb::WriteStream>, Status> {
+        let name = request.into_inner().name;
+        let st = self.state.lock().unwrap();
+        let s = st.streams.get(&name).ok_or_else(|| Status::not_found(name.clone()))?;
+        let commit_time = s.committed.then_some(prost_types::Timestamp { seconds: 1, nanos: 0 });
+        Ok(Response::new(pb::WriteStream { name, commit_time, ..Default::default() }))
+    }
+
+    async fn finalize_write_stream(
+        &self,
+        request: Request<pb::FinalizeWriteStreamRequest>,
+    ) -> Result<Response<pb::FinalizeWriteStreamResponse>, Status> {
+        let name = request.into_inner().name;
+        let mut st = self.state.lock().unwrap();
+        let s = st.streams.get_mut(&name).ok_or_else(|| Status::not_found(name.clone()))?;
+        s.finalized = true;
+        Ok(Response::new(pb::FinalizeWriteStreamResponse { row_count: s.row_count }))
+    }
+
+    async fn batch_commit_write_streams(
+        &self,
+        request: Request<pb::BatchCommitWriteStreamsRequest>,
+    ) -> Result<Response<pb::BatchCommitWriteStreamsResponse>, Status> {
+        use pb::storage_error::StorageErrorCode as C;
+        let req = request.into_inner();
+        let mut st = self.state.lock().unwrap();
+        let mut errors = Vec::new();
+        for name in &req.write_streams {
+            let error = match st.streams.get(name) {
+                None => Some((C::StreamNotFound, "not found")),
+                Some(s) if s.committed => Some((C::StreamAlreadyCommitted, "already committed")),
+                Some(s) if !s.finalized => Some((C::InvalidStreamState, "not finalized")),
+                Some(_) => None,
+            };
+            if let Some((code, message)) = error {
+                errors.push(pb::StorageError {
+                    code: code as i32,
+                    entity: name.clone(),
+                    error_message: message.into(),
+                });
+            }
+        }
+        if !errors.is_empty() {
+            return Ok(Response::new(pb::BatchCommitWriteStreamsResponse { commit_time: None, stream_errors: errors }));
+        }
+        for name in &req.write_streams {
+            if let Some(s) = st.streams.get_mut(name) {
+                s.committed = true;
+            }
+        }
+        Ok(Response::new(pb::BatchCommitWriteStreamsResponse {
+            commit_time: Some(prost_types::Timestamp { seconds: 2, nanos: 0 }),
+            stream_errors: Vec::new(),
+        }))
+    }
+
+    async fn flush_rows(
+        &self,
+        _request: Request<pb::FlushRowsRequest>,
+    ) -> Result<Response<pb::FlushRowsResponse>, Status> {
+        Err(Status::unimplemented("FlushRows is for BUFFERED streams, which nagare does not use"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+    use crate::auth::Auth;
+    use crate::write::WriteClient;
+
+    const TABLE: &str = "projects/p/datasets/d/tables/t";
+
+    fn batch(ids: std::ops::Range<i64>) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(ids))]).unwrap()
+    }
+
+    /// Appends ids 0..n in batches of 10 (16 requests in flight at most), with `faults` queued; returns the
+    /// stream's rows and the rejected ids.
+    async fn append_with(faults: &[Fault], reject: Option<i64>, n: i64) -> (Fake, Vec<i64>, Vec<i64>) {
+        let fake = Fake::default();
+        {
+            let mut st = fake.state.lock().unwrap();
+            st.faults.extend(faults.iter().copied());
+            st.reject = reject;
+        }
+        let endpoint = fake.serve().await;
+        let client = WriteClient::new(&endpoint, Auth::None).unwrap();
+        let stream = client.create_pending_stream(TABLE).await.unwrap();
+        let mut a = client.appender(stream.clone(), &batch(0..0).schema(), 1024 * 1024).unwrap();
+        let mut rejected = Vec::new();
+        for start in (0..n).step_by(10) {
+            for r in a.append(&batch(start..(start + 10).min(n))).await.unwrap() {
+                rejected.extend(r.batch.column(0).as_primitive::<Int64Type>().values().iter().copied());
+                assert!(r.reasons.iter().all(|m| m.contains("not allowed")), "{:?}", r.reasons);
+            }
+        }
+        for r in a.flush().await.unwrap() {
+            rejected.extend(r.batch.column(0).as_primitive::<Int64Type>().values().iter().copied());
+        }
+        let rows = client.finalize(&stream).await.unwrap();
+        assert_eq!(rows, a.rows_sent(), "finalized row count matches what was acknowledged");
+        client.commit_streams(TABLE, std::slice::from_ref(&stream)).await.unwrap();
+        let got = fake.rows_of(&stream);
+        (fake, got, rejected)
+    }
+
+    #[tokio::test]
+    async fn rows_arrive_once_in_order_without_faults() {
+        let (_, rows, rejected) = append_with(&[], None, 200).await;
+        assert_eq!(rows, (0..200).collect::<Vec<_>>());
+        assert!(rejected.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_resends_from_the_last_acknowledged_offset() {
+        let faults = [Fault::DropConnection, Fault::AckLost, Fault::OutOfRange, Fault::AckLost];
+        let (fake, rows, _) = append_with(&faults, None, 300).await;
+        // Every row exactly once, in order: resent rows already written were answered ALREADY_EXISTS.
+        assert_eq!(rows, (0..300).collect::<Vec<_>>());
+        assert!(fake.state.lock().unwrap().append_requests > 30, "faults caused resends");
+    }
+
+    #[tokio::test]
+    async fn rows_the_server_refuses_are_returned_and_the_rest_written() {
+        let (_, rows, rejected) = append_with(&[Fault::AckLost], Some(42), 100).await;
+        assert_eq!(rejected, vec![42]);
+        assert_eq!(rows, (0..100).filter(|i| *i != 42).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn committing_again_after_a_crash_is_a_no_op() {
+        let (fake, _, _) = append_with(&[], None, 10).await;
+        let endpoint = fake.serve().await;
+        let client = WriteClient::new(&endpoint, Auth::None).unwrap();
+        let stream = format!("{TABLE}/streams/s1");
+        // STREAM_ALREADY_COMMITTED counts as committed.
+        client.commit_streams(TABLE, std::slice::from_ref(&stream)).await.unwrap();
+        // A stream that was never finalized cannot be committed: a clear error, not success.
+        let open = client.create_pending_stream(TABLE).await.unwrap();
+        let err = client.commit_streams(TABLE, &[open]).await.unwrap_err().to_string();
+        assert!(err.contains("not finalized"), "{err}");
+    }
+}
