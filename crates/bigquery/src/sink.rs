@@ -2,8 +2,8 @@
 //!
 //! `append` with checkpoints is exactly once: each sink subtask writes an epoch's rows to its own PENDING write
 //! stream; at the checkpoint barrier it waits for every acknowledgement, finalizes the stream, checks the row count
-//! and puts `{table, streams}` in the checkpoint; when the checkpoint completes the streams are committed with
-//! `BatchCommitWriteStreams`. After a crash, the restored checkpoint's streams are committed again (a stream already
+//! and puts `{table, streams}` in the checkpoint; when the checkpoint completes the coordinator commits every
+//! subtask's streams with one `BatchCommitWriteStreams` per table, so the checkpoint's rows appear together. After a crash, the restored checkpoint's streams are committed again (a stream already
 //! committed counts as done) and streams of later epochs, never committed, are abandoned: BigQuery drops them.
 //! Without checkpoints rows go to the table's `_default` stream and are visible at once (at least once).
 
@@ -291,24 +291,31 @@ pub struct PendingStream {
     pub checkpoint: u64,
 }
 
-/// Commits the streams recorded in a restored checkpoint (idempotent).
-pub async fn recover(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
+/// Commits the streams every subtask recorded in a checkpoint, one `BatchCommitWriteStreams` per table, so the
+/// checkpoint's rows appear together. Idempotent: used when a checkpoint completes and again on recovery.
+pub async fn commit_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
     let handles: Vec<CommitHandle> = handles
         .iter()
         .filter(|h| !h.is_null())
         .map(|h| serde_json::from_value(h.clone()))
         .collect::<Result<_, _>>()
         .map_err(|e| BqError::Protocol(format!("checkpoint has a bigquery handle that is not understood: {e}")))?;
-    if handles.iter().all(|h| h.streams.is_empty()) {
+    let mut by_table: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
+    for h in &handles {
+        by_table.entry(&h.table).or_default().extend(h.streams.iter().map(|s| s.name.clone()));
+    }
+    by_table.retain(|_, streams| !streams.is_empty());
+    if by_table.is_empty() {
         return Ok(());
     }
-    let target = Target::from_spec(spec)?;
-    let client = target.write_client()?;
-    for h in &handles {
-        let names: Vec<String> = h.streams.iter().map(|s| s.name.clone()).collect();
-        client.commit_streams(&h.table, &names).await?;
-        let rows: i64 = h.streams.iter().map(|s| s.rows).sum();
-        tracing::info!(table = %h.table, streams = names.len(), rows, "re-committed the restored checkpoint's streams");
+    if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let client = Target::from_spec(spec)?.write_client()?;
+    for (table, streams) in by_table {
+        client.commit_streams(table, &streams).await?;
+        let rows: i64 = handles.iter().filter(|h| h.table == table).flat_map(|h| &h.streams).map(|s| s.rows).sum();
+        tracing::debug!(table, streams = streams.len(), rows, "committed write streams");
     }
     Ok(())
 }
@@ -432,15 +439,10 @@ impl Sink for BigQuerySink {
         serde_json::to_value(self.handle()).map_err(|e| EngineError::Internal(e.to_string()))
     }
 
+    /// The table's committer (`commit_table`, run by the checkpoint coordinator) has committed every subtask's
+    /// streams of checkpoints up to `checkpoint`: they leave the list carried in later handles.
     async fn commit(&mut self, checkpoint: CheckpointId) -> Result<(), EngineError> {
-        let (done, later): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.uncommitted).into_iter().partition(|s| s.checkpoint <= checkpoint.0);
-        self.uncommitted = later;
-        let names: Vec<String> = done.iter().map(|s| s.name.clone()).collect();
-        if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").ok().and_then(|v| v.parse().ok()) {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-        }
-        self.client.commit_streams(&self.target.table.path(), &names).await?;
+        self.uncommitted.retain(|s| s.checkpoint > checkpoint.0);
         Ok(())
     }
 

@@ -63,8 +63,17 @@ impl ConnectorFactory for Connectors {
                 let dir = spec.table.options.get_str("path").unwrap_or_default();
                 filesystem::sink::recover(std::path::Path::new(&dir), handles)
             }
-            "bigquery" => Ok(nagare_bigquery::sink::recover(spec, handles).await?),
+            // Committing the restored checkpoint's streams again; later ones were never committed and expire.
+            "bigquery" => Ok(nagare_bigquery::sink::commit_table(spec, handles).await?),
             // stdout has nothing to commit or discard.
+            _ => Ok(()),
+        }
+    }
+
+    async fn commit_sink(&self, spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), EngineError> {
+        match spec.table.connector.as_str() {
+            "bigquery" => Ok(nagare_bigquery::sink::commit_table(spec, handles).await?),
+            // The filesystem sink renames its files per subtask, in `Sink::commit`.
             _ => Ok(()),
         }
     }

@@ -132,6 +132,14 @@ pub trait ConnectorFactory: Send + Sync {
         Ok(())
     }
 
+    /// A checkpoint completed: commits what every subtask of the sink pre-committed for it (`handles`, from
+    /// `pre_commit`), once per table, before the subtasks' own `commit`. Sinks whose destination can commit many
+    /// writers' work atomically do it here (one BigQuery `BatchCommitWriteStreams` per table, so a checkpoint's rows
+    /// appear together); others leave it to `Sink::commit`. Idempotent, like `recover_sink`.
+    async fn commit_sink(&self, _spec: &SinkSpec, _handles: &[serde_json::Value]) -> Result<()> {
+        Ok(())
+    }
+
     /// Before an exactly-once job starts: makes visible what the restored checkpoint's sinks pre-committed
     /// (`handles`, from `pre_commit`; idempotent) and discards output written after it.
     async fn recover_sink(&self, spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<()>;

@@ -588,6 +588,15 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
             next_id,
             stats: stats.clone(),
             failures_in_a_row: 0,
+            sinks: graph
+                .nodes
+                .iter()
+                .filter_map(|n| match &n.operator {
+                    OperatorSpec::Sink(spec) => Some((chains[chain_of[&n.id]][0], spec.clone())),
+                    _ => None,
+                })
+                .collect(),
+            factory: factory.clone(),
         };
         tasks.spawn(async move { ("checkpoint coordinator".to_string(), coordinator.run(reports_rx).await) });
     }

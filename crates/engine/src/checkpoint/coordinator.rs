@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nagare_sql::SinkSpec;
+
 use nagare_core::CheckpointId;
 use nagare_core::checkpoint::{
     AckOutcome, CheckpointMetadata, PendingCheckpoint, TaskKey, retention, shared_to_delete, to_delete,
@@ -13,6 +15,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::store::CheckpointStore;
 use super::{Control, Report};
+use crate::connector::ConnectorFactory;
 use crate::error::{EngineError, Result};
 
 /// How often and how long.
@@ -78,6 +81,10 @@ pub struct Coordinator {
     pub stats: Arc<Mutex<CheckpointStats>>,
     /// Aborted checkpoints since the last completed one.
     pub failures_in_a_row: u32,
+    /// Sinks, with the head node of their chain (whose tasks carry their commit handles).
+    pub sinks: Vec<(usize, SinkSpec)>,
+    /// Commits per table (see `ConnectorFactory::commit_sink`).
+    pub factory: Arc<dyn ConnectorFactory>,
 }
 
 fn now_ms() -> i64 {
@@ -126,6 +133,12 @@ impl Coordinator {
         }
         if let Some(d) = fault_delay() {
             tokio::time::sleep(d).await;
+        }
+        // Per-table commits first; the subtasks' commits follow.
+        for (head, spec) in &self.sinks {
+            let handles: Vec<serde_json::Value> =
+                metadata.tasks.iter().filter(|t| t.task.node == *head).filter_map(|t| t.sink_commit.clone()).collect();
+            self.factory.commit_sink(spec, &handles).await?;
         }
         let id = CheckpointId(metadata.id);
         let last = metadata.final_checkpoint;
