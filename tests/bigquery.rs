@@ -11,18 +11,23 @@ use common::services::{bigquery, bq_dataset, bq_query, bq_rest};
 
 /// A pipeline writing `count` generated events to `dataset.table`; `${...}` filled in by [`nagare`].
 fn pipeline(count: usize, rate: usize, extra: &str) -> String {
+    pipeline_with(count, rate, extra, "0", "", "")
+}
+
+/// [`pipeline`] with re-deliveries, and extra sink columns/constraints and options.
+fn pipeline_with(count: usize, rate: usize, extra: &str, dup: &str, sink_extra: &str, sink_opts: &str) -> String {
     format!(
         r#"
 SET parallelism = 2;
 {extra}
 CREATE TABLE events (id TEXT, time TIMESTAMP, source TEXT, account TEXT,
   WATERMARK FOR time AS time - INTERVAL '5' SECOND)
-WITH (connector = 'generator', count = '{count}', rate = '{rate}', duplicate_rate = '0', seed = '11',
+WITH (connector = 'generator', count = '{count}', rate = '{rate}', duplicate_rate = '{dup}', seed = '11',
       start_time = '2026-01-01T00:00:00Z');
-CREATE TABLE bq (id TEXT NOT NULL, event_time TIMESTAMP, source TEXT, account BIGINT)
+CREATE TABLE bq (id TEXT NOT NULL, event_time TIMESTAMP, source TEXT, account BIGINT{sink_extra})
 WITH (connector = 'bigquery', project = '${{PROJECT}}', dataset = '${{DATASET}}', table = '${{TABLE}}',
       credentials = 'none', endpoint = '${{GRPC}}', rest_endpoint = '${{REST}}', create_table = 'if_not_exists',
-      partition_by = 'event_time', cluster_by = 'source');
+      partition_by = 'event_time', cluster_by = 'source'{sink_opts});
 INSERT INTO bq SELECT id, time, source, CAST(account AS BIGINT) FROM events;
 "#
     )
@@ -123,33 +128,26 @@ fn tables_are_created_from_the_sql_schema_and_mismatches_refused() {
     assert_eq!(fields[3]["mode"], "NULLABLE", "added columns are NULLABLE even if declared NOT NULL");
 }
 
-#[test]
-fn append_is_exactly_once_across_sigkills() {
-    const N: usize = 40_000;
-    let dataset = format!("crash_{}", std::process::id());
-    bq_dataset(&dataset);
-    let dir = tempfile::tempdir().unwrap();
-    let sql = dir.path().join("p.sql");
-    std::fs::write(&sql, pipeline(N, 4_000, "SET checkpoint_interval = '300ms';")).unwrap();
-    let ckpt = dir.path().join("ckpt");
+/// Runs `sql` into `dataset.<prefix>_<g>`, SIGKILLing it at random moments (at least 10 times, some while a
+/// checkpoint commits), restarting each time; a run that finishes before enough kills starts over on a new table.
+/// Returns the table the last, completed run filled.
+fn crash_loop(sql: &std::path::Path, dataset: &str, prefix: &str, ckpt: &std::path::Path, seed: u64) -> String {
     let ckpt_arg = ckpt.to_string_lossy().to_string();
     let args = ["--checkpoint-dir", ckpt_arg.as_str()];
-
-    let mut rng = fastrand::Rng::with_seed(77);
+    let mut rng = fastrand::Rng::with_seed(seed);
     let faults: [&[(&str, &str)]; 3] = [
         &[],
         // Between the checkpoint's metadata and the commit: recovery must commit the streams.
         &[("NAGARE_FAULT_DELAY_COMMIT_MS", "400")],
-        // In the middle of the sinks' commits.
+        // In the middle of the table's commit.
         &[("NAGARE_FAULT_DELAY_BQ_COMMIT_MS", "200")],
     ];
     let (mut kills, mut resumed) = (0, 0);
-    // A run that finishes before enough kills landed starts over with a new table and no checkpoints.
     let mut generation = 0;
-    let table = |g: usize| format!("events_{g}");
+    let table = |g: usize| format!("{prefix}_{g}");
     let mut finished = false;
     for round in 0..60 {
-        let mut c = nagare(&sql, &dataset, &table(generation), &args);
+        let mut c = nagare(sql, dataset, &table(generation), &args);
         for (k, v) in faults[round % 3] {
             c.env(k, v);
         }
@@ -168,14 +166,13 @@ fn append_is_exactly_once_across_sigkills() {
             Some(status) => {
                 std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
                 assert!(status.success(), "run {round} failed: {err}");
-                assert_eq!(count(&dataset, &table(generation)), (N as i64, N as i64), "generation {generation}");
                 finished = true;
                 if kills >= 10 {
                     break;
                 }
                 generation += 1;
                 finished = false;
-                std::fs::remove_dir_all(&ckpt).unwrap();
+                std::fs::remove_dir_all(ckpt).unwrap();
             }
             None => {
                 child.kill().unwrap();
@@ -193,9 +190,60 @@ fn append_is_exactly_once_across_sigkills() {
     assert!(kills >= 10, "only {kills} kills landed");
     assert!(resumed >= 6, "only {resumed} of {kills} killed runs had resumed from a checkpoint");
     if !finished {
-        let out = nagare(&sql, &dataset, &table(generation), &args).output().unwrap();
+        let out = nagare(sql, dataset, &table(generation), &args).output().unwrap();
         assert!(out.status.success(), "final run: {}", String::from_utf8_lossy(&out.stderr));
     }
+    table(generation)
+}
+
+#[test]
+fn append_is_exactly_once_across_sigkills() {
+    const N: usize = 40_000;
+    let dataset = format!("crash_{}", std::process::id());
+    bq_dataset(&dataset);
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, pipeline(N, 4_000, "SET checkpoint_interval = '300ms';")).unwrap();
+    let table = crash_loop(&sql, &dataset, "events", &dir.path().join("ckpt"), 77);
     // Every generated event exactly once (the generator emits N distinct ids).
-    assert_eq!(count(&dataset, &table(generation)), (N as i64, N as i64));
+    assert_eq!(count(&dataset, &table), (N as i64, N as i64));
+}
+
+#[test]
+fn merge_is_exactly_once_across_sigkills() {
+    const N: usize = 30_000;
+    let dataset = format!("merge_{}", std::process::id());
+    bq_dataset(&dataset);
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("p.sql");
+    // 30 % re-deliveries: the same id again, merged into one row by the PRIMARY KEY.
+    let text = pipeline_with(
+        N,
+        4_000,
+        "SET checkpoint_interval = '300ms';",
+        "0.3",
+        ", PRIMARY KEY (id) NOT ENFORCED",
+        ", write_mode = 'merge'",
+    );
+    std::fs::write(&sql, &text).unwrap();
+    // A run without kills is the reference.
+    let ckpt = dir.path().join("ckpt");
+    let ckpt_arg = ckpt.to_string_lossy().to_string();
+    let out = nagare(&sql, &dataset, "reference", &["--checkpoint-dir", &ckpt_arg]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&ckpt).unwrap();
+    let (rows, distinct) = count(&dataset, "reference");
+    assert_eq!(rows, distinct, "one row per key");
+    assert!(rows > (N as i64) * 6 / 10 && rows < N as i64, "{rows} keys out of {N} events");
+
+    let table = crash_loop(&sql, &dataset, "merged", &ckpt, 78);
+    assert_eq!(count(&dataset, &table), (rows, rows));
+    let project = &bigquery()["BIGQUERY_PROJECT"];
+    let differ = bq_query(&format!(
+        "SELECT COUNT(*) FROM `{project}.{dataset}.reference` r FULL OUTER JOIN `{project}.{dataset}.{table}` m \
+         ON r.id = m.id WHERE r.id IS NULL OR m.id IS NULL OR r.account IS DISTINCT FROM m.account"
+    ));
+    assert_eq!(differ[0][0].as_deref(), Some("0"), "the merged table differs from the reference");
+    let staged = bq_query(&format!("SELECT COUNT(*) FROM `{project}.{dataset}.{table}_nagare_staging`"));
+    assert_eq!(staged[0][0].as_deref(), Some("0"), "merged staging rows are deleted");
 }

@@ -158,6 +158,43 @@ impl RestClient {
         Ok(())
     }
 
+    /// Runs a query job with the given id to completion. A job id can be used once: if it ran before (a commit
+    /// retried after a crash) this waits for that run instead of running the statement again.
+    pub async fn run_job(&self, project: &str, job_id: &str, sql: &str) -> Result<()> {
+        let url = format!("{}/projects/{project}/jobs", self.base);
+        let body = json!({
+            "jobReference": {"projectId": project, "jobId": job_id},
+            "configuration": {"query": {"query": sql, "useLegacySql": false}},
+        });
+        let mut job = match self.call("jobs.insert", reqwest::Method::POST, &url, Some(&body)).await {
+            Ok(v) => v,
+            Err(BqError::Rest { status: 409, .. }) => {
+                tracing::info!(job_id, "the job ran before; waiting for its result instead of running it again");
+                self.call("jobs.get", reqwest::Method::GET, &format!("{url}/{job_id}"), None).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(3600);
+        loop {
+            if job["status"]["state"].as_str() == Some("DONE") {
+                if let Some(err) = job["status"]["errorResult"].as_object() {
+                    let message = err.get("message").and_then(Value::as_str).unwrap_or("failed");
+                    return Err(BqError::Rest { call: format!("job {job_id}"), status: 400, message: message.into() });
+                }
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(BqError::Protocol(format!("job {job_id} did not finish within an hour")));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut get = format!("{url}/{job_id}");
+            if let Some(loc) = job["jobReference"]["location"].as_str() {
+                get.push_str(&format!("?location={loc}"));
+            }
+            job = self.call("jobs.get", reqwest::Method::GET, &get, None).await?;
+        }
+    }
+
     /// Runs a query (standard SQL) to completion and returns its rows as JSON arrays of cell values (strings,
     /// as the REST API gives them; NULL as null).
     pub async fn query(&self, project: &str, sql: &str, job_id: Option<&str>) -> Result<Vec<Vec<Value>>> {

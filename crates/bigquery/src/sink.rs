@@ -41,7 +41,14 @@ pub const OPTIONS: &[OptionSpec] = &[
         "write_mode",
         OptionKind::Enum(&["append", "upsert", "merge", "load"]),
         Some("append"),
-        "append: Storage Write API, exactly once with checkpoints (upsert, merge and load are not available yet)",
+        "append: Storage Write API, exactly once with checkpoints; merge: exactly once into a staging table, then \
+         MERGE into the table by its PRIMARY KEY when the checkpoint completes (upsert and load are not available yet)",
+    ),
+    OptionSpec::optional(
+        "staging_table",
+        OptionKind::String,
+        None,
+        "merge mode: the staging table in the same dataset (default: <table>_nagare_staging)",
     ),
     OptionSpec::optional(
         "create_table",
@@ -131,11 +138,29 @@ impl ConnectorSpec for BigQuerySpec {
     fn validate(&self, table: &TableDef, _role: TableRole) -> Result<(), PlanError> {
         let o = &table.options;
         let mode = o.get_str("write_mode").unwrap_or_default();
-        if mode != "append" {
-            return Err(o.error(
-                "write_mode",
-                format!("write_mode = '{mode}' is not available yet; use 'append' (exactly once with checkpoints)"),
-            ));
+        match mode.as_str() {
+            "append" => {}
+            "merge" => {
+                if table.primary_key.is_empty() || !table.has_columns {
+                    return Err(o.error(
+                        "write_mode",
+                        "write_mode = 'merge' needs declared columns and a PRIMARY KEY (the columns the MERGE \
+                         matches on), e.g. PRIMARY KEY (id) NOT ENFORCED",
+                    ));
+                }
+            }
+            other => {
+                return Err(o.error(
+                    "write_mode",
+                    format!(
+                        "write_mode = '{other}' is not available yet; use 'append' (exactly once with checkpoints) or \
+                         'merge'"
+                    ),
+                ));
+            }
+        }
+        if o.is_set("staging_table") && mode != "merge" {
+            return Err(o.error("staging_table", "only used with write_mode = 'merge'"));
         }
         if table.has_columns {
             table_schema(&table.schema).map_err(|e| o.error("connector", e.to_string()))?;
@@ -181,7 +206,16 @@ impl ConnectorSpec for BigQuerySpec {
     fn sink_needs_columns(&self) -> bool {
         false
     }
+
+    fn sink_partitioned_by_key(&self, table: &TableDef) -> bool {
+        // A key's rows all reach one subtask, so "the last row of a key" within a checkpoint is well defined.
+        table.options.get_str("write_mode").as_deref() == Some("merge")
+    }
 }
+
+/// Columns the merge mode adds to staging rows: which write stream, and the row's offset in it.
+const STREAM_COLUMN: &str = "_nagare_stream";
+const OFFSET_COLUMN: &str = "_nagare_offset";
 
 /// Connection settings of one bigquery table, from its options.
 #[derive(Debug, Clone)]
@@ -196,6 +230,17 @@ pub struct Target {
     pub rest_endpoint: String,
     /// Request size limit.
     pub max_request_bytes: usize,
+    /// Merge mode: the staging table and the key.
+    pub merge: Option<MergeTarget>,
+}
+
+/// Where the merge mode stages rows, and what it matches on.
+#[derive(Debug, Clone)]
+pub struct MergeTarget {
+    /// The staging table.
+    pub staging: TableRef,
+    /// PRIMARY KEY columns.
+    pub key: Vec<String>,
 }
 
 impl Target {
@@ -203,13 +248,27 @@ impl Target {
     pub fn from_spec(spec: &SinkSpec) -> Result<Self, BqError> {
         let o = &spec.table.options;
         let get = |n: &str| o.get_str(n).unwrap_or_default();
+        let table = TableRef { project: get("project"), dataset: get("dataset"), table: get("table") };
+        let merge = (get("write_mode") == "merge").then(|| MergeTarget {
+            staging: TableRef {
+                table: o.get_str("staging_table").unwrap_or_else(|| format!("{}_nagare_staging", table.table)),
+                ..table.clone()
+            },
+            key: spec.table.primary_key.clone(),
+        });
         Ok(Target {
-            table: TableRef { project: get("project"), dataset: get("dataset"), table: get("table") },
+            merge,
+            table,
             auth: Auth::from_option(&get("credentials"))?,
             endpoint: get("endpoint"),
             rest_endpoint: get("rest_endpoint"),
             max_request_bytes: o.get_bytes("max_request_size").map_or(DEFAULT_MAX_REQUEST_BYTES, |b| b as usize),
         })
+    }
+
+    /// The table write streams go to: the staging table in merge mode.
+    pub fn stream_table(&self) -> &TableRef {
+        self.merge.as_ref().map_or(&self.table, |m| &m.staging)
     }
 
     /// A Storage Write client.
@@ -226,6 +285,50 @@ impl Target {
 /// Creates the table if asked and missing, checks that it can take the pipeline's rows, and adds columns it lacks.
 pub async fn prepare(spec: &SinkSpec, schema: &SchemaRef) -> Result<(), BqError> {
     let target = Target::from_spec(spec)?;
+    prepare_target(spec, schema, &target).await?;
+    if let Some(m) = &target.merge {
+        // The staging table: the same columns, all NULLABLE (rows are checked by the target's MERGE), plus where
+        // each row came from.
+        let rest = target.rest_client()?;
+        let mut fields = table_schema(&staging_schema(schema))?;
+        for f in &mut fields {
+            if f.mode.as_deref() == Some("REQUIRED") {
+                f.mode = Some("NULLABLE".into());
+            }
+        }
+        match rest.get_table(&m.staging).await? {
+            None => rest.create_table(&m.staging, &fields, &CreateOptions::default()).await?,
+            Some(existing) => {
+                let c = compatibility(&existing, &fields);
+                if !c.conflicts.is_empty() || !c.missing.is_empty() {
+                    return Err(BqError::Schema(format!(
+                        "staging table {} does not match the pipeline ({}); drop it or name another with \
+                         staging_table",
+                        m.staging,
+                        c.conflicts
+                            .iter()
+                            .cloned()
+                            .chain(c.missing.iter().map(|f| format!("no column '{}'", f.name)))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The wire schema of staging rows: the pipeline's columns, then the stream and offset.
+fn staging_schema(schema: &SchemaRef) -> SchemaRef {
+    let wire = wire_schema(schema);
+    let mut fields: Vec<arrow::datatypes::FieldRef> = wire.fields().iter().cloned().collect();
+    fields.push(Arc::new(arrow::datatypes::Field::new(STREAM_COLUMN, arrow::datatypes::DataType::Utf8, false)));
+    fields.push(Arc::new(arrow::datatypes::Field::new(OFFSET_COLUMN, arrow::datatypes::DataType::Int64, false)));
+    Arc::new(arrow::datatypes::Schema::new(fields))
+}
+
+async fn prepare_target(spec: &SinkSpec, schema: &SchemaRef, target: &Target) -> Result<(), BqError> {
     let o = &spec.table.options;
     let ours = table_schema(&wire_schema(schema))?;
     let rest = target.rest_client()?;
@@ -311,12 +414,62 @@ pub async fn commit_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Res
     if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").ok().and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let client = Target::from_spec(spec)?.write_client()?;
+    let target = Target::from_spec(spec)?;
+    let client = target.write_client()?;
     for (table, streams) in by_table {
         client.commit_streams(table, &streams).await?;
+        if let Some(m) = &target.merge {
+            merge_streams(&target, m, &spec.table.schema, &streams).await?;
+        }
         let rows: i64 = handles.iter().filter(|h| h.table == table).flat_map(|h| &h.streams).map(|s| s.rows).sum();
         tracing::debug!(table, streams = streams.len(), rows, "committed write streams");
     }
+    Ok(())
+}
+
+/// Quotes a string literal for GoogleSQL.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Applies committed staging streams to the target: per key, the last row (by stream order, then offset) is
+/// inserted or replaces the target's row. The job id is derived from the streams, so a commit retried after a
+/// crash finds the job already run; the staging rows are then deleted the same way.
+async fn merge_streams(
+    target: &Target,
+    m: &MergeTarget,
+    schema: &SchemaRef,
+    streams: &[String],
+) -> Result<(), BqError> {
+    let rest = target.rest_client()?;
+    let q = |t: &TableRef| format!("`{}.{}.{}`", t.project, t.dataset, t.table);
+    let col = |c: &str| format!("`{c}`");
+    let columns: Vec<String> = schema.fields().iter().map(|f| col(f.name())).collect();
+    let in_list = streams.iter().map(|s| literal(s)).collect::<Vec<_>>().join(", ");
+    let order =
+        streams.iter().enumerate().map(|(i, s)| format!("WHEN {} THEN {i}", literal(s))).collect::<Vec<_>>().join(" ");
+    let keys: Vec<String> = m.key.iter().map(|k| col(k)).collect();
+    let on =
+        m.key.iter().map(|k| format!("T.{0} IS NOT DISTINCT FROM S.{0}", col(k))).collect::<Vec<_>>().join(" AND ");
+    let set = columns.iter().map(|c| format!("{c} = S.{c}")).collect::<Vec<_>>().join(", ");
+    let values = columns.iter().map(|c| format!("S.{c}")).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "MERGE {target} T USING (SELECT {cols} FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY \
+         CASE {stream} {order} END DESC, {offset} DESC) AS _nagare_rn FROM {staging} WHERE {stream} IN ({in_list})) \
+         WHERE _nagare_rn = 1) S ON {on} WHEN MATCHED THEN UPDATE SET {set} WHEN NOT MATCHED THEN INSERT ({cols}) \
+         VALUES ({values})",
+        target = q(&target.table),
+        staging = q(&m.staging),
+        cols = columns.join(", "),
+        keys = keys.join(", "),
+        stream = col(STREAM_COLUMN),
+        offset = col(OFFSET_COLUMN),
+    );
+    let id = xxhash_rust::xxh3::xxh3_128(format!("{}|{}", target.table, streams.join("|")).as_bytes());
+    rest.run_job(&target.table.project, &format!("nagare_merge_{id:032x}"), &sql).await?;
+    let delete = format!("DELETE FROM {} WHERE {} IN ({in_list})", q(&m.staging), col(STREAM_COLUMN));
+    rest.run_job(&target.table.project, &format!("nagare_clean_{id:032x}"), &delete).await?;
+    tracing::debug!(table = %target.table, streams = streams.len(), "merged staging streams");
     Ok(())
 }
 
@@ -324,6 +477,9 @@ pub async fn commit_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Res
 pub struct BigQuerySink {
     target: Target,
     client: WriteClient,
+    /// The pipeline's rows in wire types.
+    data_wire: SchemaRef,
+    /// What is sent: `data_wire`, plus stream and offset columns in merge mode.
     wire: SchemaRef,
     ctx: SinkContext,
     /// The current epoch's stream (PENDING with checkpoints, `_default` without).
@@ -353,9 +509,16 @@ impl BigQuerySink {
                 );
             }
         }
+        if target.merge.is_some() && !ctx.exactly_once {
+            return Err(BqError::Config(format!(
+                "sink '{}': write_mode = 'merge' runs a MERGE per checkpoint and needs checkpoints (--checkpoint-dir)",
+                spec.table.name
+            )));
+        }
         Ok(BigQuerySink {
             client: target.write_client()?,
-            wire: wire_schema(&schema),
+            data_wire: wire_schema(&schema),
+            wire: if target.merge.is_some() { staging_schema(&schema) } else { wire_schema(&schema) },
             name: spec.table.name.clone(),
             target,
             ctx,
@@ -365,7 +528,7 @@ impl BigQuerySink {
     }
 
     fn handle(&self) -> CommitHandle {
-        CommitHandle { table: self.target.table.path(), streams: self.uncommitted.clone() }
+        CommitHandle { table: self.target.stream_table().path(), streams: self.uncommitted.clone() }
     }
 
     fn dead_letter(&self, rejected: Vec<Rejected>) -> Result<(), EngineError> {
@@ -394,7 +557,7 @@ impl BigQuerySink {
 
     async fn appender(&mut self) -> Result<&mut Appender, BqError> {
         if self.current.is_none() {
-            let table = self.target.table.path();
+            let table = self.target.stream_table().path();
             let a = if self.ctx.exactly_once {
                 let stream = self.client.create_pending_stream(&table).await?;
                 self.client.appender(stream, &self.wire, self.target.max_request_bytes)?
@@ -413,8 +576,24 @@ impl Sink for BigQuerySink {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let wire = to_wire(&batch, &self.wire)?;
-        let rejected = self.appender().await?.append(&wire).await?;
+        let wire = to_wire(&batch, &self.data_wire)?;
+        let staging = self.target.merge.is_some().then(|| self.wire.clone());
+        let a = self.appender().await?;
+        let wire = match staging {
+            // Merge mode: each row says which stream and offset it has, for the MERGE's order.
+            Some(schema) => {
+                let n = wire.num_rows();
+                let stream = arrow::array::StringArray::from(vec![a.stream(); n]);
+                let base = a.rows_sent();
+                let offsets = arrow::array::Int64Array::from_iter_values(base..base + n as i64);
+                let mut cols = wire.columns().to_vec();
+                cols.push(Arc::new(stream));
+                cols.push(Arc::new(offsets));
+                RecordBatch::try_new(schema, cols).map_err(BqError::from)?
+            }
+            None => wire,
+        };
+        let rejected = a.append(&wire).await?;
         self.dead_letter(rejected)
     }
 

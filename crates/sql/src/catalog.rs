@@ -50,6 +50,12 @@ pub trait ConnectorSpec: Send + Sync {
         false
     }
 
+    /// Whether rows for a sink table must reach its subtasks partitioned by the table's PRIMARY KEY (so that one
+    /// subtask sees every change to a key, in order).
+    fn sink_partitioned_by_key(&self, _table: &TableDef) -> bool {
+        false
+    }
+
     /// Whether a sink needs its columns declared, or can take the query's schema.
     fn sink_needs_columns(&self) -> bool {
         false

@@ -238,7 +238,14 @@ impl Planner {
         }
 
         // Phase B: translate.
+        let keyed_sinks: BTreeSet<String> = tables
+            .values()
+            .filter(|t| sink_names.contains(&t.name) && !t.primary_key.is_empty())
+            .filter(|t| self.connectors.get(&t.connector).is_some_and(|c| c.sink_partitioned_by_key(t)))
+            .map(|t| t.name.clone())
+            .collect();
         let mut tr = Translator {
+            keyed_sinks,
             settings: &settings,
             tables: &tables,
             graph: DataflowGraph::default(),
@@ -511,6 +518,8 @@ struct Translator<'a> {
     props: ExecutionProps,
     words: &'a WordIndex,
     stmt: Option<Location>,
+    /// Sinks whose input is partitioned by their PRIMARY KEY.
+    keyed_sinks: BTreeSet<String>,
 }
 
 impl Translator<'_> {
@@ -1254,7 +1263,9 @@ impl Translator<'_> {
                 )
                 .at(insert.location));
             }
-            let part = if self.graph.nodes[sink].parallelism == stream.parallelism {
+            let part = if let Some(keyed) = self.sink_key_partitioning(table) {
+                keyed
+            } else if self.graph.nodes[sink].parallelism == stream.parallelism {
                 Partitioning::Forward
             } else {
                 Partitioning::RoundRobin
@@ -1270,9 +1281,24 @@ impl Translator<'_> {
             target,
             None,
         );
-        self.connect(stream.node, node, Partitioning::Forward);
+        let part = self.sink_key_partitioning(table).unwrap_or(Partitioning::Forward);
+        self.connect(stream.node, node, part);
         self.sinks.insert(table.name.clone(), node);
         Ok(())
+    }
+
+    /// Hash partitioning by the table's PRIMARY KEY, for sinks whose connector asks for it.
+    fn sink_key_partitioning(&self, table: &TableDef) -> Option<Partitioning> {
+        if !self.keyed_sinks.contains(&table.name) {
+            return None;
+        }
+        let keys = table
+            .primary_key
+            .iter()
+            .filter_map(|k| table.schema.index_of(k).ok().map(|i| (k, i)))
+            .map(|(k, i)| Arc::new(datafusion::physical_expr::expressions::Column::new(k, i)) as Arc<dyn PhysicalExpr>)
+            .collect();
+        Some(Partitioning::Hash { keys })
     }
 }
 
