@@ -247,3 +247,108 @@ fn merge_is_exactly_once_across_sigkills() {
     let staged = bq_query(&format!("SELECT COUNT(*) FROM `{project}.{dataset}.{table}_nagare_staging`"));
     assert_eq!(staged[0][0].as_deref(), Some("0"), "merged staging rows are deleted");
 }
+
+/// Accepts HTTP requests on a loopback port, records their `authorization` headers and answers 403.
+fn recording_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                if let Some(v) = line.strip_prefix("authorization: ").or_else(|| line.strip_prefix("Authorization: ")) {
+                    record.lock().unwrap().push(v.trim().to_string());
+                }
+                line.clear();
+            }
+            let body = r#"{"error":{"message":"permission denied (test server)"}}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (format!("http://{addr}"), seen)
+}
+
+#[test]
+fn default_credentials_sign_requests_and_never_show_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    // A service account key like the ones GCP issues (a fresh RSA key; PKCS#8 PEM).
+    let pem = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+        .output()
+        .unwrap();
+    assert!(pem.status.success(), "openssl: {}", String::from_utf8_lossy(&pem.stderr));
+    let key = serde_json::json!({
+        "type": "service_account",
+        "project_id": "my-proj",
+        "private_key_id": "abc123",
+        "private_key": String::from_utf8(pem.stdout).unwrap(),
+        "client_email": "nagare-test@my-proj.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    });
+    let key_path = dir.path().join("key.json");
+    std::fs::write(&key_path, key.to_string()).unwrap();
+    let (rest, seen) = recording_server();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            r#"
+CREATE TABLE events (id TEXT, time TIMESTAMP) WITH (connector = 'generator', count = '10');
+CREATE TABLE bq (id TEXT) WITH (connector = 'bigquery', project = 'my-proj', dataset = 'd', table = 't',
+  rest_endpoint = '{rest}', endpoint = 'http://127.0.0.1:9');
+INSERT INTO bq SELECT id FROM events;
+"#
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nagare"))
+        .arg("run")
+        .arg(&sql)
+        .arg("-q")
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &key_path)
+        .env("NAGARE_LOG", "debug")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("permission denied (test server)"), "{stderr}");
+    let headers = seen.lock().unwrap().clone();
+    assert!(!headers.is_empty(), "no request reached the server: {stderr}");
+    let token = headers[0].strip_prefix("Bearer ").expect("a bearer token");
+    // A JWT signed with the key, for BigQuery's scope, issued by the service account.
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "{token}");
+    let claims = decode_base64url(parts[1]);
+    let claims: serde_json::Value = serde_json::from_slice(&claims).unwrap();
+    assert_eq!(claims["iss"], "nagare-test@my-proj.iam.gserviceaccount.com", "{claims}");
+    assert!(claims["scope"].as_str().unwrap_or("").contains("auth/bigquery"), "{claims}");
+    // Never in logs or errors, even at debug level.
+    assert!(!stderr.contains(parts[2]) && !stderr.contains(parts[1]), "the token leaked into the output");
+}
+
+fn decode_base64url(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = ALPHABET.iter().position(|a| *a == c).unwrap() as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
