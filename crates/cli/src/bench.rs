@@ -653,6 +653,9 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                     let ckpt = dir.join(format!("{out}-ckpt"));
                     let _ = std::fs::remove_dir_all(&ckpt);
                     args.extend(["--checkpoint-dir".into(), s(&ckpt), "--checkpoint-interval".into(), i.to_string()]);
+                    // Each repetition starts over: the previous one's final checkpoint refers to output that
+                    // the next repetition's clean output directory no longer has.
+                    args.push("--from-scratch".into());
                 }
                 run_child(label, &args, &stats, &output, repeat)
             };
