@@ -630,6 +630,9 @@ impl Operator for DedupOperator {
                 None
             };
             let mut expiry = Vec::new();
+            // One allocation instead of a rehash at every doubling (10 M keys: 7.6 s -> see `bench state`).
+            let hasher = &self.hasher;
+            self.groups.reserve(groups.num_rows(), |g| hasher.hash_one(&g.key[..]));
             for i in 0..groups.num_rows() {
                 if !self.ctx.key_groups.contains(u32::from(kg.value(i))) {
                     continue;
