@@ -242,12 +242,13 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
 fn a_damaged_checkpoint_is_skipped_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("in")).unwrap();
-    input(&dir.path().join("in"), 20_000, 5);
+    // Enough input and checkpoints often enough for at least four, even when the machine is fast.
+    input(&dir.path().join("in"), 40_000, 5);
     std::fs::write(
         dir.path().join("pipeline.sql"),
         PIPELINE.replace(
             "SET checkpoint_interval = '100ms';",
-            "SET checkpoint_interval = '50ms';\nSET checkpoints_retained = 10;",
+            "SET checkpoint_interval = '20ms';\nSET checkpoints_retained = 10;",
         ),
     )
     .unwrap();
@@ -322,10 +323,11 @@ fn dedup_state_is_incremental_and_a_damaged_chain_is_not_silently_dropped() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("in")).unwrap();
     input(&dir.path().join("in"), 20_000, 7);
-    // Few enough checkpoints that the chain is not compacted (a new base) by the end, even on a slow machine.
+    // Every 100 ms: at least two checkpoints even on a fast machine, and few enough (under the 50 deltas after which
+    // a new base is written) that the last one extends a chain even on a slow one.
     let sql = PIPELINE.replace(
         "SET checkpoint_interval = '100ms';",
-        "SET checkpoint_interval = '200ms';\nSET checkpoints_retained = 1;",
+        "SET checkpoint_interval = '100ms';\nSET checkpoints_retained = 1;",
     );
     std::fs::write(dir.path().join("pipeline.sql"), sql).unwrap();
     let out = nagare(dir.path(), &[]).output().unwrap();
