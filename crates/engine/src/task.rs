@@ -550,3 +550,65 @@ async fn recv_control(link: &mut Option<CheckpointLink>) -> Control {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{Field, Schema};
+
+    use super::*;
+
+    fn part(kind: PartKind) -> StatePart {
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        StatePart::chained(
+            "groups",
+            RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1]))]).unwrap(),
+            kind,
+        )
+    }
+
+    /// Sends one checkpoint's part to the uploader and returns the files it acknowledged, or why it declined.
+    async fn upload(
+        link: &CheckpointLink,
+        reports: &mut UnboundedReceiver<Report>,
+        id: u64,
+        kind: PartKind,
+    ) -> std::result::Result<Vec<String>, String> {
+        let parts = vec![(1, part(kind))];
+        let up = Upload { id: CheckpointId(id), parts, source_position: None, sink_commit: None, alignment_us: 0 };
+        link.uploads.send(up).unwrap();
+        match reports.recv().await.unwrap() {
+            Report::Ack { snapshot, .. } => Ok(snapshot.state[&1].iter().map(|f| f.path.clone()).collect()),
+            Report::Declined { reason, .. } => Err(reason),
+            Report::SourceFinished(_) => unreachable!(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_upload_breaks_the_chain_until_a_new_base() {
+        let dir = std::env::temp_dir().join(format!("nagare-uploader-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = CheckpointStore::open(&dir.to_string_lossy()).unwrap();
+        let (reports_tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let (_control_tx, control) = tokio::sync::mpsc::unbounded_channel();
+        let link = CheckpointLink::new(TaskKey { node: 1, subtask: 0 }, 0, store, control, reports_tx);
+        let path = |id: u64| CheckpointStore::shared_path(id, 1, 0, "groups");
+
+        assert_eq!(upload(&link, &mut reports, 1, PartKind::Base).await, Ok(vec![path(1)]));
+        assert_eq!(upload(&link, &mut reports, 2, PartKind::Delta).await, Ok(vec![path(1), path(2)]));
+        // Checkpoint 3's file cannot be written (a directory is in its way).
+        std::fs::create_dir_all(dir.join(path(3))).unwrap();
+        let failed = upload(&link, &mut reports, 3, PartKind::Delta).await;
+        assert!(failed.is_err(), "{failed:?}");
+        assert!(link.force_full.load(Ordering::Relaxed), "the next snapshot must be full");
+        // A delta taken before the operator heard of it has no chain to extend.
+        let broken = upload(&link, &mut reports, 4, PartKind::Delta).await.unwrap_err();
+        assert!(broken.contains("earlier state upload failed"), "{broken}");
+        // A new base mends it; deltas extend the new chain, not the old one.
+        assert_eq!(upload(&link, &mut reports, 5, PartKind::Base).await, Ok(vec![path(5)]));
+        assert_eq!(upload(&link, &mut reports, 6, PartKind::Delta).await, Ok(vec![path(5), path(6)]));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
