@@ -4,10 +4,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::services::{bigquery, bq_dataset, bq_query, bq_rest};
+use common::{RunEnd, run_or_kill};
 
 /// A pipeline writing `count` generated events to `dataset.table`; `${...}` filled in by [`nagare`].
 fn pipeline(count: usize, rate: usize, extra: &str) -> String {
@@ -151,20 +152,8 @@ fn crash_loop(sql: &std::path::Path, dataset: &str, prefix: &str, ckpt: &std::pa
         for (k, v) in faults[round % 3] {
             c.env(k, v);
         }
-        let mut child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_millis(rng.u64(300..2_500));
-        let mut exited = None;
-        while Instant::now() < deadline {
-            if let Some(s) = child.try_wait().unwrap() {
-                exited = Some(s);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let mut err = String::new();
-        match exited {
-            Some(status) => {
-                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        match run_or_kill(c, Duration::from_millis(rng.u64(300..2_500))) {
+            (RunEnd::Exited(status), err) => {
                 assert!(status.success(), "run {round} failed: {err}");
                 finished = true;
                 if kills >= 10 {
@@ -174,11 +163,8 @@ fn crash_loop(sql: &std::path::Path, dataset: &str, prefix: &str, ckpt: &std::pa
                 finished = false;
                 std::fs::remove_dir_all(ckpt).unwrap();
             }
-            None => {
-                child.kill().unwrap();
-                child.wait().unwrap();
+            (RunEnd::Killed, err) => {
                 kills += 1;
-                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
                 assert!(!err.contains("panicked"), "{err}");
                 resumed += usize::from(err.contains("resuming from checkpoint"));
             }

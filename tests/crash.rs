@@ -9,10 +9,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::{files_with, read_json_rows};
+use common::{RunEnd, files_with, read_json_rows, run_or_kill};
 
 const BASE_MS: i64 = 1_767_225_600_000;
 
@@ -132,21 +132,9 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let faults: [&[(&str, &str)]; 3] =
         [&[], &[("NAGARE_FAULT_DELAY_UPLOAD_MS", "120")], &[("NAGARE_FAULT_DELAY_COMMIT_MS", "150")]];
     for round in 0..40 {
-        let mut child =
-            nagare(dir.path(), faults[round % 3]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_millis(rng.u64(200..2_500));
-        let mut exited = None;
-        while Instant::now() < deadline {
-            if let Some(status) = child.try_wait().unwrap() {
-                exited = Some(status);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        match exited {
-            Some(status) => {
-                let mut err = String::new();
-                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        let after = Duration::from_millis(rng.u64(200..2_500));
+        match run_or_kill(nagare(dir.path(), faults[round % 3]), after) {
+            (RunEnd::Exited(status), err) => {
                 assert!(status.success(), "run {round} failed: {err}");
                 finished = true;
                 if kills >= 10 {
@@ -158,12 +146,8 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
                 finished = false;
                 restarts_from_scratch += 1;
             }
-            None => {
-                child.kill().unwrap(); // SIGKILL
-                child.wait().unwrap();
+            (RunEnd::Killed, err) => {
                 kills += 1;
-                let mut err = String::new();
-                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
                 if let Some(id) =
                     err.split("resuming from checkpoint ").nth(1).and_then(|t| t.split_whitespace().next())
                 {

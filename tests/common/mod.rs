@@ -92,3 +92,38 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 pub mod services;
+
+/// How a run that may be killed ended.
+pub enum RunEnd {
+    /// It ended by itself, with this status.
+    Exited(std::process::ExitStatus),
+    /// It was still running at the deadline and was SIGKILLed.
+    Killed,
+}
+
+/// Starts `cmd` (stderr captured) and SIGKILLs it if it is still running after `after`; returns how it ended and
+/// its stderr.
+pub fn run_or_kill(mut cmd: std::process::Command, after: std::time::Duration) -> (RunEnd, String) {
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Read stderr on a thread, so a chatty child never blocks on a full pipe.
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut err);
+        err
+    });
+    let deadline = std::time::Instant::now() + after;
+    let end = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break RunEnd::Exited(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            break RunEnd::Killed;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    (end, reader.join().unwrap())
+}

@@ -373,15 +373,17 @@ impl Appender {
             }
             let sent = Sent { offset: self.next_offset, batch: part };
             self.next_offset += sent.batch.num_rows() as i64;
-            let with_schema = self.conn.is_none();
-            let req = self.request(&sent, with_schema)?;
+            // Without a connection, connecting sends everything in flight, this request included; encode it once.
+            let req = match self.conn {
+                Some(_) => Some(self.request(&sent, false)?),
+                None => None,
+            };
             self.inflight.push_back(sent);
-            if with_schema {
-                // Connecting sends everything in flight, this request included.
-                self.reconnect_with_backoff(&mut Backoff::default(), None).await?;
-            } else if let Some(c) = &self.conn
-                && c.tx.send(req).await.is_err()
-            {
+            let sent_ok = match (&self.conn, req) {
+                (Some(c), Some(req)) => c.tx.send(req).await.is_ok(),
+                _ => false,
+            };
+            if !sent_ok {
                 self.reconnect_with_backoff(&mut Backoff::default(), None).await?;
             }
         }

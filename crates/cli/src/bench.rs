@@ -333,25 +333,6 @@ async fn write_parts(
     Ok((files, bytes))
 }
 
-/// Reads state files back as the job's restore does: files of one part are concatenated.
-async fn read_parts(
-    store: &nagare_engine::checkpoint::store::CheckpointStore,
-    files: &[nagare_core::checkpoint::StateFile],
-) -> Result<Vec<nagare_engine::operator::StatePart>> {
-    let mut parts: Vec<nagare_engine::operator::StatePart> = Vec::new();
-    for f in files {
-        let mut batches = store.read_state(f).await?;
-        if let Some(i) = parts.iter().position(|p| p.name == f.part) {
-            batches.insert(0, parts.remove(i).batch);
-        }
-        if let Some(first) = batches.first() {
-            let batch = arrow::compute::concat_batches(&first.schema(), &batches)?;
-            parts.push(nagare_engine::operator::StatePart::new(&f.part, batch));
-        }
-    }
-    Ok(parts)
-}
-
 async fn bench_state(keys: usize, new_keys: usize, dir: &Path) -> Result<()> {
     use nagare_engine::checkpoint::store::CheckpointStore;
     use nagare_engine::operator::Operator;
@@ -378,7 +359,7 @@ async fn bench_state(keys: usize, new_keys: usize, dir: &Path) -> Result<()> {
 
     // Restore into a fresh operator.
     let t = Instant::now();
-    let restored_parts = read_parts(&store, &files).await?;
+    let restored_parts = store.read_parts(&files).await?;
     let read = t.elapsed();
     let t = Instant::now();
     let (mut fresh, _) = dedup_with_keys(0)?;
@@ -401,7 +382,7 @@ async fn bench_state(keys: usize, new_keys: usize, dir: &Path) -> Result<()> {
     let chain: Vec<_> = files.iter().filter(|f| f.part == "groups").chain(&delta_files).cloned().collect();
     let t = Instant::now();
     let (mut fresh, _) = dedup_with_keys(0)?;
-    fresh.restore(read_parts(&store, &chain).await?)?;
+    fresh.restore(store.read_parts(&chain).await?)?;
     let chain_restore = t.elapsed();
     anyhow::ensure!(
         fresh.state_entries() == keys + new_keys,

@@ -316,21 +316,7 @@ async fn restore_parts(
 ) -> Result<Vec<StatePart>> {
     let Some(m) = metadata else { return Ok(Vec::new()) };
     let Some(files) = m.task(task).and_then(|t| t.state.get(&node)) else { return Ok(Vec::new()) };
-    // A part stored incrementally has several files (a base and deltas): they are concatenated, the operator
-    // merges them.
-    let mut parts: Vec<StatePart> = Vec::new();
-    for f in files {
-        let mut batches = store.read_state(f).await?;
-        if let Some(i) = parts.iter().position(|p| p.name == f.part) {
-            batches.insert(0, parts.remove(i).batch);
-        }
-        let batch = match batches.first() {
-            Some(b) => arrow::compute::concat_batches(&b.schema(), &batches)?,
-            None => continue,
-        };
-        parts.push(StatePart::new(&f.part, batch));
-    }
-    Ok(parts)
+    store.read_parts(files).await
 }
 
 #[allow(clippy::too_many_arguments)]

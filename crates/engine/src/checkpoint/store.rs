@@ -20,6 +20,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
 use crate::error::{EngineError, Result};
+use crate::operator::StatePart;
 
 const METADATA: &str = "_metadata.json";
 const SHARED: &str = "shared";
@@ -106,16 +107,19 @@ impl CheckpointStore {
         format!("{SHARED}/{node}-{subtask}-{part}-{id:010}.parquet")
     }
 
-    /// Every shared state file, with the checkpoint that wrote it.
-    pub async fn list_shared(&self) -> Result<Vec<(String, u64)>> {
-        let prefix = self.path(SHARED);
-        let files: Vec<_> = self
-            .store
-            .list(Some(&prefix))
+    /// Every object under `prefix`.
+    async fn list_under(&self, prefix: &Path, what: &str) -> Result<Vec<Path>> {
+        self.store
+            .list(Some(prefix))
             .map_ok(|m| m.location)
             .try_collect()
             .await
-            .map_err(|e| storage_error(&self.url, "listing shared state", e))?;
+            .map_err(|e| storage_error(&self.url, &format!("listing {what}"), e))
+    }
+
+    /// Every shared state file, with the checkpoint that wrote it.
+    pub async fn list_shared(&self) -> Result<Vec<(String, u64)>> {
+        let files = self.list_under(&self.path(SHARED), "shared state").await?;
         Ok(files
             .iter()
             .filter_map(|f| {
@@ -128,9 +132,13 @@ impl CheckpointStore {
 
     /// Deletes one state file (relative path); a missing file is not an error.
     pub async fn delete_file(&self, rel: &str) -> Result<()> {
-        match self.store.delete(&self.path(rel)).await {
+        self.delete_object(&self.path(rel)).await
+    }
+
+    async fn delete_object(&self, path: &Path) -> Result<()> {
+        match self.store.delete(path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(storage_error(&self.url, &format!("deleting {rel}"), e)),
+            Err(e) => Err(storage_error(&self.url, &format!("deleting {path}"), e)),
         }
     }
 
@@ -165,6 +173,23 @@ impl CheckpointStore {
             .map_err(|e| storage_error(&self.url, &format!("reading {}", file.path), e))?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
         Ok(reader.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Reads an operator's state files back as parts. A part stored incrementally has several files (a base and
+    /// deltas): they are concatenated, and the operator merges them.
+    pub async fn read_parts(&self, files: &[StateFile]) -> Result<Vec<StatePart>> {
+        let mut parts: Vec<StatePart> = Vec::new();
+        for f in files {
+            let mut batches = self.read_state(f).await?;
+            if let Some(i) = parts.iter().position(|p| p.name == f.part) {
+                batches.insert(0, parts.remove(i).batch);
+            }
+            if let Some(first) = batches.first() {
+                let batch = arrow::compute::concat_batches(&first.schema(), &batches)?;
+                parts.push(StatePart::new(&f.part, batch));
+            }
+        }
+        Ok(parts)
     }
 
     /// Writes the metadata: the commit point of the checkpoint.
@@ -261,19 +286,9 @@ impl CheckpointStore {
 
     /// Deletes a checkpoint directory and everything in it.
     pub async fn delete(&self, id: u64) -> Result<()> {
-        let prefix = self.dir(id);
-        let files: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(|e| storage_error(&self.url, &format!("listing checkpoint {id}"), e))?;
+        let files = self.list_under(&self.dir(id), &format!("checkpoint {id}")).await?;
         for f in files {
-            match self.store.delete(&f).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(storage_error(&self.url, &format!("deleting {f}"), e)),
-            }
+            self.delete_object(&f).await?;
         }
         Ok(())
     }

@@ -866,12 +866,22 @@ mod tests {
                 fresh.restore(parts).unwrap();
                 d = fresh;
             }
-            d.process(batch(&s, rows), &mut out).unwrap();
-            let wm = rows.iter().map(|r| r.1).max().unwrap() - 5;
-            d.on_watermark(wm, &mut out).unwrap();
+            step(&mut d, &s, rows, &mut out);
         }
-        d.on_watermark(i64::MAX, &mut out).unwrap();
-        let mut r = rows(&out);
+        flush(&mut d, &mut out)
+    }
+
+    /// One batch in, then the watermark to 5 µs before its latest row.
+    fn step(d: &mut DedupOperator, s: &SchemaRef, rows: &[(&str, i64, &str)], out: &mut Vec<RecordBatch>) {
+        d.process(batch(s, rows), out).unwrap();
+        let wm = rows.iter().map(|r| r.1).max().unwrap() - 5;
+        d.on_watermark(wm, out).unwrap();
+    }
+
+    /// End of input: every group closes; the rows emitted over the run, sorted.
+    fn flush(d: &mut DedupOperator, out: &mut Vec<RecordBatch>) -> Vec<(String, i64, String)> {
+        d.on_watermark(i64::MAX, out).unwrap();
+        let mut r = rows(out);
         r.sort();
         r
     }
@@ -958,14 +968,9 @@ mod tests {
                     d = fresh;
                 }
             }
-            d.process(batch(&s, rows), &mut out).unwrap();
-            let wm = rows.iter().map(|r| r.1).max().unwrap() - 5;
-            d.on_watermark(wm, &mut out).unwrap();
+            step(&mut d, &s, rows, &mut out);
         }
-        d.on_watermark(i64::MAX, &mut out).unwrap();
-        let mut r = rows(&out);
-        r.sort();
-        (r, deltas)
+        (flush(&mut d, &mut out), deltas)
     }
 
     #[test]
