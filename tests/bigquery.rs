@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::services::{bigquery, bq_dataset, bq_query, bq_rest};
+use common::services::{bigquery, bq_dataset, bq_log_tail, bq_query, bq_rest};
 use common::{RunEnd, run_or_kill};
 
 /// A pipeline writing `count` generated events to `dataset.table`; `${...}` filled in by [`nagare`].
@@ -51,6 +51,15 @@ fn nagare(sql: &std::path::Path, dataset: &str, table: &str, args: &[&str]) -> C
     c
 }
 
+/// Runs a nagare command to its end, or fails the test (with nagare's and the emulator's logs) if it takes over two
+/// minutes: a hang is a failure to diagnose, never a CI timeout.
+fn finish(cmd: Command) -> (std::process::ExitStatus, String) {
+    match run_or_kill(cmd, Duration::from_secs(120)) {
+        (RunEnd::Exited(status), stderr) => (status, stderr),
+        (RunEnd::Killed, stderr) => panic!("nagare ran over 2 minutes; its stderr:\n{stderr}\n{}", bq_log_tail()),
+    }
+}
+
 fn count(dataset: &str, table: &str) -> (i64, i64) {
     let project = &bigquery()["BIGQUERY_PROJECT"];
     let r = bq_query(&format!("SELECT COUNT(*), COUNT(DISTINCT id) FROM `{project}.{dataset}.{table}`"));
@@ -67,8 +76,8 @@ fn tables_are_created_from_the_sql_schema_and_mismatches_refused() {
     std::fs::write(&sql, pipeline(500, 0, "")).unwrap();
 
     // Without checkpoints: the _default stream, rows visible as written.
-    let out = nagare(&sql, &dataset, "events", &[]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (status, err) = finish(nagare(&sql, &dataset, "events", &[]));
+    assert!(status.success(), "{err}");
     assert_eq!(count(&dataset, "events"), (500, 500));
     let t = bq_rest("GET", &format!("datasets/{dataset}/tables/events"), None);
     let fields: Vec<(String, String, String)> = t["schema"]["fields"]
@@ -96,17 +105,15 @@ fn tables_are_created_from_the_sql_schema_and_mismatches_refused() {
             "schema": {"fields": [{"name": "id", "type": "STRING", "mode": "REQUIRED"}, {"name": "account", "type": "STRING"}]}
         })),
     );
-    let out = nagare(&sql, &dataset, "wrong", &[]).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (status, err) = finish(nagare(&sql, &dataset, "wrong", &[]));
+    assert!(!status.success());
     assert!(err.contains("column 'account' is STRING in the table but INT64 in the pipeline"), "{err}");
     assert_eq!(count(&dataset, "wrong"), (0, 0), "nothing was written");
 
     // A missing table without create_table: refused, saying how to create it.
     std::fs::write(&sql, pipeline(10, 0, "").replace("create_table = 'if_not_exists',", "")).unwrap();
-    let out = nagare(&sql, &dataset, "missing", &[]).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (status, err) = finish(nagare(&sql, &dataset, "missing", &[]));
+    assert!(!status.success());
     assert!(err.contains("does not exist") && err.contains("create_table = 'if_not_exists'"), "{err}");
 
     // A table lacking a column gets it (NULLABLE). (bqemulator's tables.patch changes the schema but not its
@@ -120,8 +127,8 @@ fn tables_are_created_from_the_sql_schema_and_mismatches_refused() {
         })),
     );
     std::fs::write(&sql, pipeline(10, 0, "").replace("FROM events;", "FROM events WHERE id = 'no such id';")).unwrap();
-    let out = nagare(&sql, &dataset, "narrow", &[]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (status, err) = finish(nagare(&sql, &dataset, "narrow", &[]));
+    assert!(status.success(), "{err}");
     let t = bq_rest("GET", &format!("datasets/{dataset}/tables/narrow"), None);
     let fields = t["schema"]["fields"].as_array().unwrap();
     assert_eq!(fields.len(), 4, "{t}");
@@ -176,8 +183,8 @@ fn crash_loop(sql: &std::path::Path, dataset: &str, prefix: &str, ckpt: &std::pa
     assert!(kills >= 10, "only {kills} kills landed");
     assert!(resumed >= 6, "only {resumed} of {kills} killed runs had resumed from a checkpoint");
     if !finished {
-        let out = nagare(sql, dataset, &table(generation), &args).output().unwrap();
-        assert!(out.status.success(), "final run: {}", String::from_utf8_lossy(&out.stderr));
+        let (status, err) = finish(nagare(sql, dataset, &table(generation), &args));
+        assert!(status.success(), "final run: {err}");
     }
     table(generation)
 }
@@ -215,8 +222,8 @@ fn merge_is_exactly_once_across_sigkills() {
     // A run without kills is the reference.
     let ckpt = dir.path().join("ckpt");
     let ckpt_arg = ckpt.to_string_lossy().to_string();
-    let out = nagare(&sql, &dataset, "reference", &["--checkpoint-dir", &ckpt_arg]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (status, err) = finish(nagare(&sql, &dataset, "reference", &["--checkpoint-dir", &ckpt_arg]));
+    assert!(status.success(), "{err}");
     std::fs::remove_dir_all(&ckpt).unwrap();
     let (rows, distinct) = count(&dataset, "reference");
     assert_eq!(rows, distinct, "one row per key");

@@ -5,12 +5,16 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::OnceLock;
 
+/// Where the service scripts keep their state and logs.
+fn svc_dir() -> String {
+    std::env::var("SVC_DIR").unwrap_or_else(|_| format!("{}/nagare-services", std::env::temp_dir().display()))
+}
+
 /// Runs `scripts/services/<script>` under a lock (tests run in parallel processes) and returns the `KEY=value`
 /// lines it prints. Panics with how to start the service by hand if it cannot be started.
 pub fn start(script: &str) -> BTreeMap<String, String> {
     let root = super::repo_root();
-    let svc_dir =
-        std::env::var("SVC_DIR").unwrap_or_else(|_| format!("{}/nagare-services", std::env::temp_dir().display()));
+    let svc_dir = svc_dir();
     std::fs::create_dir_all(&svc_dir).unwrap();
     let path = root.join("scripts/services").join(script);
     // -o: the lock is not inherited by the service the script leaves running.
@@ -49,7 +53,10 @@ pub fn moto() -> &'static BTreeMap<String, String> {
 /// Creates an S3 bucket on moto (path-style PUT).
 pub fn create_bucket(name: &str) {
     let endpoint = &moto()["AWS_ENDPOINT_URL"];
-    let status = Command::new("curl").args(["-sf", "-X", "PUT", &format!("{endpoint}/{name}")]).status().unwrap();
+    let status = Command::new("curl")
+        .args(["-sf", "--max-time", "60", "-X", "PUT", &format!("{endpoint}/{name}")])
+        .status()
+        .unwrap();
     assert!(status.success(), "creating bucket {name} on {endpoint}");
 }
 
@@ -65,12 +72,13 @@ pub fn bq_rest(method: &str, path: &str, body: Option<serde_json::Value>) -> ser
     let url =
         format!("{}/bigquery/v2/projects/{}/{path}", bigquery()["BIGQUERY_REST_URL"], bigquery()["BIGQUERY_PROJECT"]);
     let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-X", method, &url, "-H", "content-type: application/json"]);
+    // A bounded wait: a wedged emulator fails the test with the emulator's log instead of hanging CI.
+    cmd.args(["-s", "--max-time", "60", "-X", method, &url, "-H", "content-type: application/json"]);
     if let Some(b) = body {
         cmd.args(["--data-binary", &b.to_string()]);
     }
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "curl {method} {url}");
+    assert!(out.status.success(), "curl {method} {url}: {}\n{}", out.status, bq_log_tail());
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
@@ -86,4 +94,12 @@ pub fn bq_query(sql: &str) -> Vec<Vec<Option<String>>> {
     rows.iter()
         .map(|r| r["f"].as_array().unwrap().iter().map(|c| c["v"].as_str().map(str::to_string)).collect())
         .collect()
+}
+
+/// The last lines of the emulator's log, for failure messages.
+pub fn bq_log_tail() -> String {
+    let log = format!("{}/bqemulator/bqemulator.log", svc_dir());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!("last lines of {log}:\n{}", lines[lines.len().saturating_sub(30)..].join("\n"))
 }
