@@ -241,6 +241,71 @@ fn merge_is_exactly_once_across_sigkills() {
     assert_eq!(staged[0][0].as_deref(), Some("0"), "merged staging rows are deleted");
 }
 
+/// The load mode's staging directory for a dataset: inside the emulator's stand-in for Cloud Storage, so the same
+/// files are `gs://nagare-staging/<dataset>` to the emulator.
+fn staging(dataset: &str) -> (std::path::PathBuf, String) {
+    let root = std::path::PathBuf::from(&bigquery()["BIGQUERY_GCS_LOCAL_ROOT"]);
+    (root.join("nagare-staging").join(dataset), format!("gs://nagare-staging/{dataset}"))
+}
+
+fn load_options(dataset: &str, interval: &str) -> String {
+    let (dir, gs) = staging(dataset);
+    format!(
+        ", write_mode = 'load', staging_uri = '{}', staging_source_uri = '{gs}', load_interval = '{interval}'",
+        dir.display()
+    )
+}
+
+/// Parquet files left in a staging directory.
+fn staged_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    common::files_with(dir, &["parquet"])
+}
+
+#[test]
+fn load_is_exactly_once_across_sigkills() {
+    const N: usize = 30_000;
+    let dataset = format!("load_{}", std::process::id());
+    bq_dataset(&dataset);
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("p.sql");
+    // Checkpoints every 300 ms, loads every 900 ms (every third checkpoint): kills land between staging, sealing,
+    // loading and deleting.
+    std::fs::write(
+        &sql,
+        pipeline_with(N, 4_000, "SET checkpoint_interval = '300ms';", "0", "", &load_options(&dataset, "900ms")),
+    )
+    .unwrap();
+    let table = crash_loop(&sql, &dataset, "loaded", &dir.path().join("ckpt"), 79);
+    assert_eq!(count(&dataset, &table), (N as i64, N as i64));
+    let left = staged_files(&staging(&dataset).0);
+    assert!(left.is_empty(), "loaded and abandoned staging files are deleted: {left:?}");
+}
+
+#[test]
+fn load_without_checkpoints_loads_at_the_end_and_bad_staging_is_refused() {
+    let dataset = format!("loadonce_{}", std::process::id());
+    bq_dataset(&dataset);
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, pipeline_with(2_000, 0, "", "0", "", &load_options(&dataset, "1h"))).unwrap();
+    let (status, err) = finish(nagare(&sql, &dataset, "events", &[]));
+    assert!(status.success(), "{err}");
+    assert_eq!(count(&dataset, "events"), (2_000, 2_000));
+    assert!(staged_files(&staging(&dataset).0).is_empty());
+
+    // Staging BigQuery cannot read: refused before anything runs, naming the option.
+    let local = format!(", write_mode = 'load', staging_uri = '{}'", dir.path().join("s").display());
+    std::fs::write(&sql, pipeline_with(10, 0, "", "0", "", &local)).unwrap();
+    let (status, err) = finish(nagare(&sql, &dataset, "events", &[]));
+    assert!(!status.success());
+    assert!(err.contains("staging_uri") && err.contains("not a gs:// URL"), "{err}");
+    std::fs::write(&sql, pipeline_with(10, 0, "", "0", "", ", write_mode = 'load'")).unwrap();
+    let (status, err) = finish(nagare(&sql, &dataset, "events", &[]));
+    assert!(!status.success());
+    assert!(err.contains("needs staging_uri"), "{err}");
+    assert_eq!(count(&dataset, "events"), (2_000, 2_000), "nothing more was written");
+}
+
 /// Accepts HTTP requests on a loopback port, records their `authorization` headers and answers 403.
 fn recording_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{BufRead, Write};

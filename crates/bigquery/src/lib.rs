@@ -4,6 +4,7 @@
 pub mod adc;
 pub mod auth;
 pub mod error;
+pub mod load;
 pub mod proto;
 pub mod rest;
 pub mod sink;

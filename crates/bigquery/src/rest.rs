@@ -158,21 +158,34 @@ impl RestClient {
         Ok(())
     }
 
-    /// Runs a query job with the given id to completion. A job id can be used once: if it ran before (a commit
-    /// retried after a crash) this waits for that run instead of running the statement again.
+    /// Runs a query job with the given id to completion; see [`RestClient::run_job_config`].
     pub async fn run_job(&self, project: &str, job_id: &str, sql: &str) -> Result<()> {
+        self.run_job_config(project, job_id, json!({"query": {"query": sql, "useLegacySql": false}})).await
+    }
+
+    /// Runs a job (`configuration` as in `jobs.insert`) with the given id to completion. A job id can be used once:
+    /// if the job exists (a commit retried after a crash) this waits for that run instead of starting it again. The
+    /// job is looked up before it is inserted, so a server that does not refuse a reused id still runs it once.
+    pub async fn run_job_config(&self, project: &str, job_id: &str, configuration: Value) -> Result<()> {
         let url = format!("{}/projects/{project}/jobs", self.base);
-        let body = json!({
-            "jobReference": {"projectId": project, "jobId": job_id},
-            "configuration": {"query": {"query": sql, "useLegacySql": false}},
-        });
-        let mut job = match self.call("jobs.insert", reqwest::Method::POST, &url, Some(&body)).await {
-            Ok(v) => v,
-            Err(BqError::Rest { status: 409, .. }) => {
-                tracing::info!(job_id, "the job ran before; waiting for its result instead of running it again");
-                self.call("jobs.get", reqwest::Method::GET, &format!("{url}/{job_id}"), None).await?
-            }
+        let body = json!({"jobReference": {"projectId": project, "jobId": job_id}, "configuration": configuration});
+        let existing = match self.call("jobs.get", reqwest::Method::GET, &format!("{url}/{job_id}"), None).await {
+            Ok(v) => Some(v),
+            Err(BqError::Rest { status: 404, .. }) => None,
             Err(e) => return Err(e),
+        };
+        let mut job = match existing {
+            Some(v) => {
+                tracing::info!(job_id, "the job ran before; using its result instead of running it again");
+                v
+            }
+            None => match self.call("jobs.insert", reqwest::Method::POST, &url, Some(&body)).await {
+                Ok(v) => v,
+                Err(BqError::Rest { status: 409, .. }) => {
+                    self.call("jobs.get", reqwest::Method::GET, &format!("{url}/{job_id}"), None).await?
+                }
+                Err(e) => return Err(e),
+            },
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(3600);
         loop {

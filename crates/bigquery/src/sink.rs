@@ -42,7 +42,28 @@ pub const OPTIONS: &[OptionSpec] = &[
         OptionKind::Enum(&["append", "upsert", "merge", "load"]),
         Some("append"),
         "append: Storage Write API, exactly once with checkpoints; merge: exactly once into a staging table, then \
-         MERGE into the table by its PRIMARY KEY when the checkpoint completes (upsert and load are not available yet)",
+         MERGE into the table by its PRIMARY KEY when the checkpoint completes; load: Parquet files staged at \
+         staging_uri, loaded by load jobs every load_interval (upsert is not available yet)",
+    ),
+    OptionSpec::optional(
+        "staging_uri",
+        OptionKind::String,
+        None,
+        "load mode: where Parquet files are staged before a load job reads them (gs://bucket/prefix; or a \
+         directory, file:// or s3:// URL that BigQuery reads as staging_source_uri)",
+    ),
+    OptionSpec::optional(
+        "staging_source_uri",
+        OptionKind::String,
+        None,
+        "load mode: staging_uri as BigQuery addresses it (gs://...), when nagare writes it another way (a gcsfuse \
+         mount, an emulator's directory)",
+    ),
+    OptionSpec::optional(
+        "load_interval",
+        OptionKind::Duration,
+        Some("5m"),
+        "load mode: time between load jobs (BigQuery allows 1,500 per table per day; at most one per checkpoint)",
     ),
     OptionSpec::optional(
         "staging_table",
@@ -140,6 +161,29 @@ impl ConnectorSpec for BigQuerySpec {
         let mode = o.get_str("write_mode").unwrap_or_default();
         match mode.as_str() {
             "append" => {}
+            "load" => {
+                let Some(staging) = o.get_str("staging_uri") else {
+                    return Err(o.error(
+                        "write_mode",
+                        "write_mode = 'load' needs staging_uri, where Parquet files wait for the load job (e.g. \
+                         gs://bucket/nagare-staging)",
+                    ));
+                };
+                let source = o.get_str("staging_source_uri").unwrap_or_else(|| staging.clone());
+                if !source.starts_with("gs://") {
+                    let name = if o.is_set("staging_source_uri") { "staging_source_uri" } else { "staging_uri" };
+                    return Err(o.error(
+                        name,
+                        format!(
+                            "BigQuery loads files from Cloud Storage: '{source}' is not a gs:// URL (stage at \
+                             gs://..., or set staging_source_uri to the gs:// address of staging_uri)"
+                        ),
+                    ));
+                }
+                if !table.has_columns {
+                    return Err(o.error("write_mode", "write_mode = 'load' needs declared columns"));
+                }
+            }
             "merge" => {
                 if table.primary_key.is_empty() || !table.has_columns {
                     return Err(o.error(
@@ -153,14 +197,19 @@ impl ConnectorSpec for BigQuerySpec {
                 return Err(o.error(
                     "write_mode",
                     format!(
-                        "write_mode = '{other}' is not available yet; use 'append' (exactly once with checkpoints) or \
-                         'merge'"
+                        "write_mode = '{other}' is not available yet; use 'append' (exactly once with checkpoints), \
+                         'merge' or 'load'"
                     ),
                 ));
             }
         }
         if o.is_set("staging_table") && mode != "merge" {
             return Err(o.error("staging_table", "only used with write_mode = 'merge'"));
+        }
+        for name in ["staging_uri", "staging_source_uri", "load_interval"] {
+            if o.is_set(name) && mode != "load" {
+                return Err(o.error(name, "only used with write_mode = 'load'"));
+            }
         }
         if table.has_columns {
             table_schema(&table.schema).map_err(|e| o.error("connector", e.to_string()))?;
@@ -285,6 +334,10 @@ impl Target {
 /// Creates the table if asked and missing, checks that it can take the pipeline's rows, and adds columns it lacks.
 pub async fn prepare(spec: &SinkSpec, schema: &SchemaRef) -> Result<(), BqError> {
     let target = Target::from_spec(spec)?;
+    if is_load(spec) {
+        // The staging location must open before anything runs.
+        crate::load::check_staging(spec)?;
+    }
     prepare_target(spec, schema, &target).await?;
     if let Some(m) = &target.merge {
         // The staging table: the same columns, all NULLABLE (rows are checked by the target's MERGE), plus where
@@ -394,9 +447,39 @@ pub struct PendingStream {
     pub checkpoint: u64,
 }
 
-/// Commits the streams every subtask recorded in a checkpoint, one `BatchCommitWriteStreams` per table, so the
-/// checkpoint's rows appear together. Idempotent: used when a checkpoint completes and again on recovery.
+/// Whether the sink stages files for load jobs.
+pub fn is_load(spec: &SinkSpec) -> bool {
+    spec.table.options.get_str("write_mode").as_deref() == Some("load")
+}
+
+/// Commits what every subtask recorded in a checkpoint: write streams (one `BatchCommitWriteStreams` per table, so
+/// the checkpoint's rows appear together), or sealed staged files (one load job). Idempotent.
 pub async fn commit_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
+    if is_load(spec) {
+        return crate::load::commit(spec, handles).await;
+    }
+    commit_streams(spec, handles).await
+}
+
+/// After a crash, before the job starts: commits what the restored checkpoint recorded (streams, or every staged
+/// file) and discards later epochs' output.
+pub async fn recover_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
+    if is_load(spec) {
+        return crate::load::recover(spec, handles).await;
+    }
+    // Streams of later epochs were never committed: BigQuery drops them.
+    commit_streams(spec, handles).await
+}
+
+/// A sink subtask for the sink's write mode.
+pub fn create(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Box<dyn Sink>, BqError> {
+    if is_load(spec) {
+        return Ok(Box::new(crate::load::LoadSink::new(spec, schema, ctx)?));
+    }
+    Ok(Box::new(BigQuerySink::new(spec, schema, ctx)?))
+}
+
+async fn commit_streams(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
     let handles: Vec<CommitHandle> = handles
         .iter()
         .filter(|h| !h.is_null())
@@ -597,7 +680,7 @@ impl Sink for BigQuerySink {
         self.dead_letter(rejected)
     }
 
-    async fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<serde_json::Value, EngineError> {
+    async fn pre_commit(&mut self, checkpoint: CheckpointId, _last: bool) -> Result<serde_json::Value, EngineError> {
         if let Some(mut a) = self.current.take() {
             let rejected = a.flush().await?;
             self.dead_letter(rejected)?;

@@ -63,8 +63,7 @@ impl ConnectorFactory for Connectors {
                 let dir = spec.table.options.get_str("path").unwrap_or_default();
                 filesystem::sink::recover(std::path::Path::new(&dir), handles)
             }
-            // Committing the restored checkpoint's streams again; later ones were never committed and expire.
-            "bigquery" => Ok(nagare_bigquery::sink::commit_table(spec, handles).await?),
+            "bigquery" => Ok(nagare_bigquery::sink::recover_table(spec, handles).await?),
             // stdout has nothing to commit or discard.
             _ => Ok(()),
         }
@@ -89,7 +88,7 @@ impl ConnectorFactory for Connectors {
         match spec.table.connector.as_str() {
             "filesystem" => Ok(Box::new(filesystem::sink::FileSink::new(spec, schema, ctx)?)),
             "stdout" => Ok(Box::new(stdout::StdoutSink::new(spec, schema, ctx))),
-            "bigquery" => Ok(Box::new(nagare_bigquery::BigQuerySink::new(spec, schema, ctx)?)),
+            "bigquery" => Ok(nagare_bigquery::sink::create(spec, schema, ctx)?),
             other => Err(EngineError::Config(format!("connector '{other}' cannot be a sink"))),
         }
     }

@@ -93,8 +93,10 @@ pub trait Sink: Send {
 
     /// Makes everything written so far durable but not yet visible (first phase of two-phase commit). Returns
     /// what recovery needs to make it visible if the job fails after the checkpoint completes; it covers every
-    /// pre-committed write not yet committed, so an aborted checkpoint's writes ride with the next one.
-    async fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<serde_json::Value>;
+    /// pre-committed write not yet committed, so an aborted checkpoint's writes ride with the next one. `last` marks
+    /// the job's final checkpoint (input ended or stop-with-checkpoint). A sink's `commit` of an earlier completed
+    /// checkpoint always comes before its `pre_commit` of a later one.
+    async fn pre_commit(&mut self, checkpoint: CheckpointId, last: bool) -> Result<serde_json::Value>;
 
     /// Checkpoint `checkpoint` is complete: makes the writes pre-committed up to it visible. Idempotent.
     async fn commit(&mut self, checkpoint: CheckpointId) -> Result<()>;

@@ -285,7 +285,7 @@ impl Chain {
                 o.broadcast(Message::Barrier(barrier)).await?;
                 None
             }
-            Terminal::Sink(sink, _) => Some(sink.pre_commit(id).await?),
+            Terminal::Sink(sink, _) => Some(sink.pre_commit(id, barrier.then_stop).await?),
         };
         let Some(link) = link else { return Ok(()) };
         link.uploads
@@ -509,17 +509,20 @@ pub async fn run_operator_task(mut gate: InputGate, mut chain: Chain, mut link: 
     let ticks = chain.has_sink();
     loop {
         let event = tokio::select! {
-            event = gate.next() => event?,
-            _ = ticker.tick(), if ticks => {
-                chain.tick().await?;
-                continue;
-            }
+            // Coordinator messages first: a completed checkpoint's commit is queued before the next checkpoint's
+            // barrier can arrive, so a sink always commits checkpoint n before it pre-commits n + 1.
+            biased;
             control = recv_control(&mut link) => {
                 if let Control::Complete { id, .. } = control {
                     chain.commit(id).await?;
                 }
                 continue;
             }
+            _ = ticker.tick(), if ticks => {
+                chain.tick().await?;
+                continue;
+            }
+            event = gate.next() => event?,
         };
         match event {
             GateEvent::Batch(b) => chain.push_batch(b).await?,

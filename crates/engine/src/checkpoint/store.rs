@@ -117,15 +117,27 @@ impl CheckpointStore {
             .map_err(|e| storage_error(&self.url, &format!("listing {what}"), e))
     }
 
-    /// Every shared state file, with the checkpoint that wrote it.
-    pub async fn list_shared(&self) -> Result<Vec<(String, u64)>> {
-        let files = self.list_under(&self.path(SHARED), "shared state").await?;
+    /// Every object under `rel_prefix` (a relative directory), as relative paths.
+    pub async fn list_files(&self, rel_prefix: &str) -> Result<Vec<String>> {
+        let files = self.list_under(&self.path(rel_prefix), rel_prefix).await?;
+        let root = self.root.as_ref();
         Ok(files
             .iter()
+            .map(|f| {
+                let p = f.as_ref();
+                p.strip_prefix(root).map_or(p, |r| r.trim_start_matches('/')).to_string()
+            })
+            .collect())
+    }
+
+    /// Every shared state file, with the checkpoint that wrote it.
+    pub async fn list_shared(&self) -> Result<Vec<(String, u64)>> {
+        let files = self.list_files(SHARED).await?;
+        Ok(files
+            .into_iter()
             .filter_map(|f| {
-                let name = f.filename()?;
-                let id = name.strip_suffix(".parquet")?.rsplit('-').next()?.parse().ok()?;
-                Some((format!("{SHARED}/{name}"), id))
+                let id = f.strip_suffix(".parquet")?.rsplit('-').next()?.parse().ok()?;
+                Some((f, id))
             })
             .collect())
     }
