@@ -306,6 +306,110 @@ fn load_without_checkpoints_loads_at_the_end_and_bad_staging_is_refused() {
     assert_eq!(count(&dataset, "events"), (2_000, 2_000), "nothing more was written");
 }
 
+/// Changes per tenant from generated events: the last one (by event time, then document number) is the tenant's
+/// image; events whose status is 'sent' delete it. `sinks` are the sink tables' declarations, `inserts` the INSERTs.
+fn upsert_pipeline(count: usize, dataset: &str, grpc: &str, table: &str, log: Option<&std::path::Path>) -> String {
+    let env = bigquery();
+    let select = "SELECT detail.tenant_id, time, CAST(substr(detail.document_id, 5) AS BIGINT), detail.amount, \
+                  detail.status, CASE WHEN detail.status = 'sent' THEN 'DELETE' ELSE 'UPSERT' END FROM events";
+    let log_part = log.map_or(String::new(), |p| {
+        format!(
+            "CREATE TABLE log (tenant_id BIGINT, seq BIGINT, doc BIGINT, status TEXT, op TEXT) \
+             WITH (connector = 'filesystem', path = '{}', format = 'json');\n\
+             INSERT INTO log SELECT detail.tenant_id, CAST(time AS BIGINT), CAST(substr(detail.document_id, 5) AS \
+             BIGINT), detail.status, CASE WHEN detail.status = 'sent' THEN 'DELETE' ELSE 'UPSERT' END FROM events;",
+            p.display()
+        )
+    });
+    format!(
+        r#"
+SET parallelism = 2;
+SET checkpoint_interval = '300ms';
+CREATE TABLE events (id TEXT, time TIMESTAMP,
+  detail STRUCT<tenant_id BIGINT, document_id TEXT, amount DOUBLE, status TEXT>,
+  WATERMARK FOR time AS time - INTERVAL '5' SECOND)
+WITH (connector = 'generator', count = '{count}', rate = '4000', duplicate_rate = '0.1', tenants = '300', seed = '12',
+      start_time = '2026-01-01T00:00:00Z');
+CREATE TABLE accounts (tenant_id BIGINT NOT NULL, updated TIMESTAMP NOT NULL, doc BIGINT NOT NULL, amount DOUBLE,
+  status TEXT, op TEXT, PRIMARY KEY (tenant_id) NOT ENFORCED)
+WITH (connector = 'bigquery', project = '{project}', dataset = '{dataset}', table = '{table}', credentials = 'none',
+      endpoint = '{grpc}', rest_endpoint = '{rest}', create_table = 'if_not_exists', write_mode = 'upsert',
+      sequence_by = 'updated, doc', change_type_column = 'op');
+INSERT INTO accounts {select};
+{log_part}
+"#,
+        project = env["BIGQUERY_PROJECT"],
+        rest = env["BIGQUERY_REST_URL"],
+    )
+}
+
+/// The double's rows of a table as (tenant, doc, status), sorted.
+fn double_rows(double: &nagare_bigquery::cdc_double::CdcDouble, table: &str) -> Vec<(i64, i64, String)> {
+    use nagare_bigquery::cdc_double::Value;
+    let mut out: Vec<(i64, i64, String)> = double
+        .rows(table)
+        .iter()
+        .map(|r| match (&r["tenant_id"], &r["doc"], &r["status"]) {
+            (Value::Int(t), Value::Int(d), Value::Text(s)) => (*t, *d, s.clone()),
+            other => panic!("unexpected row {other:?}"),
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn upsert_applies_the_last_change_per_key_exactly_once_across_sigkills() {
+    const N: usize = 30_000;
+    let double = nagare_bigquery::cdc_double::CdcDouble::default();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let grpc = rt.block_on(double.serve());
+    let dataset = format!("upsert_{}", std::process::id());
+    bq_dataset(&dataset);
+    let project = bigquery()["BIGQUERY_PROJECT"].clone();
+    let path = |t: &str| format!("projects/{project}/datasets/{dataset}/tables/{t}");
+    for t in ["reference"].into_iter().map(String::from).chain((0..12).map(|g| format!("upserted_{g}"))) {
+        double.add_table(&path(&t), &["tenant_id"]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+
+    // A run without kills, which also logs every change to a file: the expected table is computed from the log.
+    let log = dir.path().join("log");
+    let sql = dir.path().join("reference.sql");
+    std::fs::write(&sql, upsert_pipeline(N, &dataset, &grpc, "reference", Some(&log))).unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let ckpt_arg = ckpt.to_string_lossy().to_string();
+    let (status, err) = finish(nagare(&sql, &dataset, "reference", &["--checkpoint-dir", &ckpt_arg]));
+    assert!(status.success(), "{err}");
+    std::fs::remove_dir_all(&ckpt).unwrap();
+    let mut last: std::collections::BTreeMap<i64, (i64, i64, String, String)> = Default::default();
+    let changes = common::read_json_rows(&log);
+    assert_eq!(changes.len(), N, "every event (re-deliveries too) is a change");
+    for c in &changes {
+        let int = |k: &str| c[k].as_i64().unwrap();
+        let change =
+            (int("seq"), int("doc"), c["status"].as_str().unwrap().to_string(), c["op"].as_str().unwrap().to_string());
+        let e = last.entry(int("tenant_id")).or_insert_with(|| change.clone());
+        if (change.0, change.1) > (e.0, e.1) {
+            *e = change;
+        }
+    }
+    let expected: Vec<(i64, i64, String)> =
+        last.iter().filter(|(_, c)| c.3 == "UPSERT").map(|(t, c)| (*t, c.1, c.2.clone())).collect();
+    assert!(expected.len() > 100 && expected.len() < last.len(), "{} images, {} keys", expected.len(), last.len());
+    assert_eq!(double_rows(&double, &path("reference")), expected);
+    let sent = double.state.lock().unwrap().changes_received;
+    assert!(sent < N / 2, "changes are collapsed per key per checkpoint before they are sent: {sent} of {N}");
+
+    // The same with SIGKILLs: the source replays from the last checkpoint and the replayed changes carry the same
+    // sequence numbers, so BigQuery's table ends the same.
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, upsert_pipeline(N, &dataset, &grpc, "${TABLE}", None)).unwrap();
+    let table = crash_loop(&sql, &dataset, "upserted", &ckpt, 80);
+    assert_eq!(double_rows(&double, &path(&table)), expected);
+    drop(rt);
+}
+
 /// Accepts HTTP requests on a loopback port, records their `authorization` headers and answers 403.
 fn recording_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{BufRead, Write};

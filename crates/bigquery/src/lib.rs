@@ -3,14 +3,23 @@
 
 pub mod adc;
 pub mod auth;
+/// Test doubles of the Storage Write API (test code; the `test-double` feature lets end-to-end tests use them).
+#[cfg(any(test, feature = "test-double"))]
+pub mod cdc_double;
 pub mod error;
 pub mod load;
 pub mod proto;
 pub mod rest;
 pub mod sink;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "test-double"))]
+mod generated {
+    #![allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
+    include!(concat!(env!("OUT_DIR"), "/google.cloud.bigquery.storage.v1.BigQueryWrite.rs"));
+}
+#[cfg(any(test, feature = "test-double"))]
+pub mod testing;
 pub mod types;
+pub mod upsert;
 pub mod write;
 
 pub use error::BqError;

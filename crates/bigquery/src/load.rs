@@ -107,7 +107,12 @@ fn job_id(target: &Target, paths: &[&str]) -> String {
 
 /// Loads `paths` (relative to the staging root) into the table with one job, unless that job ran before, then
 /// deletes the files.
-async fn load_files(target: &Target, staging: &Staging, store: &CheckpointStore, paths: &[&str]) -> Result<(), BqError> {
+async fn load_files(
+    target: &Target,
+    staging: &Staging,
+    store: &CheckpointStore,
+    paths: &[&str],
+) -> Result<(), BqError> {
     if paths.is_empty() {
         return Ok(());
     }

@@ -43,7 +43,22 @@ pub const OPTIONS: &[OptionSpec] = &[
         Some("append"),
         "append: Storage Write API, exactly once with checkpoints; merge: exactly once into a staging table, then \
          MERGE into the table by its PRIMARY KEY when the checkpoint completes; load: Parquet files staged at \
-         staging_uri, loaded by load jobs every load_interval (upsert is not available yet)",
+         staging_uri, loaded by load jobs every load_interval; upsert: BigQuery CDC, each row the new image of its \
+         PRIMARY KEY (or its deletion), ordered by sequence_by",
+    ),
+    OptionSpec::optional(
+        "sequence_by",
+        OptionKind::String,
+        None,
+        "upsert mode: up to four comma-separated integer, timestamp or date columns that order a key's changes \
+         (a version, an update time, a binlog position); becomes _CHANGE_SEQUENCE_NUMBER",
+    ),
+    OptionSpec::optional(
+        "change_type_column",
+        OptionKind::String,
+        None,
+        "upsert mode: a TEXT column (not written to the table) saying UPSERT or DELETE (also INSERT, UPDATE and \
+         Debezium's c, r, u, d); without it every row is an UPSERT",
     ),
     OptionSpec::optional(
         "staging_uri",
@@ -137,7 +152,7 @@ pub const OPTIONS: &[OptionSpec] = &[
 #[derive(Debug)]
 pub struct BigQuerySpec;
 
-fn columns_of(opts: &Options, name: &str) -> Vec<String> {
+pub(crate) fn columns_of(opts: &Options, name: &str) -> Vec<String> {
     opts.get_str(name)
         .map(|v| v.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect())
         .unwrap_or_default()
@@ -161,6 +176,59 @@ impl ConnectorSpec for BigQuerySpec {
         let mode = o.get_str("write_mode").unwrap_or_default();
         match mode.as_str() {
             "append" => {}
+            "upsert" => {
+                if table.primary_key.is_empty() || !table.has_columns {
+                    return Err(o.error(
+                        "write_mode",
+                        "write_mode = 'upsert' needs declared columns and a PRIMARY KEY (BigQuery applies changes by \
+                         it), e.g. PRIMARY KEY (id) NOT ENFORCED",
+                    ));
+                }
+                let seq = crate::upsert::sequence_columns(o);
+                if seq.is_empty() || seq.len() > 4 {
+                    return Err(o.error(
+                        if seq.is_empty() { "write_mode" } else { "sequence_by" },
+                        "write_mode = 'upsert' needs sequence_by: one to four integer, timestamp or date columns that \
+                         order a key's changes, so a change replayed after a recovery is applied once",
+                    ));
+                }
+                for c in &seq {
+                    match table.schema.field_with_name(c) {
+                        Ok(f) if crate::upsert::is_sequence_type(f.data_type()) => {}
+                        Ok(f) => {
+                            return Err(o.error(
+                                "sequence_by",
+                                format!(
+                                    "column '{c}' is {}, not an integer, timestamp or date",
+                                    nagare_sql::types::arrow_to_sql(f.data_type())
+                                ),
+                            ));
+                        }
+                        Err(_) => {
+                            return Err(o.error("sequence_by", format!("no column '{c}' in table {}", table.name)));
+                        }
+                    }
+                }
+                if let Some(c) = o.get_str("change_type_column") {
+                    match table.schema.field_with_name(&c) {
+                        Ok(f) if matches!(f.data_type(), arrow::datatypes::DataType::Utf8) => {}
+                        Ok(f) => {
+                            return Err(o.error(
+                                "change_type_column",
+                                format!("column '{c}' is {}, not TEXT", nagare_sql::types::arrow_to_sql(f.data_type())),
+                            ));
+                        }
+                        Err(_) => {
+                            return Err(
+                                o.error("change_type_column", format!("no column '{c}' in table {}", table.name))
+                            );
+                        }
+                    }
+                    if table.primary_key.contains(&c) {
+                        return Err(o.error("change_type_column", "the change type cannot be part of the PRIMARY KEY"));
+                    }
+                }
+            }
             "load" => {
                 let Some(staging) = o.get_str("staging_uri") else {
                     return Err(o.error(
@@ -197,8 +265,8 @@ impl ConnectorSpec for BigQuerySpec {
                 return Err(o.error(
                     "write_mode",
                     format!(
-                        "write_mode = '{other}' is not available yet; use 'append' (exactly once with checkpoints), \
-                         'merge' or 'load'"
+                        "write_mode = '{other}' is not known; use 'append' (exactly once with checkpoints), \
+                         'upsert', 'merge' or 'load'"
                     ),
                 ));
             }
@@ -209,6 +277,11 @@ impl ConnectorSpec for BigQuerySpec {
         for name in ["staging_uri", "staging_source_uri", "load_interval"] {
             if o.is_set(name) && mode != "load" {
                 return Err(o.error(name, "only used with write_mode = 'load'"));
+            }
+        }
+        for name in ["sequence_by", "change_type_column"] {
+            if o.is_set(name) && mode != "upsert" {
+                return Err(o.error(name, "only used with write_mode = 'upsert'"));
             }
         }
         if table.has_columns {
@@ -258,7 +331,13 @@ impl ConnectorSpec for BigQuerySpec {
 
     fn sink_partitioned_by_key(&self, table: &TableDef) -> bool {
         // A key's rows all reach one subtask, so "the last row of a key" within a checkpoint is well defined.
-        table.options.get_str("write_mode").as_deref() == Some("merge")
+        matches!(table.options.get_str("write_mode").as_deref(), Some("merge" | "upsert"))
+    }
+
+    fn sink_collapse_sequence(&self, table: &TableDef) -> Option<Vec<String>> {
+        // One image per key per checkpoint goes to BigQuery, not every intermediate change.
+        (table.options.get_str("write_mode").as_deref() == Some("upsert"))
+            .then(|| crate::upsert::sequence_columns(&table.options))
     }
 }
 
@@ -338,7 +417,7 @@ pub async fn prepare(spec: &SinkSpec, schema: &SchemaRef) -> Result<(), BqError>
         // The staging location must open before anything runs.
         crate::load::check_staging(spec)?;
     }
-    prepare_target(spec, schema, &target).await?;
+    prepare_target(spec, &crate::upsert::table_columns(spec, schema), &target).await?;
     if let Some(m) = &target.merge {
         // The staging table: the same columns, all NULLABLE (rows are checked by the target's MERGE), plus where
         // each row came from.
@@ -447,6 +526,11 @@ pub struct PendingStream {
     pub checkpoint: u64,
 }
 
+/// Whether the sink writes CDC changes.
+pub fn is_upsert(spec: &SinkSpec) -> bool {
+    spec.table.options.get_str("write_mode").as_deref() == Some("upsert")
+}
+
 /// Whether the sink stages files for load jobs.
 pub fn is_load(spec: &SinkSpec) -> bool {
     spec.table.options.get_str("write_mode").as_deref() == Some("load")
@@ -475,6 +559,9 @@ pub async fn recover_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Re
 pub fn create(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Box<dyn Sink>, BqError> {
     if is_load(spec) {
         return Ok(Box::new(crate::load::LoadSink::new(spec, schema, ctx)?));
+    }
+    if is_upsert(spec) {
+        return Ok(Box::new(crate::upsert::UpsertSink::new(spec, schema, ctx)?));
     }
     Ok(Box::new(BigQuerySink::new(spec, schema, ctx)?))
 }
@@ -556,6 +643,35 @@ async fn merge_streams(
     Ok(())
 }
 
+/// Sends rows that cannot be written to the dead-letter output with their reasons, or fails the job naming the
+/// first reason when there is none (`what` says who refused them).
+pub(crate) fn dead_letter(
+    ctx: &SinkContext,
+    name: &str,
+    what: &str,
+    rejected: Vec<Rejected>,
+) -> Result<(), EngineError> {
+    for r in rejected {
+        let dl: Option<&Arc<DeadLetterWriter>> = ctx.dead_letter.as_ref();
+        let Some(dl) = dl else {
+            return Err(EngineError::External {
+                system: "bigquery".into(),
+                message: format!(
+                    "{what} {} row(s) of sink '{name}' (first: {}); set dead_letter_path to keep them and go on",
+                    r.batch.num_rows(),
+                    r.reasons.first().cloned().unwrap_or_default()
+                ),
+                retriable: false,
+            });
+        };
+        for (i, reason) in r.reasons.iter().enumerate() {
+            dl.write_rows(&format!("bigquery sink '{name}'"), reason, &r.batch.slice(i, 1))?;
+        }
+        nagare_engine::metrics::NodeMetrics::add(&ctx.metrics.bad_records, r.batch.num_rows());
+    }
+    Ok(())
+}
+
 /// One subtask of a bigquery sink.
 pub struct BigQuerySink {
     target: Target,
@@ -615,27 +731,7 @@ impl BigQuerySink {
     }
 
     fn dead_letter(&self, rejected: Vec<Rejected>) -> Result<(), EngineError> {
-        for r in rejected {
-            let dl: Option<&Arc<DeadLetterWriter>> = self.ctx.dead_letter.as_ref();
-            let Some(dl) = dl else {
-                return Err(EngineError::External {
-                    system: "bigquery".into(),
-                    message: format!(
-                        "BigQuery rejected {} row(s) of sink '{}' (first: {}); set dead_letter_path to keep them and \
-                         go on",
-                        r.batch.num_rows(),
-                        self.name,
-                        r.reasons.first().cloned().unwrap_or_default()
-                    ),
-                    retriable: false,
-                });
-            };
-            for (i, reason) in r.reasons.iter().enumerate() {
-                dl.write_rows(&format!("bigquery sink '{}'", self.name), reason, &r.batch.slice(i, 1))?;
-            }
-            nagare_engine::metrics::NodeMetrics::add(&self.ctx.metrics.bad_records, r.batch.num_rows());
-        }
-        Ok(())
+        dead_letter(&self.ctx, &self.name, "BigQuery rejected", rejected)
     }
 
     async fn appender(&mut self) -> Result<&mut Appender, BqError> {

@@ -16,11 +16,7 @@ use googleapis_tonic_google_cloud_bigquery_storage_v1::google::rpc::Status as Rp
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-mod generated {
-    #![allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
-    include!(concat!(env!("OUT_DIR"), "/google.cloud.bigquery.storage.v1.BigQueryWrite.rs"));
-}
-use generated::big_query_write_server::{BigQueryWrite, BigQueryWriteServer};
+use crate::generated::big_query_write_server::{BigQueryWrite, BigQueryWriteServer};
 
 /// A fault applied to the next append request that arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

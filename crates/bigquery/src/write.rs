@@ -207,7 +207,7 @@ impl WriteClient {
         Ok(Appender {
             client: self.clone(),
             stream,
-            schema_ipc: ipc_schema(schema),
+            format: RowFormat::Arrow(ipc_schema(schema)),
             conn: None,
             inflight: VecDeque::new(),
             next_offset: 0,
@@ -223,6 +223,27 @@ impl WriteClient {
         a.use_offsets = false;
         Ok(a)
     }
+
+    /// An appender for the table's `_default` stream sending protobuf rows (what BigQuery's CDC upserts take);
+    /// `schema` includes the `_CHANGE_TYPE` and `_CHANGE_SEQUENCE_NUMBER` columns.
+    pub fn default_stream_proto_appender(
+        &self,
+        table: &str,
+        schema: &Schema,
+        max_request_bytes: usize,
+    ) -> Result<Appender> {
+        let mut a = self.default_stream_appender(table, schema, max_request_bytes)?;
+        a.format = RowFormat::Proto(Box::new(crate::proto::descriptor(schema, false)));
+        Ok(a)
+    }
+}
+
+/// How rows go on the wire, with what describes them on a connection's first request.
+enum RowFormat {
+    /// `arrow_rows`, with the IPC schema.
+    Arrow(Vec<u8>),
+    /// `proto_rows`, with the message descriptor.
+    Proto(Box<prost_types::DescriptorProto>),
 }
 
 /// The IPC encapsulated message of a schema, as `arrow_rows.writer_schema` wants it.
@@ -289,7 +310,7 @@ pub struct Rejected {
 pub struct Appender {
     client: WriteClient,
     stream: String,
-    schema_ipc: Vec<u8>,
+    format: RowFormat,
     conn: Option<Conn>,
     inflight: VecDeque<Sent>,
     next_offset: i64,
@@ -310,15 +331,25 @@ impl Appender {
     }
 
     fn request(&self, sent: &Sent, with_schema: bool) -> Result<pb::AppendRowsRequest> {
-        let rows = pb::ArrowRecordBatch { serialized_record_batch: ipc_batch(&sent.batch)?, ..Default::default() };
+        use pb::append_rows_request::{ArrowData, ProtoData, Rows};
+        let rows = match &self.format {
+            RowFormat::Arrow(schema) => Rows::ArrowRows(ArrowData {
+                writer_schema: with_schema.then(|| pb::ArrowSchema { serialized_schema: schema.clone() }),
+                rows: Some(pb::ArrowRecordBatch {
+                    serialized_record_batch: ipc_batch(&sent.batch)?,
+                    ..Default::default()
+                }),
+            }),
+            RowFormat::Proto(descriptor) => Rows::ProtoRows(ProtoData {
+                writer_schema: with_schema.then(|| pb::ProtoSchema { proto_descriptor: Some(descriptor.as_ref().clone()) }),
+                rows: Some(pb::ProtoRows { serialized_rows: crate::proto::encode_rows(&sent.batch, None)? }),
+            }),
+        };
         Ok(pb::AppendRowsRequest {
             // Required on a connection's first request only, but allowed on all (and some servers want it).
             write_stream: self.stream.clone(),
             offset: self.use_offsets.then_some(sent.offset),
-            rows: Some(pb::append_rows_request::Rows::ArrowRows(pb::append_rows_request::ArrowData {
-                writer_schema: with_schema.then(|| pb::ArrowSchema { serialized_schema: self.schema_ipc.clone() }),
-                rows: Some(rows),
-            })),
+            rows: Some(rows),
             ..Default::default()
         })
     }

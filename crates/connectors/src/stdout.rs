@@ -74,7 +74,11 @@ impl Sink for StdoutSink {
     }
 
     /// Standard output cannot take back what it printed: across a restart rows may print twice.
-    async fn pre_commit(&mut self, _checkpoint: nagare_core::CheckpointId, _last: bool) -> Result<serde_json::Value, EngineError> {
+    async fn pre_commit(
+        &mut self,
+        _checkpoint: nagare_core::CheckpointId,
+        _last: bool,
+    ) -> Result<serde_json::Value, EngineError> {
         std::io::stdout().flush().map_err(|e| EngineError::io("flushing stdout", e))?;
         Ok(serde_json::Value::Null)
     }

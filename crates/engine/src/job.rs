@@ -24,6 +24,7 @@ use crate::metrics::{JobMetrics, NodeMetrics};
 use crate::operator::{Identity, Operator, StatePart};
 use crate::operators::OperatorContext;
 use crate::operators::calc::CalcOperator;
+use crate::operators::collapse::CollapseOperator;
 use crate::operators::dedup::DedupOperator;
 use crate::operators::session::SessionOperator;
 use crate::operators::window::WindowAggregateOperator;
@@ -188,6 +189,7 @@ fn node_kind(op: &OperatorSpec) -> &'static str {
         OperatorSpec::Dedup(_) => "dedup",
         OperatorSpec::WindowAggregate(_) => "window",
         OperatorSpec::Union => "union",
+        OperatorSpec::Collapse(_) => "collapse",
         OperatorSpec::Sink(_) => "sink",
     }
 }
@@ -327,6 +329,7 @@ fn build_operator(
     pipeline: &Pipeline,
     default_dead_letter: &Option<Arc<DeadLetterWriter>>,
     subtask: usize,
+    checkpoints: bool,
 ) -> Result<Option<Box<dyn Operator>>> {
     let settings = &pipeline.settings;
     let ctx = || -> Result<OperatorContext> {
@@ -349,6 +352,7 @@ fn build_operator(
         OperatorSpec::Source(_) | OperatorSpec::Sink(_) => return Ok(None),
         OperatorSpec::Calc(spec) => Box::new(CalcOperator::new(spec, node.schema.clone())),
         OperatorSpec::Union => Box::new(Identity),
+        OperatorSpec::Collapse(spec) => Box::new(CollapseOperator::new(spec, &node.schema, checkpoints)?),
         OperatorSpec::Dedup(spec) => {
             let input = input_schema.ok_or_else(|| EngineError::Internal("dedup without input".into()))?;
             Box::new(DedupOperator::new(spec, input, node.schema.clone(), ctx()?)?)
@@ -471,7 +475,15 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
                 let node = &graph.nodes[*id];
                 let m = metrics.nodes[*id].clone();
                 let input_schema = graph.inputs(*id).next().map(|e| graph.nodes[e.from].schema.clone());
-                let Some(mut op) = build_operator(node, input_schema, m.clone(), pipeline, &default_dead_letter, s)?
+                let Some(mut op) = build_operator(
+                    node,
+                    input_schema,
+                    m.clone(),
+                    pipeline,
+                    &default_dead_letter,
+                    s,
+                    options.checkpoints.is_some(),
+                )?
                 else {
                     continue;
                 };

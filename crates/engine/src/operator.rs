@@ -58,6 +58,12 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// A checkpoint barrier is about to pass: emit what must reach downstream before it (the checkpoint then holds
+    /// no trace of it). Called before `snapshot`.
+    fn on_barrier(&mut self, _out: &mut Vec<RecordBatch>) -> Result<()> {
+        Ok(())
+    }
+
     /// The input has ended; emit anything still held that the end of input completes.
     fn on_end(&mut self, _out: &mut Vec<RecordBatch>) -> Result<()> {
         Ok(())

@@ -269,6 +269,18 @@ impl Chain {
         link: Option<&CheckpointLink>,
     ) -> Result<()> {
         let id = barrier.checkpoint;
+        // What operators release at the barrier goes downstream ahead of it.
+        let mut released = Vec::new();
+        for i in 0..self.ops.len() {
+            let mut out = Vec::new();
+            {
+                let (op, metrics) = &mut self.ops[i];
+                op.on_barrier(&mut out)?;
+                NodeMetrics::add(&metrics.rows_out, out.iter().map(|b| b.num_rows()).sum());
+            }
+            released.extend(self.run_from(i + 1, out)?);
+        }
+        self.emit(released).await?;
         // Snapshots are taken here (the operators' state as Arrow batches); encoding and upload run in the
         // background while the task goes on processing.
         let mut parts = Vec::new();

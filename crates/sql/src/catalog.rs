@@ -56,6 +56,12 @@ pub trait ConnectorSpec: Send + Sync {
         false
     }
 
+    /// For sinks that write one image per key (upserts): the columns ordering a key's changes. The planner then puts
+    /// a collapse operator (last change per key per checkpoint) in front of the sink.
+    fn sink_collapse_sequence(&self, _table: &TableDef) -> Option<Vec<String>> {
+        None
+    }
+
     /// Whether a sink needs its columns declared, or can take the query's schema.
     fn sink_needs_columns(&self) -> bool {
         false

@@ -100,6 +100,8 @@ pub enum OperatorSpec {
     WindowAggregate(WindowAggregateSpec),
     /// Merges its inputs unchanged.
     Union,
+    /// Keeps, per key, the last change of each checkpoint interval (in front of an upsert sink).
+    Collapse(CollapseSpec),
     /// Writes a sink table.
     Sink(SinkSpec),
 }
@@ -158,6 +160,17 @@ pub enum DedupScope {
     Ttl { ttl_us: i64 },
     /// Rows of a key within the same tumbling window are duplicates.
     Window { size_us: i64 },
+}
+
+/// Collapses the changes to each key between two checkpoints into the last one: the row with the greatest
+/// sequence (on a tie, the one that arrived last). Emitted when the checkpoint barrier passes, so the sink writes
+/// one image per key per checkpoint.
+#[derive(Debug, Clone)]
+pub struct CollapseSpec {
+    /// Key columns (the sink's PRIMARY KEY), as input column indices.
+    pub keys: Vec<usize>,
+    /// Columns that order a key's changes, most significant first.
+    pub sequence: Vec<usize>,
 }
 
 /// `ROW_NUMBER() OVER (PARTITION BY keys ORDER BY time) = 1`.

@@ -33,8 +33,8 @@ use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 use crate::catalog::{ConnectorCatalog, TableDef, TableRole, Variables, normalize_object_name};
 use crate::error::{Location, PlanError, PlanErrorKind, Result};
 use crate::graph::{
-    AggregateSpec, CalcSpec, DataflowGraph, DedupScope, DedupSpec, Edge, Keep, LateRowPolicy, Node, NodeId,
-    OperatorSpec, Partitioning, Pipeline, Settings, SinkSpec, SourceSpec, WatermarkSpec, WindowAggregateSpec,
+    AggregateSpec, CalcSpec, CollapseSpec, DataflowGraph, DedupScope, DedupSpec, Edge, Keep, LateRowPolicy, Node,
+    NodeId, OperatorSpec, Partitioning, Pipeline, Settings, SinkSpec, SourceSpec, WatermarkSpec, WindowAggregateSpec,
 };
 use crate::options::{OptionKind, OptionValue, closest, parse_option_value};
 use crate::preprocess::{WatermarkClause, preprocess};
@@ -244,8 +244,14 @@ impl Planner {
             .filter(|t| self.connectors.get(&t.connector).is_some_and(|c| c.sink_partitioned_by_key(t)))
             .map(|t| t.name.clone())
             .collect();
+        let collapsed_sinks: BTreeMap<String, Vec<String>> = tables
+            .values()
+            .filter(|t| keyed_sinks.contains(&t.name))
+            .filter_map(|t| Some((t.name.clone(), self.connectors.get(&t.connector)?.sink_collapse_sequence(t)?)))
+            .collect();
         let mut tr = Translator {
             keyed_sinks,
+            collapsed_sinks,
             settings: &settings,
             tables: &tables,
             graph: DataflowGraph::default(),
@@ -520,6 +526,8 @@ struct Translator<'a> {
     stmt: Option<Location>,
     /// Sinks whose input is partitioned by their PRIMARY KEY.
     keyed_sinks: BTreeSet<String>,
+    /// Keyed sinks that take one image per key per checkpoint, with the columns ordering a key's changes.
+    collapsed_sinks: BTreeMap<String, Vec<String>>,
 }
 
 impl Translator<'_> {
@@ -1274,6 +1282,31 @@ impl Translator<'_> {
             return Ok(());
         }
         let label = format!("sink {} ({})", table.name, table.connector);
+        let part = self.sink_key_partitioning(table).unwrap_or(Partitioning::Forward);
+        // Upsert sinks: the last change per key per checkpoint, in front of the sink (INSERTs into the table join
+        // there).
+        let mut entry = None;
+        if let Some(sequence) = self.collapsed_sinks.get(&table.name).cloned() {
+            let index = |c: &String| {
+                target.index_of(c).map_err(|_| PlanError::unknown(format!("sink '{}' has no column '{c}'", table.name)))
+            };
+            let keys = table.primary_key.iter().map(index).collect::<Result<Vec<_>>>()?;
+            let seq = sequence.iter().map(index).collect::<Result<Vec<_>>>()?;
+            let label = format!(
+                "collapse by ({}) to the last change per checkpoint, ordered by ({})",
+                table.primary_key.join(", "),
+                sequence.join(", ")
+            );
+            let node = self.add_node(
+                label,
+                OperatorSpec::Collapse(CollapseSpec { keys, sequence: seq }),
+                stream.parallelism,
+                target.clone(),
+                None,
+            );
+            self.connect(stream.node, node, part.clone());
+            entry = Some(node);
+        }
         let node = self.add_node(
             label,
             OperatorSpec::Sink(SinkSpec { table: table.clone() }),
@@ -1281,9 +1314,11 @@ impl Translator<'_> {
             target,
             None,
         );
-        let part = self.sink_key_partitioning(table).unwrap_or(Partitioning::Forward);
-        self.connect(stream.node, node, part);
-        self.sinks.insert(table.name.clone(), node);
+        match entry {
+            Some(collapse) => self.connect(collapse, node, Partitioning::Forward),
+            None => self.connect(stream.node, node, part),
+        }
+        self.sinks.insert(table.name.clone(), entry.unwrap_or(node));
         Ok(())
     }
 

@@ -265,7 +265,11 @@ impl Sink for FileSink {
         Ok(())
     }
 
-    async fn pre_commit(&mut self, checkpoint: nagare_core::CheckpointId, _last: bool) -> Result<serde_json::Value, EngineError> {
+    async fn pre_commit(
+        &mut self,
+        checkpoint: nagare_core::CheckpointId,
+        _last: bool,
+    ) -> Result<serde_json::Value, EngineError> {
         self.close()?;
         self.prepared.insert(checkpoint.0, self.uncommitted.len());
         serde_json::to_value(&self.uncommitted).map_err(|e| EngineError::Internal(e.to_string()))

@@ -1,6 +1,7 @@
 //! The streaming operators: row-wise calc, dedup, windowed aggregates.
 
 pub mod calc;
+pub mod collapse;
 pub mod dedup;
 pub mod session;
 pub mod window;
