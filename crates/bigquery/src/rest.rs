@@ -124,6 +124,20 @@ impl RestClient {
         }
     }
 
+    /// The table's PRIMARY KEY columns (empty without one); `None` if the table does not exist.
+    pub async fn primary_key(&self, t: &TableRef) -> Result<Option<Vec<String>>> {
+        match self.call("tables.get", reqwest::Method::GET, &self.table_url(t), None).await {
+            Ok(v) => Ok(Some(
+                v["tableConstraints"]["primaryKey"]["columns"]
+                    .as_array()
+                    .map(|cols| cols.iter().filter_map(|c| c.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default(),
+            )),
+            Err(BqError::Rest { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Creates the table; one that appeared meanwhile (HTTP 409) is fine.
     pub async fn create_table(&self, t: &TableRef, fields: &[TableField], opts: &CreateOptions) -> Result<()> {
         let mut body = json!({

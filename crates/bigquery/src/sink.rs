@@ -418,6 +418,19 @@ pub async fn prepare(spec: &SinkSpec, schema: &SchemaRef) -> Result<(), BqError>
         crate::load::check_staging(spec)?;
     }
     prepare_target(spec, &crate::upsert::table_columns(spec, schema), &target).await?;
+    if is_upsert(spec) {
+        let key = target.rest_client()?.primary_key(&target.table).await?.unwrap_or_default();
+        if key != spec.table.primary_key {
+            // Not an error: some servers (emulators) do not report constraints.
+            tracing::warn!(
+                table = %target.table,
+                table_key = ?key,
+                pipeline_key = ?spec.table.primary_key,
+                "BigQuery applies CDC upserts by the table's PRIMARY KEY, which differs from the sink's (or is not \
+                 reported): set it with ALTER TABLE ... ADD PRIMARY KEY (...) NOT ENFORCED"
+            );
+        }
+    }
     if let Some(m) = &target.merge {
         // The staging table: the same columns, all NULLABLE (rows are checked by the target's MERGE), plus where
         // each row came from.
