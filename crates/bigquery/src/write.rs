@@ -341,7 +341,8 @@ impl Appender {
                 }),
             }),
             RowFormat::Proto(descriptor) => Rows::ProtoRows(ProtoData {
-                writer_schema: with_schema.then(|| pb::ProtoSchema { proto_descriptor: Some(descriptor.as_ref().clone()) }),
+                writer_schema: with_schema
+                    .then(|| pb::ProtoSchema { proto_descriptor: Some(descriptor.as_ref().clone()) }),
                 rows: Some(pb::ProtoRows { serialized_rows: crate::proto::encode_rows(&sent.batch, None)? }),
             }),
         };
