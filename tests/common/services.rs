@@ -103,3 +103,9 @@ pub fn bq_log_tail() -> String {
     let lines: Vec<&str> = text.lines().collect();
     format!("last lines of {log}:\n{}", lines[lines.len().saturating_sub(30)..].join("\n"))
 }
+
+/// etcd on loopback: `ETCD_ENDPOINTS`.
+pub fn etcd() -> &'static BTreeMap<String, String> {
+    static ETCD: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+    ETCD.get_or_init(|| start("start-etcd.sh"))
+}

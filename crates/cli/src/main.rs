@@ -1,6 +1,7 @@
 //! `nagare`: run, explain and benchmark streaming SQL pipelines.
 
 mod bench;
+mod cluster;
 mod progress;
 
 use std::collections::BTreeMap;
@@ -91,6 +92,8 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    #[command(flatten)]
+    Cluster(cluster::ClusterCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,6 +202,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench { what } => bench::run(what).await,
+        Command::Cluster(c) => cluster::dispatch(c).await,
     }
 }
 

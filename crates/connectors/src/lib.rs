@@ -93,3 +93,22 @@ impl ConnectorFactory for Connectors {
         }
     }
 }
+
+/// Plans a pipeline against the built-in connectors, as a cluster does for a submitted job: `parallelism` (when
+/// not 0) overrides `SET parallelism`, `settings` override `SET`s, `variables` fill `${NAME}` (then the environment).
+pub async fn plan(
+    sql: &str,
+    parallelism: u32,
+    settings: &std::collections::BTreeMap<String, String>,
+    variables: &std::collections::BTreeMap<String, String>,
+) -> Result<nagare_sql::Pipeline, nagare_sql::PlanError> {
+    let mut planner = nagare_sql::Planner::new(Connectors::catalog())
+        .with_variables(nagare_sql::Variables::new(variables.clone(), true));
+    for (k, v) in settings {
+        planner = planner.with_setting(k.clone(), v.clone());
+    }
+    if parallelism > 0 {
+        planner = planner.with_setting("parallelism", parallelism.to_string());
+    }
+    planner.plan(sql).await
+}

@@ -1,0 +1,369 @@
+//! Cluster commands: `coordinator`, `worker`, and the JobService clients (`submit`, `jobs`, `status`, `stop`,
+//! `workers`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Subcommand;
+use nagare_coordinator::EtcdStore;
+use nagare_rpc::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+/// Where the JobService is and how to call it.
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// The coordinator (any of them).
+    #[arg(long, env = "NAGARE_COORDINATOR", default_value = "http://127.0.0.1:7400")]
+    coordinator: String,
+    /// Bearer token of the cluster.
+    #[arg(long, env = "NAGARE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// Cluster subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Runs a coordinator: serves JobService, and schedules jobs while it leads.
+    Coordinator {
+        /// etcd endpoints (comma-separated).
+        #[arg(long, env = "NAGARE_ETCD")]
+        etcd: String,
+        /// Key prefix of this cluster in etcd (several clusters can share one etcd).
+        #[arg(long, env = "NAGARE_ETCD_PREFIX", default_value = "/nagare")]
+        etcd_prefix: String,
+        /// Address to serve JobService on.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: String,
+        /// Where jobs' checkpoints go (`<url>/<job id>`): a directory every worker sees, s3:// or gs://.
+        #[arg(long, env = "NAGARE_CHECKPOINT_URL")]
+        checkpoint_url: String,
+        /// Bearer token clients must send.
+        #[arg(long, env = "NAGARE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Accept calls without a token (local use only).
+        #[arg(long)]
+        insecure: bool,
+        /// This coordinator's name in the election (default: its address).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Runs a worker: registers in etcd and runs the jobs the leading coordinator gives it.
+    Worker {
+        /// etcd endpoints (comma-separated).
+        #[arg(long, env = "NAGARE_ETCD")]
+        etcd: String,
+        /// Key prefix of this cluster in etcd (several clusters can share one etcd).
+        #[arg(long, env = "NAGARE_ETCD_PREFIX", default_value = "/nagare")]
+        etcd_prefix: String,
+        /// Address to serve WorkerService on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Subtasks this worker runs at once.
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
+        /// This worker's id (default: host and port).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Submits a pipeline as a job; prints its id.
+    Submit {
+        /// The pipeline's SQL file.
+        file: PathBuf,
+        /// The job's name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Subtasks per parallel operator.
+        #[arg(long, short = 'p', default_value_t = 0)]
+        parallelism: u32,
+        /// Pipeline settings (repeatable KEY=VALUE).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+        /// Values for ${NAME} (repeatable NAME=VALUE).
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Lists jobs.
+    Jobs {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Shows a job (`--json` for every field).
+    Status {
+        job: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stops a job, by default with a final checkpoint.
+    Stop {
+        job: String,
+        /// Stop at once, without a final checkpoint.
+        #[arg(long)]
+        immediate: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Lists live workers and their free slots.
+    Workers {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+type JobClient = pb::job_service_client::JobServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+>;
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+async fn client(args: &ClientArgs) -> Result<JobClient> {
+    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())
+        .with_context(|| format!("coordinator address '{}'", args.coordinator))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the coordinator at {}", args.coordinator))?;
+    let token = args
+        .token
+        .as_ref()
+        .map(|t| format!("Bearer {t}").parse())
+        .transpose()
+        .map_err(|_| anyhow!("the token has characters a header cannot carry"))?;
+    Ok(pb::job_service_client::JobServiceClient::with_interceptor(channel, BearerToken(token)))
+}
+
+fn status_error(e: tonic::Status) -> anyhow::Error {
+    anyhow!("{} ({:?})", e.message(), e.code())
+}
+
+fn pairs(list: &[String], what: &str) -> Result<HashMap<String, String>> {
+    Ok(crate::parse_pairs(list, what)?.into_iter().collect())
+}
+
+fn state_name(state: i32) -> String {
+    pb::JobState::try_from(state)
+        .map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_lowercase())
+        .unwrap_or_else(|_| state.to_string())
+}
+
+/// Runs a cluster command.
+pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
+    match cmd {
+        ClusterCommand::Coordinator { etcd, etcd_prefix, listen, checkpoint_url, token, insecure, id } => {
+            let store = EtcdStore::connect(&etcd, &etcd_prefix)
+                .await
+                .with_context(|| format!("connecting to etcd at {etcd}"))?;
+            coordinator(store, &listen, &checkpoint_url, token, insecure, id).await
+        }
+        ClusterCommand::Worker { etcd, etcd_prefix, listen, slots, id } => {
+            let store = EtcdStore::connect(&etcd, &etcd_prefix)
+                .await
+                .with_context(|| format!("connecting to etcd at {etcd}"))?;
+            worker(store, &listen, slots, id).await
+        }
+        ClusterCommand::Submit { file, name, parallelism, settings, vars, client: args } => {
+            let sql = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let name = name
+                .unwrap_or_else(|| file.file_stem().map_or("pipeline".into(), |s| s.to_string_lossy().into_owned()));
+            let job = client(&args)
+                .await?
+                .submit_pipeline(pb::SubmitPipelineRequest {
+                    sql,
+                    name,
+                    parallelism,
+                    settings: pairs(&settings, "--set")?,
+                    variables: pairs(&vars, "--var")?,
+                })
+                .await
+                .map_err(|e| match e.code() {
+                    tonic::Code::InvalidArgument => anyhow!("{}:{}", file.display(), e.message()),
+                    _ => status_error(e),
+                })?
+                .into_inner();
+            println!("{}", job.id);
+            Ok(())
+        }
+        ClusterCommand::Jobs { client: args } => {
+            let jobs = client(&args).await?.list_jobs(pb::ListJobsRequest {}).await.map_err(status_error)?.into_inner();
+            println!(
+                "{:<10} {:<20} {:<11} {:>4} {:>8} {:>12} {:>12}  worker",
+                "id", "name", "state", "par", "attempt", "rows in", "rows out"
+            );
+            for j in jobs.jobs {
+                println!(
+                    "{:<10} {:<20} {:<11} {:>4} {:>8} {:>12} {:>12}  {}",
+                    j.id,
+                    j.name,
+                    state_name(j.state),
+                    j.parallelism,
+                    j.attempt,
+                    j.rows_in,
+                    j.rows_out,
+                    j.workers.join(",")
+                );
+            }
+            Ok(())
+        }
+        ClusterCommand::Status { job, json, client: args } => {
+            let j =
+                client(&args).await?.get_job(pb::GetJobRequest { id: job }).await.map_err(status_error)?.into_inner();
+            if json {
+                let v = serde_json::json!({
+                    "id": j.id, "name": j.name, "state": state_name(j.state), "parallelism": j.parallelism,
+                    "workers": j.workers, "attempt": j.attempt, "rows_in": j.rows_in, "rows_out": j.rows_out,
+                    "last_checkpoint": j.last_checkpoint, "last_error": j.last_error,
+                    "checkpoint_url": j.checkpoint_url,
+                    "operators": j.operators.iter().map(|o| serde_json::json!({"id": o.id, "label": o.label, "parallelism": o.parallelism})).collect::<Vec<_>>(),
+                });
+                println!("{v}");
+                return Ok(());
+            }
+            println!("job {} ({}): {}", j.id, j.name, state_name(j.state));
+            println!("  workers: {}  attempt: {}  parallelism: {}", j.workers.join(","), j.attempt, j.parallelism);
+            println!("  rows in: {}  rows out: {}  last checkpoint: {}", j.rows_in, j.rows_out, j.last_checkpoint);
+            println!("  checkpoints: {}", j.checkpoint_url);
+            if !j.last_error.is_empty() {
+                println!("  last error: {}", j.last_error);
+            }
+            for o in j.operators {
+                println!("  [{}] {}  x{}", o.id, o.label, o.parallelism);
+            }
+            Ok(())
+        }
+        ClusterCommand::Stop { job, immediate, client: args } => {
+            let mode = if immediate { pb::StopMode::Immediate } else { pb::StopMode::Checkpoint };
+            let j = client(&args)
+                .await?
+                .stop_job(pb::StopJobRequest { id: job, mode: mode as i32 })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("job {}: {}", j.id, state_name(j.state));
+            Ok(())
+        }
+        ClusterCommand::Workers { client: args } => {
+            let ws =
+                client(&args).await?.list_workers(pb::ListWorkersRequest {}).await.map_err(status_error)?.into_inner();
+            println!("{:<24} {:<28} {:>5} {:>5}  jobs", "id", "address", "slots", "free");
+            for w in ws.workers {
+                println!("{:<24} {:<28} {:>5} {:>5}  {}", w.id, w.address, w.slots, w.free_slots, w.jobs.join(","));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn coordinator(
+    store: EtcdStore,
+    listen: &str,
+    checkpoint_url: &str,
+    token: Option<String>,
+    insecure: bool,
+    id: Option<String>,
+) -> Result<()> {
+    if token.is_none() && !insecure {
+        bail!(
+            "the coordinator needs --token (or NAGARE_TOKEN) for its API; --insecure serves it without, for local use"
+        );
+    }
+    let addr: std::net::SocketAddr = listen.parse().with_context(|| format!("--listen '{listen}'"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    let local = listener.local_addr()?;
+    let id = id.unwrap_or_else(|| format!("coordinator-{local}"));
+    let jobs = nagare_coordinator::service::Jobs::new(Arc::new(store.clone()), checkpoint_url);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nagare_rpc::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection service")?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<pb::job_service_server::JobServiceServer<nagare_coordinator::service::Jobs>>().await;
+    let stop = CancellationToken::new();
+    let leading = {
+        let (store, stop, id) = (store.clone(), stop.clone(), id.clone());
+        tokio::spawn(async move {
+            let workers: Arc<dyn nagare_coordinator::scheduler::Workers> =
+                Arc::new(nagare_coordinator::scheduler::GrpcWorkers::default());
+            while !stop.is_cancelled() {
+                if let Err(e) = nagare_coordinator::leader::lead(
+                    &store,
+                    &id,
+                    workers.clone(),
+                    Duration::from_millis(500),
+                    stop.clone(),
+                )
+                .await
+                {
+                    tracing::warn!(error = %e, "election failed; campaigning again");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    eprintln!("coordinator {id} serving JobService on http://{local}");
+    let service = pb::job_service_server::JobServiceServer::with_interceptor(
+        jobs,
+        nagare_coordinator::service::bearer_check(token),
+    );
+    let shutdown = stop.clone();
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .add_service(reflection)
+        .add_service(health)
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+        })
+        .await
+        .context("serving JobService")?;
+    stop.cancel();
+    let _ = leading.await;
+    Ok(())
+}
+
+async fn worker(store: EtcdStore, listen: &str, slots: u32, id: Option<String>) -> Result<()> {
+    let addr: std::net::SocketAddr = listen.parse().with_context(|| format!("--listen '{listen}'"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    let local = listener.local_addr()?;
+    let record = nagare_coordinator::model::WorkerRecord {
+        id: id.unwrap_or_else(|| format!("worker-{local}")),
+        address: format!("http://{local}"),
+        slots,
+    };
+    eprintln!("worker {} serving WorkerService on {} with {slots} slots", record.id, record.address);
+    let worker = nagare_worker::Worker::default();
+    let stop = CancellationToken::new();
+    let registration = {
+        let (w, stop) = (worker.clone(), stop.clone());
+        tokio::spawn(nagare_worker::keep_registered(store, record, stop, move || w.abort_all()))
+    };
+    let shutdown = stop.clone();
+    tonic::transport::Server::builder()
+        .add_service(pb::worker_service_server::WorkerServiceServer::new(worker))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+        })
+        .await
+        .context("serving WorkerService")?;
+    stop.cancel();
+    let _ = registration.await;
+    Ok(())
+}

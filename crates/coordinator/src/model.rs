@@ -1,0 +1,140 @@
+//! The records a cluster keeps: jobs and workers, as JSON values in the metadata store.
+
+use std::collections::BTreeMap;
+
+use nagare_rpc::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{MetadataStore, StoreError};
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Submitted; waiting for a worker with enough free slots.
+    Scheduling,
+    /// Deployed on a worker.
+    Running,
+    /// Asked to stop; the worker is stopping it.
+    Stopping,
+    /// Stopped on request.
+    Stopped,
+    /// Its input ended and everything was written.
+    Finished,
+    /// Failed; `last_error` says why.
+    Failed,
+}
+
+impl JobState {
+    /// Whether the job is over.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Stopped | JobState::Finished | JobState::Failed)
+    }
+
+    fn to_pb(self) -> pb::JobState {
+        match self {
+            JobState::Scheduling => pb::JobState::Scheduling,
+            JobState::Running => pb::JobState::Running,
+            JobState::Stopping => pb::JobState::Stopping,
+            JobState::Stopped => pb::JobState::Stopped,
+            JobState::Finished => pb::JobState::Finished,
+            JobState::Failed => pb::JobState::Failed,
+        }
+    }
+}
+
+/// A job, as stored under `/nagare/jobs/<id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub name: String,
+    pub sql: String,
+    pub parallelism: u32,
+    pub settings: BTreeMap<String, String>,
+    pub variables: BTreeMap<String, String>,
+    pub state: JobState,
+    /// The worker running it (while running or stopping).
+    pub worker: Option<String>,
+    /// Deployments so far.
+    pub attempt: u32,
+    /// Stop with a final checkpoint (true) or at once, once stopping.
+    pub stop_with_checkpoint: bool,
+    pub operators: Vec<(u32, String, u32)>,
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub last_checkpoint: u64,
+    pub last_error: String,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub checkpoint_url: String,
+}
+
+impl JobRecord {
+    /// The API's view of it.
+    pub fn to_pb(&self) -> pb::Job {
+        pb::Job {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            state: self.state.to_pb() as i32,
+            parallelism: self.parallelism,
+            workers: self.worker.iter().cloned().collect(),
+            attempt: self.attempt,
+            operators: self
+                .operators
+                .iter()
+                .map(|(id, label, p)| pb::Operator { id: *id, label: label.clone(), parallelism: *p })
+                .collect(),
+            rows_in: self.rows_in,
+            rows_out: self.rows_out,
+            last_checkpoint: self.last_checkpoint,
+            last_error: self.last_error.clone(),
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+            checkpoint_url: self.checkpoint_url.clone(),
+        }
+    }
+}
+
+/// A worker's registration under `/nagare/workers/<id>` (removed with its lease).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub id: String,
+    /// Where its WorkerService listens (`http://host:port`).
+    pub address: String,
+    pub slots: u32,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { key: key.to_string(), reason: e.to_string() })
+}
+
+/// Reads one job.
+pub async fn get_job(store: &dyn MetadataStore, id: &str) -> Result<Option<JobRecord>, StoreError> {
+    let key = format!("{}{id}", crate::keys::JOBS);
+    store.get(&key).await?.map(|b| parse(&key, &b)).transpose()
+}
+
+/// Writes one job.
+pub async fn put_job(store: &dyn MetadataStore, job: &JobRecord) -> Result<(), StoreError> {
+    let key = format!("{}{}", crate::keys::JOBS, job.id);
+    let bytes = serde_json::to_vec(job).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+    store.put(&key, bytes).await
+}
+
+/// Every job, oldest first.
+pub async fn list_jobs(store: &dyn MetadataStore) -> Result<Vec<JobRecord>, StoreError> {
+    let mut jobs: Vec<JobRecord> =
+        store.list(crate::keys::JOBS).await?.iter().map(|(k, v)| parse(k, v)).collect::<Result<_, _>>()?;
+    jobs.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+    Ok(jobs)
+}
+
+/// Every registered (live) worker.
+pub async fn list_workers(store: &dyn MetadataStore) -> Result<Vec<WorkerRecord>, StoreError> {
+    store.list(crate::keys::WORKERS).await?.iter().map(|(k, v)| parse(k, v)).collect()
+}

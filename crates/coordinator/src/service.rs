@@ -1,0 +1,251 @@
+//! `JobService`: the public API, answered from the metadata store by any coordinator.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use nagare_rpc::v1 as pb;
+use nagare_rpc::v1::job_service_server::JobService;
+use tonic::{Request, Response, Status};
+
+use crate::model::{JobRecord, JobState, get_job, list_jobs, list_workers, now_ms, put_job};
+use crate::store::{MetadataStore, StoreError};
+
+/// The service; `checkpoint_base` is where jobs' checkpoints go (`<base>/<job id>`).
+#[derive(Clone)]
+pub struct Jobs {
+    store: Arc<dyn MetadataStore>,
+    checkpoint_base: String,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs").field("checkpoint_base", &self.checkpoint_base).finish()
+    }
+}
+
+impl Jobs {
+    /// A service over `store`.
+    pub fn new(store: Arc<dyn MetadataStore>, checkpoint_base: &str) -> Self {
+        Jobs { store, checkpoint_base: checkpoint_base.trim_end_matches('/').to_string() }
+    }
+}
+
+fn unavailable(e: StoreError) -> Status {
+    Status::unavailable(format!("the cluster's metadata store cannot be used right now ({e}); retry"))
+}
+
+fn plan_error(e: &nagare_sql::PlanError) -> Status {
+    Status::invalid_argument(match e.location {
+        Some(l) => format!("{}:{}: {e}", l.line, l.column),
+        None => e.to_string(),
+    })
+}
+
+async fn job_or_not_found(store: &dyn MetadataStore, id: &str) -> Result<JobRecord, Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("a job id is required (see `nagare jobs`)"));
+    }
+    get_job(store, id).await.map_err(unavailable)?.ok_or_else(|| Status::not_found(format!("no job '{id}'")))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Job, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl JobService for Jobs {
+    async fn submit_pipeline(&self, request: Request<pb::SubmitPipelineRequest>) -> Result<Response<pb::Job>, Status> {
+        let req = request.into_inner();
+        let settings: BTreeMap<String, String> = req.settings.into_iter().collect();
+        let variables: BTreeMap<String, String> = req.variables.into_iter().collect();
+        let pipeline = nagare_connectors::plan(&req.sql, req.parallelism, &settings, &variables)
+            .await
+            .map_err(|e| plan_error(&e))?;
+        let name = if req.name.is_empty() { "pipeline".to_string() } else { req.name };
+        let jobs = list_jobs(self.store.as_ref()).await.map_err(unavailable)?;
+        if let Some(j) = jobs.iter().find(|j| j.name == name && !j.state.is_terminal()) {
+            return Err(Status::already_exists(format!(
+                "job '{}' ({}) is already named '{name}'; stop it or choose another --name",
+                j.id,
+                j.state_name()
+            )));
+        }
+        let id = format!("j{:08x}", fastrand::u32(..));
+        let now = now_ms();
+        let parallelism = pipeline.graph.nodes.iter().map(|n| n.parallelism).max().unwrap_or(1) as u32;
+        let job = JobRecord {
+            checkpoint_url: format!("{}/{id}", self.checkpoint_base),
+            id,
+            name,
+            sql: req.sql,
+            parallelism: if req.parallelism > 0 { req.parallelism } else { parallelism },
+            settings,
+            variables,
+            state: JobState::Scheduling,
+            worker: None,
+            attempt: 0,
+            stop_with_checkpoint: true,
+            operators: pipeline
+                .graph
+                .nodes
+                .iter()
+                .map(|n| (n.id as u32, n.label.clone(), n.parallelism as u32))
+                .collect(),
+            rows_in: 0,
+            rows_out: 0,
+            last_checkpoint: 0,
+            last_error: String::new(),
+            created_ms: now,
+            updated_ms: now,
+        };
+        put_job(self.store.as_ref(), &job).await.map_err(unavailable)?;
+        tracing::info!(job = job.id, name = job.name, "job submitted");
+        Ok(Response::new(job.to_pb()))
+    }
+
+    async fn validate_pipeline(
+        &self,
+        request: Request<pb::ValidatePipelineRequest>,
+    ) -> Result<Response<pb::ValidatePipelineResponse>, Status> {
+        let req = request.into_inner();
+        let variables: BTreeMap<String, String> = req.variables.into_iter().collect();
+        Ok(Response::new(match nagare_connectors::plan(&req.sql, 0, &BTreeMap::new(), &variables).await {
+            Ok(p) => pb::ValidatePipelineResponse { valid: true, diagnostics: Vec::new(), plan: p.to_string() },
+            Err(e) => pb::ValidatePipelineResponse {
+                valid: false,
+                diagnostics: vec![pb::Diagnostic {
+                    message: e.to_string(),
+                    line: e.location.map_or(0, |l| l.line as u32),
+                    column: e.location.map_or(0, |l| l.column as u32),
+                }],
+                plan: String::new(),
+            },
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = list_jobs(self.store.as_ref()).await.map_err(unavailable)?;
+        Ok(Response::new(pb::ListJobsResponse { jobs: jobs.iter().map(JobRecord::to_pb).collect() }))
+    }
+
+    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(job_or_not_found(self.store.as_ref(), &request.into_inner().id).await?.to_pb()))
+    }
+
+    async fn stop_job(&self, request: Request<pb::StopJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let req = request.into_inner();
+        let mut job = job_or_not_found(self.store.as_ref(), &req.id).await?;
+        if job.state.is_terminal() {
+            return Err(Status::failed_precondition(format!("job '{}' is already {}", job.id, job.state_name())));
+        }
+        job.stop_with_checkpoint = req.mode != pb::StopMode::Immediate as i32;
+        job.state = if job.worker.is_some() { JobState::Stopping } else { JobState::Stopped };
+        job.updated_ms = now_ms();
+        put_job(self.store.as_ref(), &job).await.map_err(unavailable)?;
+        Ok(Response::new(job.to_pb()))
+    }
+
+    async fn rescale_job(&self, request: Request<pb::RescaleJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let req = request.into_inner();
+        job_or_not_found(self.store.as_ref(), &req.id).await?;
+        Err(Status::unimplemented(
+            "rescaling a running job is not available yet: stop it with a checkpoint (`nagare stop`); its state is \
+             kept in its checkpoints",
+        ))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = list_workers(self.store.as_ref()).await.map_err(unavailable)?;
+        let jobs = list_jobs(self.store.as_ref()).await.map_err(unavailable)?;
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers: workers
+                .iter()
+                .map(|w| {
+                    let mine: Vec<&JobRecord> = jobs
+                        .iter()
+                        .filter(|j| !j.state.is_terminal() && j.worker.as_deref() == Some(w.id.as_str()))
+                        .collect();
+                    let used: u32 = mine.iter().map(|j| j.parallelism).sum();
+                    pb::Worker {
+                        id: w.id.clone(),
+                        address: w.address.clone(),
+                        slots: w.slots,
+                        free_slots: w.slots.saturating_sub(used),
+                        jobs: mine.iter().map(|j| j.id.clone()).collect(),
+                    }
+                })
+                .collect(),
+        }))
+    }
+
+    type WatchJobStream = WatchStream;
+
+    async fn watch_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = request.into_inner().id;
+        let first = job_or_not_found(self.store.as_ref(), &id).await?;
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(last.to_pb())).await.is_err() {
+                return;
+            }
+            while !last.state.is_terminal() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let next = match get_job(store.as_ref(), &id).await {
+                    Ok(Some(j)) => j,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(unavailable(e))).await;
+                        return;
+                    }
+                };
+                if next != last {
+                    if tx.send(Ok(next.to_pb())).await.is_err() {
+                        return;
+                    }
+                    last = next;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+impl JobRecord {
+    /// The state in words, for messages.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            JobState::Scheduling => "scheduling",
+            JobState::Running => "running",
+            JobState::Stopping => "stopping",
+            JobState::Stopped => "stopped",
+            JobState::Finished => "finished",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+/// Checks `authorization: Bearer <token>` on every call (constant-time comparison); `None` accepts every call
+/// (only with `--insecure`).
+pub fn bearer_check(token: Option<String>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let Some(expected) = &token else { return Ok(req) };
+        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let given = given.strip_prefix("Bearer ").unwrap_or("");
+        let same = given.len() == expected.len()
+            && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if same {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("a valid bearer token is required (--token or NAGARE_TOKEN)"))
+        }
+    }
+}

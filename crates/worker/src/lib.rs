@@ -1,0 +1,285 @@
+//! A worker of a nagare cluster. It registers under `/nagare/workers/<id>` with a lease it keeps alive, serves
+//! `WorkerService` (deploy, cancel, list tasks) and runs each deployed job with the engine, checkpointing to the
+//! job's checkpoint location and resuming from its newest checkpoint. If it cannot renew its lease it stops every
+//! job at once: the coordinator will have given them to another worker, and two copies must never write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nagare_coordinator::model::WorkerRecord;
+use nagare_coordinator::{EtcdStore, StoreError};
+use nagare_engine::{CheckpointOptions, JobOptions};
+use nagare_rpc::v1 as pb;
+use nagare_rpc::v1::worker_service_server::WorkerService;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Seconds a worker's registration lasts without renewal: how long a lost worker's jobs wait before restarting.
+pub const LEASE_TTL: i64 = 3;
+
+/// One deployed job.
+struct Task {
+    attempt: u32,
+    slots: u32,
+    state: pb::TaskState,
+    error: String,
+    stop: CancellationToken,
+    abort: Option<tokio::task::AbortHandle>,
+    metrics: Option<Arc<nagare_engine::metrics::JobMetrics>>,
+    checkpoints: Option<Arc<Mutex<nagare_engine::checkpoint::coordinator::CheckpointStats>>>,
+}
+
+/// The worker's jobs and its `WorkerService`.
+#[derive(Clone, Default)]
+pub struct Worker {
+    tasks: Arc<Mutex<HashMap<String, Task>>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").finish()
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Worker {
+    /// Stops every job at once (the lease is gone).
+    pub fn abort_all(&self) {
+        for (id, t) in locked(&self.tasks).iter_mut() {
+            if t.state == pb::TaskState::Running {
+                tracing::warn!(job = id, "lease lost: stopping the job at once");
+                if let Some(a) = t.abort.take() {
+                    a.abort();
+                }
+                t.state = pb::TaskState::Cancelled;
+                t.error = "the worker lost its lease".into();
+            }
+        }
+    }
+
+    async fn start(&self, req: pb::DeployRequest) -> Result<(), Status> {
+        let settings: BTreeMap<String, String> = req.settings.into_iter().collect();
+        let variables: BTreeMap<String, String> = req.variables.into_iter().collect();
+        let pipeline = nagare_connectors::plan(&req.sql, req.parallelism, &settings, &variables)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let store = nagare_engine::checkpoint::store::CheckpointStore::open(&req.checkpoint_url)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let options = JobOptions {
+            checkpoints: Some(CheckpointOptions {
+                store,
+                settings: nagare_engine::checkpoint::coordinator::CheckpointSettings {
+                    interval: pipeline.settings.checkpoint_interval,
+                    timeout: pipeline.settings.checkpoint_timeout,
+                    retained: pipeline.settings.checkpoints_retained,
+                    tolerable_failures: pipeline.settings.checkpoint_tolerable_failures,
+                },
+                from_scratch: false,
+            }),
+            ..JobOptions::default()
+        };
+        let id = req.job_id.clone();
+        let job = match nagare_engine::start(&pipeline, Arc::new(nagare_connectors::Connectors), options).await {
+            Ok(j) => j,
+            Err(e) => {
+                self.finished(&id, req.attempt, Err(e.to_string()));
+                return Ok(());
+            }
+        };
+        if let Some(from) = job.checkpoint_stats().lock().ok().and_then(|s| s.restored_from) {
+            tracing::info!(job = id, checkpoint = from, "resuming from checkpoint");
+        }
+        let stop = job.stop_token();
+        let metrics = job.metrics();
+        let checkpoints = job.checkpoint_stats();
+        let me = self.clone();
+        let attempt = req.attempt;
+        let job_id = id.clone();
+        let handle = tokio::spawn(async move {
+            let result = job.wait().await.map(|_| ()).map_err(|e| e.to_string());
+            me.finished(&job_id, attempt, result);
+        });
+        if let Some(t) = locked(&self.tasks).get_mut(&id).filter(|t| t.attempt == attempt) {
+            t.stop = stop;
+            t.abort = Some(handle.abort_handle());
+            t.metrics = Some(metrics);
+            t.checkpoints = Some(checkpoints);
+        }
+        Ok(())
+    }
+
+    fn finished(&self, id: &str, attempt: u32, result: Result<(), String>) {
+        if let Some(t) = locked(&self.tasks).get_mut(id).filter(|t| t.attempt == attempt) {
+            if t.state != pb::TaskState::Running {
+                return;
+            }
+            match result {
+                Ok(()) if t.stop.is_cancelled() => t.state = pb::TaskState::Cancelled,
+                Ok(()) => t.state = pb::TaskState::Finished,
+                Err(e) => {
+                    tracing::error!(job = id, error = e, "job failed");
+                    t.state = pb::TaskState::Failed;
+                    t.error = e;
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for Worker {
+    async fn deploy(&self, request: Request<pb::DeployRequest>) -> Result<Response<pb::DeployResponse>, Status> {
+        let req = request.into_inner();
+        {
+            let mut tasks = locked(&self.tasks);
+            if let Some(t) = tasks.get(&req.job_id) {
+                if t.attempt >= req.attempt {
+                    return Err(Status::already_exists(format!(
+                        "job {} attempt {} is already here (asked for attempt {})",
+                        req.job_id, t.attempt, req.attempt
+                    )));
+                }
+                if t.state == pb::TaskState::Running {
+                    return Err(Status::failed_precondition(format!("job {} still runs here", req.job_id)));
+                }
+            }
+            tasks.insert(
+                req.job_id.clone(),
+                Task {
+                    attempt: req.attempt,
+                    slots: req.parallelism,
+                    state: pb::TaskState::Running,
+                    error: String::new(),
+                    stop: CancellationToken::new(),
+                    abort: None,
+                    metrics: None,
+                    checkpoints: None,
+                },
+            );
+        }
+        tracing::info!(job = req.job_id, attempt = req.attempt, "deploying job");
+        // Restoring state can take a while: the coordinator is answered at once and follows progress in ListTasks.
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (id, attempt) = (req.job_id.clone(), req.attempt);
+            if let Err(e) = me.start(req).await {
+                me.finished(&id, attempt, Err(e.message().to_string()));
+            }
+        });
+        Ok(Response::new(pb::DeployResponse {}))
+    }
+
+    async fn cancel(&self, request: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
+        let req = request.into_inner();
+        let mut tasks = locked(&self.tasks);
+        let t =
+            tasks.get_mut(&req.job_id).ok_or_else(|| Status::not_found(format!("job {} is not here", req.job_id)))?;
+        if req.checkpoint {
+            // A final checkpoint, then the job ends (reported as cancelled).
+            t.stop.cancel();
+        } else if let Some(a) = t.abort.take() {
+            a.abort();
+            t.state = pb::TaskState::Cancelled;
+        }
+        Ok(Response::new(pb::CancelResponse {}))
+    }
+
+    async fn list_tasks(
+        &self,
+        _request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let tasks = locked(&self.tasks);
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: tasks
+                .iter()
+                .map(|(id, t)| pb::TaskStatus {
+                    job_id: id.clone(),
+                    attempt: t.attempt,
+                    state: t.state as i32,
+                    rows_in: t.metrics.as_ref().map_or(0, |m| m.rows_read()),
+                    rows_out: t.metrics.as_ref().map_or(0, |m| m.rows_written()),
+                    last_checkpoint: t
+                        .checkpoints
+                        .as_ref()
+                        .and_then(|c| c.lock().ok().and_then(|s| s.last.as_ref().map(|l| l.id)))
+                        .unwrap_or(0),
+                    error: t.error.clone(),
+                    slots: t.slots,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// Registers `record` under a lease and renews it until `stop`. While etcd cannot be reached the worker's jobs go
+/// on (nobody can reschedule them meanwhile); once etcd answers that the lease has expired, `on_lost` runs (the
+/// coordinator has given the jobs to another worker) and the worker registers again.
+pub async fn keep_registered(
+    etcd: EtcdStore,
+    record: WorkerRecord,
+    stop: CancellationToken,
+    on_lost: impl Fn() + Send + 'static,
+) -> Result<(), StoreError> {
+    let key = etcd.key(&format!("{}{}", nagare_coordinator::keys::WORKERS, record.id));
+    let value = serde_json::to_vec(&record).unwrap_or_default();
+    let mut client = etcd.client();
+    while !stop.is_cancelled() {
+        let lease = match register(&mut client, &key, &value).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(worker = record.id, error = %e, "cannot register in etcd; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        tracing::info!(worker = record.id, address = record.address, "registered");
+        let mut unreachable = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    let _ = client.lease_revoke(lease).await;
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            match tokio::time::timeout(Duration::from_millis(1500), client.lease_keep_alive(lease)).await {
+                Ok(Ok((mut keeper, mut responses))) => {
+                    let renewed = keeper.keep_alive().await.is_ok();
+                    match tokio::time::timeout(Duration::from_millis(1500), responses.message()).await {
+                        Ok(Ok(Some(r))) if renewed && r.ttl() > 0 => {
+                            if unreachable {
+                                tracing::info!(worker = record.id, "etcd reachable again; lease still held");
+                                unreachable = false;
+                            }
+                        }
+                        Ok(Ok(Some(_))) => break, // TTL 0: the lease expired
+                        _ => unreachable = true,
+                    }
+                }
+                Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() == tonic::Code::NotFound => break,
+                _ => {
+                    if !unreachable {
+                        tracing::warn!(
+                            worker = record.id,
+                            "etcd unreachable; jobs go on while the lease may still hold"
+                        );
+                    }
+                    unreachable = true;
+                }
+            }
+        }
+        tracing::warn!(worker = record.id, "lease expired: stopping this worker's jobs, registering again");
+        on_lost();
+    }
+    Ok(())
+}
+
+async fn register(client: &mut etcd_client::Client, key: &str, value: &[u8]) -> Result<i64, StoreError> {
+    let lease = client.lease_grant(LEASE_TTL, None).await?.id();
+    client.put(key, value.to_vec(), Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+    Ok(lease)
+}

@@ -1,0 +1,213 @@
+//! A cluster on one machine: etcd (started by scripts/services/start-etcd.sh), two coordinators and three worker
+//! processes. A job is submitted over gRPC; the worker running it is SIGKILLed, then the leading coordinator, then
+//! the next worker; the job moves each time and its output is checked row by row: nothing lost, nothing twice.
+//! The API's errors (bad SQL with its position, unknown job, missing token) are checked on the way.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::services::etcd;
+
+const TOKEN: &str = "test-token-7f3a";
+
+/// A child process killed (SIGKILL) when dropped.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn(dir: &Path, name: &str, args: &[&str]) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let child = Command::new(env!("CARGO_BIN_EXE_nagare"))
+        .args(args)
+        .env("NAGARE_LOG", "info")
+        .env("NAGARE_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Proc { child, log }
+}
+
+/// Runs a client command against `coordinator`; returns (success, stdout, stderr).
+fn cli(coordinator: &str, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nagare"));
+    c.args(args).env("NAGARE_COORDINATOR", coordinator).env_remove("NAGARE_TOKEN");
+    if let Some(t) = token {
+        c.env("NAGARE_TOKEN", t);
+    }
+    let out = c.output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn status(coordinator: &str, job: &str) -> serde_json::Value {
+    let (ok, out, err) = cli(coordinator, Some(TOKEN), &["status", job, "--json"]);
+    assert!(ok, "status: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool, logs: &dyn Fn() -> String) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}\n{}", logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
+    const N: usize = 80_000;
+    let etcd = etcd()["ETCD_ENDPOINTS"].clone();
+    let prefix = format!("/nagare-test-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("checkpoints");
+    let ckpt = ckpt.to_str().unwrap();
+    let (p1, p2) = (free_port(), free_port());
+    let coordinator = |port: u16, name: &str| {
+        spawn(
+            dir.path(),
+            name,
+            &[
+                "coordinator",
+                "--etcd",
+                &etcd,
+                "--etcd-prefix",
+                &prefix,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--checkpoint-url",
+                ckpt,
+                "--id",
+                name,
+            ],
+        )
+    };
+    let mut c1 = coordinator(p1, "c1");
+    wait_for("c1 to lead", Duration::from_secs(30), || c1.log().contains("leading"), &|| c1.log());
+    let c2 = coordinator(p2, "c2");
+    let mut workers: Vec<Proc> = (1..=3)
+        .map(|i| {
+            let id = format!("w{i}");
+            spawn(dir.path(), &id, &["worker", "--etcd", &etcd, "--etcd-prefix", &prefix, "--slots", "2", "--id", &id])
+        })
+        .collect();
+    // The follower answers the API as well.
+    let api = format!("http://127.0.0.1:{p2}");
+    wait_for(
+        "three workers",
+        Duration::from_secs(30),
+        || cli(&api, Some(TOKEN), &["workers"]).1.lines().count() == 4,
+        &|| cli(&api, Some(TOKEN), &["workers"]).2,
+    );
+
+    // API errors.
+    let bad = dir.path().join("bad.sql");
+    std::fs::write(
+        &bad,
+        "CREATE TABLE t (a INT) WITH (connector = 'generator');\nINSERT INTO nowhere SELECT a FROM t;\n",
+    )
+    .unwrap();
+    let (ok, _, err) = cli(&api, Some(TOKEN), &["submit", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("bad.sql:2:") && err.contains("nowhere"), "{err}");
+    let (ok, _, err) = cli(&api, Some(TOKEN), &["status", "nope"]);
+    assert!(!ok && err.contains("no job 'nope'") && err.contains("NotFound"), "{err}");
+    let (ok, _, err) = cli(&api, None, &["jobs"]);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let (ok, _, err) = cli(&api, Some("wrong"), &["jobs"]);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+
+    // The job: generated events, exactly once into JSON files.
+    let out = dir.path().join("out");
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "SET parallelism = 2;\nSET checkpoint_interval = '500ms';\n\
+             CREATE TABLE events (id TEXT, time TIMESTAMP, WATERMARK FOR time AS time - INTERVAL '5' SECOND)\n\
+             WITH (connector = 'generator', count = '{N}', rate = '4000', seed = '5', start_time = '2026-01-01T00:00:00Z');\n\
+             CREATE TABLE out WITH (connector = 'filesystem', path = '{}', format = 'json');\n\
+             INSERT INTO out SELECT id, time FROM events;\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let (ok, job, err) = cli(&api, Some(TOKEN), &["submit", sql.to_str().unwrap(), "--name", "moves"]);
+    assert!(ok, "{err}");
+    let job = job.trim().to_string();
+    let paths: Vec<PathBuf> = [&c1, &c2].into_iter().chain(workers.iter()).map(|p| p.log.clone()).collect();
+    let logs = move || {
+        paths
+            .iter()
+            .map(|p| format!("--- {}\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default()))
+            .collect::<String>()
+    };
+    let running_with_checkpoint = |attempt: u64| {
+        move |s: &serde_json::Value| {
+            s["state"] == "running" && s["attempt"].as_u64() >= Some(attempt) && s["last_checkpoint"].as_u64() > Some(0)
+        }
+    };
+    let worker_of = |s: &serde_json::Value| s["workers"][0].as_str().unwrap().to_string();
+
+    // 1. The worker running it dies: another worker resumes it from its last checkpoint.
+    wait_for("the job to run", Duration::from_secs(60), || running_with_checkpoint(1)(&status(&api, &job)), &logs);
+    let first = worker_of(&status(&api, &job));
+    workers.iter_mut().find(|w| w.log.ends_with(format!("{first}.log"))).unwrap().kill();
+    wait_for(
+        "the job on another worker",
+        Duration::from_secs(60),
+        || running_with_checkpoint(2)(&status(&api, &job)),
+        &logs,
+    );
+    let s = status(&api, &job);
+    assert_ne!(worker_of(&s), first);
+    assert!(s["last_error"].as_str().unwrap().contains(&format!("worker {first} was lost")), "{s}");
+
+    // 2. The leading coordinator dies: the other one takes over (the job keeps running meanwhile).
+    c1.kill();
+    wait_for("c2 to lead", Duration::from_secs(60), || c2.log().contains("leading"), &logs);
+    let s = status(&api, &job);
+    assert_eq!(s["state"], "running", "the job kept running while the leader changed: {s}");
+
+    // 3. Its worker dies again: the new leader moves it to the last worker.
+    let second = worker_of(&s);
+    workers.iter_mut().find(|w| w.log.ends_with(format!("{second}.log"))).unwrap().kill();
+    wait_for(
+        "the job on the last worker",
+        Duration::from_secs(60),
+        || running_with_checkpoint(3)(&status(&api, &job)),
+        &logs,
+    );
+    let s = status(&api, &job);
+    assert!(worker_of(&s) != first && worker_of(&s) != second, "{s}");
+
+    wait_for("the job to finish", Duration::from_secs(120), || status(&api, &job)["state"] == "finished", &logs);
+    let rows = common::read_json_rows(&out);
+    let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!((rows.len(), ids.len()), (N, N), "every event exactly once");
+    assert!(c2.log().contains("worker lost"), "{}", c2.log());
+}
