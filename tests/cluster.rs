@@ -193,6 +193,18 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     let s = status(&api, &job);
     assert_eq!(s["state"], "running", "the job kept running while the leader changed: {s}");
 
+    // etcd away for a while (shorter than the workers' lease): the job goes on, on the same attempt; scheduling
+    // resumes when etcd answers again.
+    let attempt = s["attempt"].clone();
+    let etcd_pid = common::services::etcd()["ETCD_PID"].clone();
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &etcd_pid]).status().unwrap().success());
+    signal("-STOP");
+    std::thread::sleep(Duration::from_millis(2500));
+    signal("-CONT");
+    wait_for("etcd to answer", Duration::from_secs(30), || cli(&api, Some(TOKEN), &["jobs"]).0, &logs);
+    let s = status(&api, &job);
+    assert_eq!((s["state"].clone(), s["attempt"].clone()), ("running".into(), attempt), "{s}");
+
     // 3. Its worker dies again: the new leader moves it to the last worker.
     let second = worker_of(&s);
     workers.iter_mut().find(|w| w.log.ends_with(format!("{second}.log"))).unwrap().kill();
