@@ -14,6 +14,43 @@ use common::services::etcd;
 
 const TOKEN: &str = "test-token-7f3a";
 
+/// The CA certificate clients trust (the coordinators' self-signed certificate).
+static CA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// A test CA and a server certificate it signed for 127.0.0.1 and localhost: (CA certificate, certificate, key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |n: &str| dir.join(n);
+    std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").current_dir(dir).args(args).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=nagare-test-ca"]
+        .iter()
+        .copied()
+        .chain(["-keyout", "ca.key", "-out", "ca.pem"])
+        .collect::<Vec<_>>());
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "leaf.csr"]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    (p("ca.pem"), p("cert.pem"), p("key.pem"))
+}
+
 /// A child process killed (SIGKILL) when dropped.
 struct Proc {
     child: Child,
@@ -58,6 +95,9 @@ fn spawn(dir: &Path, name: &str, args: &[&str]) -> Proc {
 fn cli(coordinator: &str, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_nagare"));
     c.args(args).env("NAGARE_COORDINATOR", coordinator).env_remove("NAGARE_TOKEN");
+    if let Some(ca) = CA.get() {
+        c.env("NAGARE_CA_CERT", ca);
+    }
     if let Some(t) = token {
         c.env("NAGARE_TOKEN", t);
     }
@@ -88,6 +128,9 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     let ckpt = dir.path().join("checkpoints");
     let ckpt = ckpt.to_str().unwrap();
     let (p1, p2) = (free_port(), free_port());
+    let (ca, cert, key) = certificates(dir.path());
+    CA.set(ca).unwrap();
+    let (cert, key) = (cert.to_str().unwrap().to_string(), key.to_str().unwrap().to_string());
     let coordinator = |port: u16, name: &str| {
         spawn(
             dir.path(),
@@ -104,6 +147,10 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
                 ckpt,
                 "--id",
                 name,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
             ],
         )
     };
@@ -117,7 +164,7 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
         })
         .collect();
     // The follower answers the API as well.
-    let api = format!("http://127.0.0.1:{p2}");
+    let api = format!("https://127.0.0.1:{p2}");
     wait_for(
         "three workers",
         Duration::from_secs(30),
@@ -140,6 +187,15 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     assert!(!ok && err.contains("Unauthenticated"), "{err}");
     let (ok, _, err) = cli(&api, Some("wrong"), &["jobs"]);
     assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    // Plaintext to a TLS API fails; a coordinator without TLS refuses to start unless --insecure.
+    let (ok, _, _) = cli(&format!("http://127.0.0.1:{p2}"), Some(TOKEN), &["jobs"]);
+    assert!(!ok, "a plaintext call to the TLS API must fail");
+    let out = Command::new(env!("CARGO_BIN_EXE_nagare"))
+        .args(["coordinator", "--etcd", &etcd, "--checkpoint-url", ckpt, "--token", TOKEN, "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("needs TLS") && err.contains("--insecure"), "{err}");
 
     // The job: generated events, exactly once into JSON files.
     let out = dir.path().join("out");

@@ -21,6 +21,9 @@ pub struct ClientArgs {
     /// Bearer token of the cluster.
     #[arg(long, env = "NAGARE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// coordinator (default: the system's roots).
+    #[arg(long, env = "NAGARE_CA_CERT")]
+    ca_cert: Option<PathBuf>,
 }
 
 /// Cluster subcommands.
@@ -43,7 +46,13 @@ pub enum ClusterCommand {
         /// Bearer token clients must send.
         #[arg(long, env = "NAGARE_TOKEN", hide_env_values = true)]
         token: Option<String>,
-        /// Accept calls without a token (local use only).
+        /// TLS certificate chain (PEM) for the API.
+        #[arg(long, env = "NAGARE_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM) for the API.
+        #[arg(long, env = "NAGARE_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve the API without TLS and/or without a token (local use only).
         #[arg(long)]
         insecure: bool,
         /// This coordinator's name in the election (default: its address).
@@ -134,8 +143,17 @@ impl tonic::service::Interceptor for BearerToken {
 }
 
 async fn client(args: &ClientArgs) -> Result<JobClient> {
-    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())
-        .with_context(|| format!("coordinator address '{}'", args.coordinator))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(args.coordinator.clone())
+        .with_context(|| format!("coordinator address '{}'", args.coordinator))?;
+    if args.coordinator.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+        if let Some(ca) = &args.ca_cert {
+            let pem = std::fs::read(ca).with_context(|| format!("reading --ca-cert {}", ca.display()))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls).context("TLS configuration")?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()
@@ -167,11 +185,36 @@ fn state_name(state: i32) -> String {
 /// Runs a cluster command.
 pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
     match cmd {
-        ClusterCommand::Coordinator { etcd, etcd_prefix, listen, checkpoint_url, token, insecure, id } => {
+        ClusterCommand::Coordinator {
+            etcd,
+            etcd_prefix,
+            listen,
+            checkpoint_url,
+            token,
+            tls_cert,
+            tls_key,
+            insecure,
+            id,
+        } => {
+            if (token.is_none() || tls_cert.is_none()) && !insecure {
+                bail!(
+                    "the coordinator's API needs TLS (--tls-cert and --tls-key) and a bearer token (--token or \
+                     NAGARE_TOKEN); --insecure serves it without, for local use"
+                );
+            }
+            let tls = match (tls_cert, tls_key) {
+                (Some(c), Some(k)) => {
+                    Some(tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+                        std::fs::read(&c).with_context(|| format!("reading --tls-cert {}", c.display()))?,
+                        std::fs::read(&k).with_context(|| format!("reading --tls-key {}", k.display()))?,
+                    )))
+                }
+                _ => None,
+            };
             let store = EtcdStore::connect(&etcd, &etcd_prefix)
                 .await
                 .with_context(|| format!("connecting to etcd at {etcd}"))?;
-            coordinator(store, &listen, &checkpoint_url, token, insecure, id).await
+            coordinator(store, &listen, &checkpoint_url, token, tls, id).await
         }
         ClusterCommand::Worker { etcd, etcd_prefix, listen, slots, id } => {
             let store = EtcdStore::connect(&etcd, &etcd_prefix)
@@ -276,14 +319,9 @@ async fn coordinator(
     listen: &str,
     checkpoint_url: &str,
     token: Option<String>,
-    insecure: bool,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     id: Option<String>,
 ) -> Result<()> {
-    if token.is_none() && !insecure {
-        bail!(
-            "the coordinator needs --token (or NAGARE_TOKEN) for its API; --insecure serves it without, for local use"
-        );
-    }
     let addr: std::net::SocketAddr = listen.parse().with_context(|| format!("--listen '{listen}'"))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
@@ -317,13 +355,18 @@ async fn coordinator(
             }
         })
     };
-    eprintln!("coordinator {id} serving JobService on http://{local}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    eprintln!("coordinator {id} serving JobService on {scheme}://{local}");
     let service = pb::job_service_server::JobServiceServer::with_interceptor(
         jobs,
         nagare_coordinator::service::bearer_check(token),
     );
     let shutdown = stop.clone();
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("TLS configuration")?;
+    }
+    server
         .add_service(service)
         .add_service(reflection)
         .add_service(health)
