@@ -81,6 +81,9 @@ pub struct BlockDecoder {
     dead_letter: Option<Arc<DeadLetterWriter>>,
     metrics: Arc<NodeMetrics>,
     origin: String,
+    /// JSON: the arrow-json decoder of the previous block and the lines it takes, kept so its buffers are not
+    /// grown again for every block (dropped after a failed block).
+    json: Option<(arrow_json::reader::Decoder, usize)>,
 }
 
 impl BlockDecoder {
@@ -113,12 +116,23 @@ impl BlockDecoder {
                 .collect::<Vec<_>>(),
         ));
         let csv_full = matches!(format, TextFormat::Csv { .. }).then(|| (full_schema, projection));
-        Ok(BlockDecoder { format, schema, csv_full, json_columns, typed_schema, policy, dead_letter, metrics, origin })
+        Ok(BlockDecoder {
+            format,
+            schema,
+            csv_full,
+            json_columns,
+            typed_schema,
+            policy,
+            dead_letter,
+            metrics,
+            origin,
+            json: None,
+        })
     }
 
     /// Decodes `block` (complete lines, each ending in `\n` except possibly the last) of `file` starting at
     /// `base`. Empty lines are ignored.
-    pub fn decode(&self, block: &[u8], file: &str, base: LineBase) -> Result<Option<RecordBatch>, EngineError> {
+    pub fn decode(&mut self, block: &[u8], file: &str, base: LineBase) -> Result<Option<RecordBatch>, EngineError> {
         if block.is_empty() {
             return Ok(None);
         }
@@ -128,14 +142,20 @@ impl BlockDecoder {
         }
     }
 
-    fn decode_fast(&self, block: &[u8]) -> Result<Option<RecordBatch>, EngineError> {
+    fn decode_fast(&mut self, block: &[u8]) -> Result<Option<RecordBatch>, EngineError> {
         let lines = memchr::memchr_iter(b'\n', block).count() + 1;
         match &self.format {
             TextFormat::Json => {
-                let mut decoder = arrow_json::ReaderBuilder::new(self.typed_schema.clone())
-                    .with_batch_size(lines + 1)
-                    .with_strict_mode(false)
-                    .build_decoder()?;
+                let (mut decoder, capacity) = match self.json.take() {
+                    Some((d, capacity)) if capacity > lines => (d, capacity),
+                    _ => (
+                        arrow_json::ReaderBuilder::new(self.typed_schema.clone())
+                            .with_batch_size(lines + 1)
+                            .with_strict_mode(false)
+                            .build_decoder()?,
+                        lines + 1,
+                    ),
+                };
                 let mut rest = block;
                 while !rest.is_empty() {
                     let n = decoder.decode(rest)?;
@@ -144,7 +164,9 @@ impl BlockDecoder {
                     }
                     rest = &rest[n..];
                 }
-                let Some(typed) = decoder.flush()? else { return Ok(None) };
+                let flushed = decoder.flush()?;
+                self.json = Some((decoder, capacity));
+                let Some(typed) = flushed else { return Ok(None) };
                 if self.json_columns.is_empty() {
                     return Ok(Some(typed));
                 }
@@ -208,7 +230,7 @@ impl BlockDecoder {
     }
 
     /// Line by line: good lines are decoded together, bad ones follow the policy.
-    fn decode_slow(&self, block: &[u8], file: &str, base: LineBase) -> Result<Option<RecordBatch>, EngineError> {
+    fn decode_slow(&mut self, block: &[u8], file: &str, base: LineBase) -> Result<Option<RecordBatch>, EngineError> {
         let mut good: Vec<u8> = Vec::with_capacity(block.len());
         for (i, line) in block.split(|b| *b == b'\n').enumerate() {
             if is_blank(line) {

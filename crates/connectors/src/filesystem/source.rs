@@ -502,7 +502,7 @@ impl Source for FileSource {
                 Some(Reader::Text(r)) => match r.next_block(batch_size)? {
                     Some((range, base)) => {
                         let decoder =
-                            self.decoder.as_ref().ok_or_else(|| EngineError::Internal("no text decoder".into()))?;
+                            self.decoder.as_mut().ok_or_else(|| EngineError::Internal("no text decoder".into()))?;
                         if let Some(batch) = decoder.decode(&r.buf[range], &r.display, base)? {
                             return Ok(SourceEvent::Batch(batch));
                         }
