@@ -293,6 +293,11 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     assert!(worker_of(&s) != first && worker_of(&s) != second, "{s}");
 
     wait_for("the job to finish", Duration::from_secs(120), || status(&api, &job)["state"] == "finished", &logs);
+    // WatchJob ends with the job: on a finished job it gives the final state and returns.
+    let (ok, watched, err) = cli(&api, Some(TOKEN), &["status", &job, "--watch", "--json"]);
+    assert!(ok, "{err}");
+    let last: serde_json::Value = serde_json::from_str(watched.lines().last().unwrap()).unwrap();
+    assert_eq!(last["state"], "finished");
     let rows = common::read_json_rows(&out);
     let ids: std::collections::BTreeSet<String> = rows.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(rows.len(), ids.len(), "no event twice");

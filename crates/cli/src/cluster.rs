@@ -73,6 +73,10 @@ pub enum ClusterCommand {
         /// Subtasks this worker runs at once.
         #[arg(long, default_value_t = 4)]
         slots: u32,
+        /// Seconds its registration outlives its last renewal: a lost worker's jobs restart elsewhere after this,
+        /// and an etcd outage shorter than this does not disturb its jobs.
+        #[arg(long, default_value_t = nagare_worker::LEASE_TTL)]
+        lease_ttl: i64,
         /// This worker's id (default: host and port).
         #[arg(long)]
         id: Option<String>,
@@ -101,11 +105,13 @@ pub enum ClusterCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Shows a job (`--json` for every field).
+    /// Shows a job (`--json` for every field; `--watch` prints it again at each change until it ends).
     Status {
         job: String,
         #[arg(long)]
         json: bool,
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -216,11 +222,11 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
                 .with_context(|| format!("connecting to etcd at {etcd}"))?;
             coordinator(store, &listen, &checkpoint_url, token, tls, id).await
         }
-        ClusterCommand::Worker { etcd, etcd_prefix, listen, slots, id } => {
+        ClusterCommand::Worker { etcd, etcd_prefix, listen, slots, lease_ttl, id } => {
             let store = EtcdStore::connect(&etcd, &etcd_prefix)
                 .await
                 .with_context(|| format!("connecting to etcd at {etcd}"))?;
-            worker(store, &listen, slots, id).await
+            worker(store, &listen, slots, lease_ttl, id).await
         }
         ClusterCommand::Submit { file, name, parallelism, settings, vars, client: args } => {
             let sql = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -265,30 +271,18 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
             }
             Ok(())
         }
-        ClusterCommand::Status { job, json, client: args } => {
+        ClusterCommand::Status { job, json, watch: true, client: args } => {
+            let mut stream =
+                client(&args).await?.watch_job(pb::GetJobRequest { id: job }).await.map_err(status_error)?.into_inner();
+            while let Some(j) = stream.message().await.map_err(status_error)? {
+                print_job(&j, json);
+            }
+            Ok(())
+        }
+        ClusterCommand::Status { job, json, watch: false, client: args } => {
             let j =
                 client(&args).await?.get_job(pb::GetJobRequest { id: job }).await.map_err(status_error)?.into_inner();
-            if json {
-                let v = serde_json::json!({
-                    "id": j.id, "name": j.name, "state": state_name(j.state), "parallelism": j.parallelism,
-                    "workers": j.workers, "attempt": j.attempt, "rows_in": j.rows_in, "rows_out": j.rows_out,
-                    "last_checkpoint": j.last_checkpoint, "last_error": j.last_error,
-                    "checkpoint_url": j.checkpoint_url,
-                    "operators": j.operators.iter().map(|o| serde_json::json!({"id": o.id, "label": o.label, "parallelism": o.parallelism})).collect::<Vec<_>>(),
-                });
-                println!("{v}");
-                return Ok(());
-            }
-            println!("job {} ({}): {}", j.id, j.name, state_name(j.state));
-            println!("  workers: {}  attempt: {}  parallelism: {}", j.workers.join(","), j.attempt, j.parallelism);
-            println!("  rows in: {}  rows out: {}  last checkpoint: {}", j.rows_in, j.rows_out, j.last_checkpoint);
-            println!("  checkpoints: {}", j.checkpoint_url);
-            if !j.last_error.is_empty() {
-                println!("  last error: {}", j.last_error);
-            }
-            for o in j.operators {
-                println!("  [{}] {}  x{}", o.id, o.label, o.parallelism);
-            }
+            print_job(&j, json);
             Ok(())
         }
         ClusterCommand::Stop { job, immediate, client: args } => {
@@ -311,6 +305,30 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn print_job(j: &pb::Job, json: bool) {
+    if json {
+        let v = serde_json::json!({
+            "id": j.id, "name": j.name, "state": state_name(j.state), "parallelism": j.parallelism,
+            "workers": j.workers, "attempt": j.attempt, "rows_in": j.rows_in, "rows_out": j.rows_out,
+            "last_checkpoint": j.last_checkpoint, "last_error": j.last_error,
+            "checkpoint_url": j.checkpoint_url,
+            "operators": j.operators.iter().map(|o| serde_json::json!({"id": o.id, "label": o.label, "parallelism": o.parallelism})).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+        return;
+    }
+    println!("job {} ({}): {}", j.id, j.name, state_name(j.state));
+    println!("  workers: {}  attempt: {}  parallelism: {}", j.workers.join(","), j.attempt, j.parallelism);
+    println!("  rows in: {}  rows out: {}  last checkpoint: {}", j.rows_in, j.rows_out, j.last_checkpoint);
+    println!("  checkpoints: {}", j.checkpoint_url);
+    if !j.last_error.is_empty() {
+        println!("  last error: {}", j.last_error);
+    }
+    for o in &j.operators {
+        println!("  [{}] {}  x{}", o.id, o.label, o.parallelism);
     }
 }
 
@@ -381,7 +399,7 @@ async fn coordinator(
     Ok(())
 }
 
-async fn worker(store: EtcdStore, listen: &str, slots: u32, id: Option<String>) -> Result<()> {
+async fn worker(store: EtcdStore, listen: &str, slots: u32, lease_ttl: i64, id: Option<String>) -> Result<()> {
     let addr: std::net::SocketAddr = listen.parse().with_context(|| format!("--listen '{listen}'"))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
@@ -395,7 +413,7 @@ async fn worker(store: EtcdStore, listen: &str, slots: u32, id: Option<String>) 
     let stop = CancellationToken::new();
     let registration = {
         let (w, stop) = (worker.clone(), stop.clone());
-        tokio::spawn(nagare_worker::keep_registered(store, record, stop, move || w.abort_all()))
+        tokio::spawn(nagare_worker::keep_registered(store, record, lease_ttl, stop, move || w.abort_all()))
     };
     let shutdown = stop.clone();
     tonic::transport::Server::builder()

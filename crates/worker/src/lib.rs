@@ -15,7 +15,8 @@ use nagare_rpc::v1::worker_service_server::WorkerService;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-/// Seconds a worker's registration lasts without renewal: how long a lost worker's jobs wait before restarting.
+/// Default seconds a worker's registration lasts without renewal: how long a lost worker's jobs wait before they
+/// restart elsewhere (and how long an etcd outage the worker rides out).
 pub const LEASE_TTL: i64 = 3;
 
 /// One deployed job.
@@ -221,6 +222,7 @@ impl WorkerService for Worker {
 pub async fn keep_registered(
     etcd: EtcdStore,
     record: WorkerRecord,
+    lease_ttl: i64,
     stop: CancellationToken,
     on_lost: impl Fn() + Send + 'static,
 ) -> Result<(), StoreError> {
@@ -228,7 +230,7 @@ pub async fn keep_registered(
     let value = serde_json::to_vec(&record).unwrap_or_default();
     let mut client = etcd.client();
     while !stop.is_cancelled() {
-        let lease = match register(&mut client, &key, &value).await {
+        let lease = match register(&mut client, &key, &value, lease_ttl).await {
             Ok(lease) => lease,
             Err(e) => {
                 tracing::warn!(worker = record.id, error = %e, "cannot register in etcd; retrying");
@@ -278,8 +280,13 @@ pub async fn keep_registered(
     Ok(())
 }
 
-async fn register(client: &mut etcd_client::Client, key: &str, value: &[u8]) -> Result<i64, StoreError> {
-    let lease = client.lease_grant(LEASE_TTL, None).await?.id();
+async fn register(
+    client: &mut etcd_client::Client,
+    key: &str,
+    value: &[u8],
+    lease_ttl: i64,
+) -> Result<i64, StoreError> {
+    let lease = client.lease_grant(lease_ttl.max(2), None).await?.id();
     client.put(key, value.to_vec(), Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
     Ok(lease)
 }
