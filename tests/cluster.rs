@@ -157,10 +157,28 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     let mut c1 = coordinator(p1, "c1");
     wait_for("c1 to lead", Duration::from_secs(30), || c1.log().contains("leading"), &|| c1.log());
     let c2 = coordinator(p2, "c2");
+    let metrics_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut workers: Vec<Proc> = (1..=3)
         .map(|i| {
             let id = format!("w{i}");
-            spawn(dir.path(), &id, &["worker", "--etcd", &etcd, "--etcd-prefix", &prefix, "--slots", "2", "--id", &id])
+            let metrics = format!("127.0.0.1:{}", metrics_ports[i - 1]);
+            spawn(
+                dir.path(),
+                &id,
+                &[
+                    "worker",
+                    "--etcd",
+                    &etcd,
+                    "--etcd-prefix",
+                    &prefix,
+                    "--slots",
+                    "2",
+                    "--id",
+                    &id,
+                    "--metrics-addr",
+                    &metrics,
+                ],
+            )
         })
         .collect();
     // The follower answers the API as well.
@@ -291,8 +309,19 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     );
     let s = status(&api, &job);
     assert!(worker_of(&s) != first && worker_of(&s) != second, "{s}");
+    let third = worker_of(&s);
 
     wait_for("the job to finish", Duration::from_secs(120), || status(&api, &job)["state"] == "finished", &logs);
+    // The last worker's Prometheus endpoint has the job's counters.
+    let port = metrics_ports[third.trim_start_matches('w').parse::<usize>().unwrap() - 1];
+    let scrape = Command::new("curl")
+        .args(["-s", "--max-time", "10", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap();
+    let scrape = String::from_utf8_lossy(&scrape.stdout);
+    assert!(scrape.contains(&format!("nagare_rows_out_total{{job=\"{job}\",node=\"3\",kind=\"sink\"}}")), "{scrape}");
+    assert_eq!(scrape.matches("# TYPE nagare_rows_out_total").count(), 1, "{scrape}");
+
     // WatchJob ends with the job: on a finished job it gives the final state and returns.
     let (ok, watched, err) = cli(&api, Some(TOKEN), &["status", &job, "--watch", "--json"]);
     assert!(ok, "{err}");

@@ -77,6 +77,9 @@ pub enum ClusterCommand {
         /// and an etcd outage shorter than this does not disturb its jobs.
         #[arg(long, default_value_t = nagare_worker::LEASE_TTL)]
         lease_ttl: i64,
+        /// Serve the counters of this worker's jobs in Prometheus format here (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics_addr: Option<String>,
         /// This worker's id (default: host and port).
         #[arg(long)]
         id: Option<String>,
@@ -222,11 +225,11 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
                 .with_context(|| format!("connecting to etcd at {etcd}"))?;
             coordinator(store, &listen, &checkpoint_url, token, tls, id).await
         }
-        ClusterCommand::Worker { etcd, etcd_prefix, listen, slots, lease_ttl, id } => {
+        ClusterCommand::Worker { etcd, etcd_prefix, listen, slots, lease_ttl, metrics_addr, id } => {
             let store = EtcdStore::connect(&etcd, &etcd_prefix)
                 .await
                 .with_context(|| format!("connecting to etcd at {etcd}"))?;
-            worker(store, &listen, slots, lease_ttl, id).await
+            worker(store, &listen, slots, lease_ttl, metrics_addr, id).await
         }
         ClusterCommand::Submit { file, name, parallelism, settings, vars, client: args } => {
             let sql = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -399,7 +402,14 @@ async fn coordinator(
     Ok(())
 }
 
-async fn worker(store: EtcdStore, listen: &str, slots: u32, lease_ttl: i64, id: Option<String>) -> Result<()> {
+async fn worker(
+    store: EtcdStore,
+    listen: &str,
+    slots: u32,
+    lease_ttl: i64,
+    metrics_addr: Option<String>,
+    id: Option<String>,
+) -> Result<()> {
     let addr: std::net::SocketAddr = listen.parse().with_context(|| format!("--listen '{listen}'"))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
@@ -410,6 +420,10 @@ async fn worker(store: EtcdStore, listen: &str, slots: u32, lease_ttl: i64, id: 
     };
     eprintln!("worker {} serving WorkerService on {} with {slots} slots", record.id, record.address);
     let worker = nagare_worker::Worker::default();
+    if let Some(addr) = metrics_addr {
+        let w = worker.clone();
+        crate::progress::serve_metrics(&addr, move || w.prometheus()).await?;
+    }
     let stop = CancellationToken::new();
     let registration = {
         let (w, stop) = (worker.clone(), stop.clone());

@@ -252,7 +252,8 @@ async fn run(
     }
     let stop = job.stop_token();
     if let Some(addr) = metrics_addr {
-        progress::serve_metrics(&addr, metrics.clone(), file.display().to_string()).await?;
+        let (metrics, job) = (metrics.clone(), file.display().to_string());
+        progress::serve_metrics(&addr, move || metrics.prometheus(&job)).await?;
     }
     let ctrl_c = stop.clone();
     tokio::spawn(async move {

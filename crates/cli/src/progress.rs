@@ -143,13 +143,13 @@ pub fn print_summary(s: &JobSummary, metrics: &JobMetrics) {
 }
 
 /// Serves the job's metrics in Prometheus text format on `addr`.
-pub async fn serve_metrics(addr: &str, metrics: Arc<JobMetrics>, job: String) -> Result<()> {
+pub async fn serve_metrics(addr: &str, render: impl Fn() -> String + Send + 'static) -> Result<()> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} for metrics"))?;
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { continue };
-            let body = metrics.prometheus(&job);
+            let body = render();
             tokio::spawn(async move {
                 let mut buf = [0u8; 2048];
                 let _ = sock.read(&mut buf).await;

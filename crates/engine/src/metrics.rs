@@ -109,67 +109,58 @@ impl JobMetrics {
 
     /// The counters in Prometheus text exposition format.
     pub fn prometheus(&self, job: &str) -> String {
-        let mut out = String::new();
-        let counters: [Counter; 7] = [
-            ("nagare_rows_in_total", "Rows received by the operator.", |m| NodeMetrics::get(&m.rows_in)),
-            ("nagare_rows_out_total", "Rows emitted (sinks: written) by the operator.", |m| {
-                NodeMetrics::get(&m.rows_out)
-            }),
-            ("nagare_bytes_total", "Bytes read (sources) or written (sinks).", |m| NodeMetrics::get(&m.bytes)),
-            ("nagare_late_rows_total", "Rows behind the watermark, dropped or dead-lettered.", |m| {
-                NodeMetrics::get(&m.late_rows)
-            }),
-            ("nagare_duplicates_total", "Rows dropped as duplicates.", |m| NodeMetrics::get(&m.duplicates)),
-            ("nagare_bad_records_total", "Malformed input records.", |m| NodeMetrics::get(&m.bad_records)),
-            ("nagare_backpressure_seconds_total", "Time blocked on full output channels.", |m| {
-                NodeMetrics::get(&m.backpressure_us) / 1_000_000
-            }),
-        ];
-        for (name, help, get) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for m in &self.nodes {
-                let _ = writeln!(
-                    out,
-                    "{name}{{job=\"{}\",node=\"{}\",kind=\"{}\"}} {}",
-                    escape(job),
-                    m.node,
-                    m.kind,
-                    get(m)
-                );
-            }
+        prometheus(&[(job, self)])
+    }
+}
+
+/// The counters of several jobs (a worker's) in Prometheus text exposition format, each metric family once.
+pub fn prometheus(jobs: &[(&str, &JobMetrics)]) -> String {
+    let mut out = String::new();
+    let counters: [Counter; 7] = [
+        ("nagare_rows_in_total", "Rows received by the operator.", |m| NodeMetrics::get(&m.rows_in)),
+        ("nagare_rows_out_total", "Rows emitted (sinks: written) by the operator.", |m| NodeMetrics::get(&m.rows_out)),
+        ("nagare_bytes_total", "Bytes read (sources) or written (sinks).", |m| NodeMetrics::get(&m.bytes)),
+        ("nagare_late_rows_total", "Rows behind the watermark, dropped or dead-lettered.", |m| {
+            NodeMetrics::get(&m.late_rows)
+        }),
+        ("nagare_duplicates_total", "Rows dropped as duplicates.", |m| NodeMetrics::get(&m.duplicates)),
+        ("nagare_bad_records_total", "Malformed input records.", |m| NodeMetrics::get(&m.bad_records)),
+        ("nagare_backpressure_seconds_total", "Time blocked on full output channels.", |m| {
+            NodeMetrics::get(&m.backpressure_us) / 1_000_000
+        }),
+    ];
+    let nodes = || jobs.iter().flat_map(|(job, metrics)| metrics.nodes.iter().map(move |m| (escape(job), m)));
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (job, m) in nodes() {
+            let _ = writeln!(out, "{name}{{job=\"{job}\",node=\"{}\",kind=\"{}\"}} {}", m.node, m.kind, get(m));
         }
-        let _ = writeln!(
-            out,
-            "# HELP nagare_state_entries Keys or windows held in operator state.\n# TYPE nagare_state_entries gauge"
-        );
-        for m in &self.nodes {
+    }
+    let _ = writeln!(
+        out,
+        "# HELP nagare_state_entries Keys or windows held in operator state.\n# TYPE nagare_state_entries gauge"
+    );
+    for (job, m) in nodes() {
+        let entries = m.state_entries.load(Ordering::Relaxed);
+        let _ =
+            writeln!(out, "nagare_state_entries{{job=\"{job}\",node=\"{}\",kind=\"{}\"}} {entries}", m.node, m.kind);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP nagare_watermark_seconds Event-time watermark of the operator.\n# TYPE nagare_watermark_seconds gauge"
+    );
+    for (job, m) in nodes() {
+        if let Some(w) = m.watermark() {
             let _ = writeln!(
                 out,
-                "nagare_state_entries{{job=\"{}\",node=\"{}\",kind=\"{}\"}} {}",
-                escape(job),
+                "nagare_watermark_seconds{{job=\"{job}\",node=\"{}\",kind=\"{}\"}} {}",
                 m.node,
                 m.kind,
-                m.state_entries.load(Ordering::Relaxed)
+                w as f64 / 1e6
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP nagare_watermark_seconds Event-time watermark of the operator.\n# TYPE nagare_watermark_seconds gauge"
-        );
-        for m in &self.nodes {
-            if let Some(w) = m.watermark() {
-                let _ = writeln!(
-                    out,
-                    "nagare_watermark_seconds{{job=\"{}\",node=\"{}\",kind=\"{}\"}} {}",
-                    escape(job),
-                    m.node,
-                    m.kind,
-                    w as f64 / 1e6
-                );
-            }
-        }
-        out
     }
+    out
 }
 
 /// A Prometheus counter: name, help, and how to read it from a node.

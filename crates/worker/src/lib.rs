@@ -48,6 +48,14 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Worker {
+    /// The counters of every job that ran here, in Prometheus text format (labelled by job id).
+    pub fn prometheus(&self) -> String {
+        let tasks = locked(&self.tasks);
+        let jobs: Vec<(&str, &nagare_engine::metrics::JobMetrics)> =
+            tasks.iter().filter_map(|(id, t)| Some((id.as_str(), t.metrics.as_deref()?))).collect();
+        nagare_engine::metrics::prometheus(&jobs)
+    }
+
     /// Stops every job at once (the lease is gone).
     pub fn abort_all(&self) {
         for (id, t) in locked(&self.tasks).iter_mut() {
