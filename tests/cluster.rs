@@ -332,4 +332,52 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     assert_eq!(rows.len(), ids.len(), "no event twice");
     assert_eq!(ids, expected, "every event the reference run kept, and no other");
     assert!(c2.log().contains("worker lost"), "{}", c2.log());
+
+    // StopJob: an unbounded job stops with a final checkpoint; what it wrote is there once.
+    let unbounded = dir.path().join("unbounded");
+    let out_var = format!("OUT={}", unbounded.display());
+    let (ok, job2, err) = cli(
+        &api,
+        Some(TOKEN),
+        &[
+            "submit",
+            sql.to_str().unwrap(),
+            "--name",
+            "stops",
+            "--var",
+            "RATE=2000",
+            "--var",
+            &out_var,
+            "--set",
+            "parallelism=1",
+        ],
+    );
+    assert!(ok, "{err}");
+    let job2 = job2.trim().to_string();
+    // (its output appears once the watermark, 5 s behind event time, passes the first rows)
+    wait_for(
+        "the second job to write",
+        Duration::from_secs(60),
+        || {
+            let s = status(&api, &job2);
+            running_with_checkpoint(1)(&s) && s["rows_out"].as_u64() > Some(0)
+        },
+        &logs,
+    );
+    let (ok, _, err) = cli(&api, Some(TOKEN), &["stop", &job2]);
+    assert!(ok, "{err}");
+    wait_for("the second job to stop", Duration::from_secs(60), || status(&api, &job2)["state"] == "stopped", &logs);
+    let rows = common::read_json_rows(&unbounded);
+    let ids: std::collections::BTreeSet<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert!(
+        !rows.is_empty() && rows.len() == ids.len(),
+        "{} rows, {} distinct; {}; files: {:?}\n{}",
+        rows.len(),
+        ids.len(),
+        status(&api, &job2),
+        common::files_with(&unbounded, &[""]),
+        logs()
+    );
+    let (ok, _, err) = cli(&api, Some(TOKEN), &["stop", &job2]);
+    assert!(!ok && err.contains("already stopped"), "{err}");
 }
