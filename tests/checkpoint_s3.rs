@@ -63,8 +63,12 @@ INSERT INTO out SELECT id FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORD
         std::thread::sleep(Duration::from_millis(300));
         let first_log = || std::fs::read_to_string(&log).unwrap_or_default();
         assert!(child.try_wait().unwrap().is_none(), "the job ended before it could be killed: {}", first_log());
-        // A usable checkpoint's line ends in "  complete"; "not usable: ... never completed" must not count.
-        if listing().lines().any(|l| l.contains("  complete")) {
+        // A line per checkpoint (it starts with the id) that is not "not usable: ... never completed"; the header
+        // ("completed (UTC)") must not count either.
+        if listing()
+            .lines()
+            .any(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()) && !l.contains("not usable"))
+        {
             break;
         }
         assert!(
