@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +18,7 @@ use prost_types::field_descriptor_proto::Type;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::generated::big_query_write_server::{BigQueryWrite, BigQueryWriteServer};
+use crate::generated::big_query_write_server::BigQueryWrite;
 
 /// A decoded field value.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,15 +72,7 @@ impl CdcDouble {
 
     /// Serves on a free loopback port (on the current tokio runtime); returns its `http://` endpoint.
     pub async fn serve(&self) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr: SocketAddr = listener.local_addr().unwrap();
-        let svc = BigQueryWriteServer::new(self.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-        );
-        format!("http://{addr}")
+        crate::testing::serve_write(self.clone()).await
     }
 
     /// Applies the rows of one request; the errors of rows that cannot be applied (none is applied then, as

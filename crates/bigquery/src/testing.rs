@@ -52,6 +52,19 @@ pub struct Fake {
     pub state: Arc<Mutex<State>>,
 }
 
+/// Serves a BigQueryWrite implementation on a free loopback port (on the current tokio runtime); returns its
+/// `http://` endpoint.
+pub async fn serve_write<S: BigQueryWrite>(service: S) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(BigQueryWriteServer::new(service))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    format!("http://{addr}")
+}
+
 fn error_response(code: tonic::Code, message: &str, row_errors: Vec<pb::RowError>) -> pb::AppendRowsResponse {
     pb::AppendRowsResponse {
         response: Some(pb::append_rows_response::Response::Error(RpcStatus {
@@ -74,15 +87,7 @@ fn decode(schema: &[u8], batch: &[u8]) -> RecordBatch {
 impl Fake {
     /// Serves on a free loopback port; returns its `http://` endpoint.
     pub async fn serve(&self) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr: SocketAddr = listener.local_addr().unwrap();
-        let svc = BigQueryWriteServer::new(self.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-        );
-        format!("http://{addr}")
+        serve_write(self.clone()).await
     }
 
     /// Every row of a stream, in offset order.

@@ -10,9 +10,10 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::compute::take_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{Int64Type, UInt64Type};
 use async_trait::async_trait;
 use nagare_core::CheckpointId;
 use nagare_engine::EngineError;
@@ -46,24 +47,25 @@ pub fn table_columns(spec: &SinkSpec, schema: &SchemaRef) -> SchemaRef {
     }
 }
 
-/// One section per sequence column, order-preserving into BigQuery's unsigned sections (signed values have their
-/// sign bit flipped). `None` for a NULL.
-fn sections(columns: &[ArrayRef], row: usize) -> Result<Option<Vec<u64>>, BqError> {
-    let mut out = Vec::with_capacity(columns.len());
-    for c in columns {
-        if c.is_null(row) {
-            return Ok(None);
-        }
-        let v = if c.data_type().is_unsigned_integer() {
-            let u = arrow::compute::cast(&c.slice(row, 1), &DataType::UInt64)?;
-            u.as_primitive::<arrow::datatypes::UInt64Type>().value(0)
-        } else {
-            let i = arrow::compute::cast(&c.slice(row, 1), &DataType::Int64)?;
-            (i.as_primitive::<arrow::datatypes::Int64Type>().value(0) as u64) ^ (1 << 63)
-        };
-        out.push(v);
-    }
-    Ok(Some(out))
+/// The sequence columns as order-preserving unsigned values (signed values have their sign bit flipped), cast
+/// once per batch; NULLs stay NULL.
+fn section_columns(columns: &[ArrayRef]) -> Result<Vec<UInt64Array>, BqError> {
+    columns
+        .iter()
+        .map(|c| {
+            if c.data_type().is_unsigned_integer() {
+                Ok(arrow::compute::cast(c, &DataType::UInt64)?.as_primitive::<UInt64Type>().clone())
+            } else {
+                let signed = arrow::compute::cast(c, &DataType::Int64)?;
+                Ok(signed.as_primitive::<Int64Type>().unary(|v| (v as u64) ^ (1 << 63)))
+            }
+        })
+        .collect()
+}
+
+/// One section per sequence column for `row`; `None` if any is NULL.
+fn sections(columns: &[UInt64Array], row: usize) -> Option<Vec<u64>> {
+    columns.iter().map(|c| c.is_valid(row).then(|| c.value(row))).collect()
 }
 
 /// The change a row stands for, from `change_type_column` (Debezium's one-letter ops too); `None` if unknown.
@@ -130,6 +132,7 @@ impl UpsertSink {
     /// The rows to send (in wire types, with the CDC columns), and the rows that cannot be sent, with reasons.
     fn changes(&self, batch: &RecordBatch) -> Result<(Option<RecordBatch>, Vec<Rejected>), BqError> {
         let seq_cols: Vec<ArrayRef> = self.sequence.iter().map(|i| batch.column(*i).clone()).collect();
+        let seq_cols = section_columns(&seq_cols)?;
         let change_col = self.change.map(|i| arrow::compute::cast(batch.column(i), &DataType::Utf8)).transpose()?;
         let (mut good, mut types, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
         let (mut bad, mut reasons) = (Vec::new(), Vec::new());
@@ -145,7 +148,7 @@ impl UpsertSink {
                 ));
                 continue;
             };
-            let Some(s) = sections(&seq_cols, row)? else {
+            let Some(s) = sections(&seq_cols, row) else {
                 bad.push(row as u32);
                 reasons.push("a sequence_by column is NULL: the change cannot be ordered".into());
                 continue;
@@ -223,7 +226,8 @@ mod tests {
     fn sequence_sections_keep_the_order_of_signed_values() {
         let col: ArrayRef = Arc::new(Int64Array::from(vec![Some(-5), Some(0), Some(7), None]));
         let ts: ArrayRef = Arc::new(TimestampMicrosecondArray::from(vec![1, 1, 2, 3]));
-        let s = |r| sections(&[col.clone(), ts.clone()], r).unwrap();
+        let cols = section_columns(&[col.clone(), ts.clone()]).unwrap();
+        let s = |r| sections(&cols, r);
         assert!(s(0).unwrap() < s(1).unwrap() && s(1).unwrap() < s(2).unwrap());
         assert_eq!(s(3), None, "NULL cannot be ordered");
         assert_eq!(sequence_number(&s(1).unwrap()).unwrap(), "8000000000000000/8000000000000001");

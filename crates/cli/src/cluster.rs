@@ -220,15 +220,11 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
                 }
                 _ => None,
             };
-            let store = EtcdStore::connect(&etcd, &etcd_prefix)
-                .await
-                .with_context(|| format!("connecting to etcd at {etcd}"))?;
+            let store = connect_etcd(&etcd, &etcd_prefix).await?;
             coordinator(store, &listen, &checkpoint_url, token, tls, id).await
         }
         ClusterCommand::Worker { etcd, etcd_prefix, listen, slots, lease_ttl, metrics_addr, id } => {
-            let store = EtcdStore::connect(&etcd, &etcd_prefix)
-                .await
-                .with_context(|| format!("connecting to etcd at {etcd}"))?;
+            let store = connect_etcd(&etcd, &etcd_prefix).await?;
             worker(store, &listen, slots, lease_ttl, metrics_addr, id).await
         }
         ClusterCommand::Submit { file, name, parallelism, settings, vars, client: args } => {
@@ -311,6 +307,24 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
     }
 }
 
+async fn connect_etcd(etcd: &str, prefix: &str) -> Result<EtcdStore> {
+    EtcdStore::connect(etcd, prefix).await.with_context(|| format!("connecting to etcd at {etcd}"))
+}
+
+/// Binds `--listen` (port 0: any free port) and says where it ended up.
+async fn bind(listen: &str) -> Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let addr: std::net::SocketAddr = listen.parse().with_context(|| format!("--listen '{listen}'"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+/// Resolves on Ctrl-C, after cancelling `stop`.
+async fn until_ctrl_c(stop: CancellationToken) {
+    let _ = tokio::signal::ctrl_c().await;
+    stop.cancel();
+}
+
 fn print_job(j: &pb::Job, json: bool) {
     if json {
         let v = serde_json::json!({
@@ -343,9 +357,7 @@ async fn coordinator(
     tls: Option<tonic::transport::ServerTlsConfig>,
     id: Option<String>,
 ) -> Result<()> {
-    let addr: std::net::SocketAddr = listen.parse().with_context(|| format!("--listen '{listen}'"))?;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
-    let local = listener.local_addr()?;
+    let (listener, local) = bind(listen).await?;
     let id = id.unwrap_or_else(|| format!("coordinator-{local}"));
     let jobs = nagare_coordinator::service::Jobs::new(Arc::new(store.clone()), checkpoint_url);
     let reflection = tonic_reflection::server::Builder::configure()
@@ -391,10 +403,7 @@ async fn coordinator(
         .add_service(service)
         .add_service(reflection)
         .add_service(health)
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
-            let _ = tokio::signal::ctrl_c().await;
-            shutdown.cancel();
-        })
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), until_ctrl_c(shutdown))
         .await
         .context("serving JobService")?;
     stop.cancel();
@@ -410,9 +419,7 @@ async fn worker(
     metrics_addr: Option<String>,
     id: Option<String>,
 ) -> Result<()> {
-    let addr: std::net::SocketAddr = listen.parse().with_context(|| format!("--listen '{listen}'"))?;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
-    let local = listener.local_addr()?;
+    let (listener, local) = bind(listen).await?;
     let record = nagare_coordinator::model::WorkerRecord {
         id: id.unwrap_or_else(|| format!("worker-{local}")),
         address: format!("http://{local}"),
@@ -432,10 +439,7 @@ async fn worker(
     let shutdown = stop.clone();
     tonic::transport::Server::builder()
         .add_service(pb::worker_service_server::WorkerServiceServer::new(worker))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
-            let _ = tokio::signal::ctrl_c().await;
-            shutdown.cancel();
-        })
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), until_ctrl_c(shutdown))
         .await
         .context("serving WorkerService")?;
     stop.cancel();

@@ -25,8 +25,8 @@ pub struct CollapseOperator {
     spec: CollapseSpec,
     keys: RowConverter,
     sequence: RowConverter,
-    /// Per key: its greatest sequence so far and where that row is (batch, row).
-    winners: HashMap<OwnedRow, (OwnedRow, usize, usize)>,
+    /// Per key (its row-format bytes): its greatest sequence so far and where that row is (batch, row).
+    winners: HashMap<Box<[u8]>, (OwnedRow, usize, usize)>,
     held: Vec<RecordBatch>,
     held_rows: usize,
     /// Whether barriers come (checkpoints); without them every batch is emitted collapsed at once.
@@ -75,7 +75,7 @@ impl CollapseOperator {
     /// Replaces the held batches by one holding only the current winners.
     fn compact(&mut self) -> Result<()> {
         let mut out = Vec::new();
-        let winners: Vec<(OwnedRow, OwnedRow)> = {
+        let winners: Vec<(Box<[u8]>, OwnedRow)> = {
             let mut w: Vec<_> = self.winners.iter().map(|(k, (s, b, r))| (k.clone(), s.clone(), *b, *r)).collect();
             w.sort_unstable_by_key(|(_, _, b, r)| (*b, *r));
             w.into_iter().map(|(k, s, _, _)| (k, s)).collect()
@@ -103,12 +103,13 @@ impl Operator for CollapseOperator {
         let b = self.held.len();
         for r in 0..batch.num_rows() {
             let seq = seqs.row(r);
-            match self.winners.get_mut(&keys.row(r).owned()) {
+            let key = keys.row(r);
+            match self.winners.get_mut(key.as_ref()) {
                 // Later arrivals win ties.
                 Some(w) if w.0.row() > seq => {}
                 Some(w) => *w = (seq.owned(), b, r),
                 None => {
-                    self.winners.insert(keys.row(r).owned(), (seq.owned(), b, r));
+                    self.winners.insert(key.as_ref().into(), (seq.owned(), b, r));
                 }
             }
         }
