@@ -53,8 +53,12 @@ pub struct JobRecord {
     pub settings: BTreeMap<String, String>,
     pub variables: BTreeMap<String, String>,
     pub state: JobState,
-    /// The worker running it (while running or stopping).
-    pub worker: Option<String>,
+    /// The workers running its parts, in part order (while running or stopping).
+    #[serde(default)]
+    pub workers: Vec<String>,
+    /// The part running each slot (subtask index).
+    #[serde(default)]
+    pub slot_parts: Vec<u32>,
     /// Deployments so far.
     pub attempt: u32,
     /// Stop with a final checkpoint (true) or at once, once stopping.
@@ -70,6 +74,12 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// Slots the job holds on `worker` (while placed).
+    pub fn slots_on(&self, worker: &str) -> u32 {
+        let Some(part) = self.workers.iter().position(|w| w == worker) else { return 0 };
+        self.slot_parts.iter().filter(|p| **p as usize == part).count() as u32
+    }
+
     /// The API's view of it.
     pub fn to_pb(&self) -> pb::Job {
         pb::Job {
@@ -77,7 +87,7 @@ impl JobRecord {
             name: self.name.clone(),
             state: self.state.to_pb() as i32,
             parallelism: self.parallelism,
-            workers: self.worker.iter().cloned().collect(),
+            workers: self.workers.clone(),
             attempt: self.attempt,
             operators: self
                 .operators

@@ -91,8 +91,8 @@ pub async fn reconcile(store: &dyn MetadataStore, workers: &dyn Workers) -> Resu
     let mut jobs = list_jobs(store).await?;
     let mut used: HashMap<String, u32> = HashMap::new();
     for j in jobs.iter().filter(|j| matches!(j.state, JobState::Running | JobState::Stopping)) {
-        if let Some(w) = &j.worker {
-            *used.entry(w.clone()).or_default() += j.parallelism;
+        for w in &j.workers {
+            *used.entry(w.clone()).or_default() += j.slots_on(w);
         }
     }
     let mut changed = 0;
@@ -108,6 +108,59 @@ pub async fn reconcile(store: &dyn MetadataStore, workers: &dyn Workers) -> Resu
     Ok(changed)
 }
 
+/// Slots to workers: each slot goes to the worker with the most free slots left, so a job spreads over workers
+/// (and so over their cores and network) rather than filling one. Returns the workers in part order (the first
+/// slot's worker is part 0) and the part of each slot, or `None` when the free slots do not suffice.
+pub fn place(slots: u32, free: &[(String, u32)]) -> Option<(Vec<String>, Vec<u32>)> {
+    let mut left: Vec<(String, u32)> = free.to_vec();
+    let mut parts: Vec<String> = Vec::new();
+    let mut slot_parts = Vec::with_capacity(slots as usize);
+    for _ in 0..slots {
+        let best = left.iter_mut().filter(|(_, f)| *f > 0).max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(&a.0)))?;
+        best.1 -= 1;
+        let part = match parts.iter().position(|w| *w == best.0) {
+            Some(p) => p,
+            None => {
+                parts.push(best.0.clone());
+                parts.len() - 1
+            }
+        };
+        slot_parts.push(part as u32);
+    }
+    Some((parts, slot_parts))
+}
+
+/// Takes a placed job off its workers (they are told to stop their parts at once) and queues it to be deployed
+/// again from its last checkpoint, or records it stopped if it was stopping.
+async fn unplace(
+    job: &mut JobRecord,
+    live: &[WorkerRecord],
+    used: &mut HashMap<String, u32>,
+    workers: &dyn Workers,
+    why: String,
+) {
+    for id in job.workers.clone().iter() {
+        if let Some(u) = used.get_mut(id) {
+            *u = u.saturating_sub(job.slots_on(id));
+        }
+        if let Some(w) = live.iter().find(|w| &w.id == id)
+            && let Err(e) = workers.cancel(w, &job.id, false).await
+        {
+            tracing::debug!(job = job.id, worker = id, error = e, "cancelling a part failed");
+        }
+    }
+    job.workers.clear();
+    job.slot_parts.clear();
+    tracing::warn!(job = job.id, "{why}");
+    job.last_error = why;
+    job.state = if job.state == JobState::Stopping { JobState::Stopped } else { JobState::Scheduling };
+}
+
+/// Whether a part failed because another part was lost (the job restarts) rather than on its own (it fails).
+fn lost_peer(error: &str) -> bool {
+    error.contains("exchange:")
+}
+
 async fn step(
     job: &mut JobRecord,
     live: &[WorkerRecord],
@@ -115,92 +168,136 @@ async fn step(
     used: &mut HashMap<String, u32>,
     workers: &dyn Workers,
 ) {
-    let worker = job.worker.as_ref().and_then(|id| live.iter().find(|w| &w.id == id));
-    let status = job
-        .worker
-        .as_ref()
-        .and_then(|id| tasks.get(id))
-        .and_then(|t| t.iter().find(|s| s.job_id == job.id && s.attempt == job.attempt));
     match job.state {
         JobState::Scheduling => {
-            let Some(w) = live
+            let free: Vec<(String, u32)> = live
                 .iter()
-                .filter(|w| w.slots.saturating_sub(used.get(&w.id).copied().unwrap_or(0)) >= job.parallelism)
-                .max_by_key(|w| (w.slots.saturating_sub(used.get(&w.id).copied().unwrap_or(0)), w.id.clone()))
-            else {
-                let msg = format!("waiting for a worker with {} free slots", job.parallelism);
+                .map(|w| (w.id.clone(), w.slots.saturating_sub(used.get(&w.id).copied().unwrap_or(0))))
+                .collect();
+            let Some((parts, slot_parts)) = place(job.parallelism, &free) else {
+                let msg = format!("waiting for {} free slots", job.parallelism);
                 if job.last_error.is_empty() || !job.last_error.starts_with("waiting") {
                     tracing::info!(job = job.id, "{msg}");
                 }
                 job.last_error = msg;
                 return;
             };
-            let request = pb::DeployRequest {
-                job_id: job.id.clone(),
-                sql: job.sql.clone(),
-                parallelism: job.parallelism,
-                settings: job.settings.clone().into_iter().collect(),
-                variables: job.variables.clone().into_iter().collect(),
-                checkpoint_url: job.checkpoint_url.clone(),
-                attempt: job.attempt + 1,
-            };
-            match workers.deploy(w, request).await {
-                Ok(()) => {
-                    job.attempt += 1;
-                    job.worker = Some(w.id.clone());
-                    job.state = JobState::Running;
-                    if job.last_error.starts_with("waiting") || job.last_error.starts_with("deploying") {
-                        job.last_error.clear();
+            let addresses: Vec<String> = parts
+                .iter()
+                .map(|id| live.iter().find(|w| &w.id == id).map(|w| w.address.clone()).unwrap_or_default())
+                .collect();
+            let attempt = job.attempt + 1;
+            let mut deployed = Vec::new();
+            for (part, id) in parts.iter().enumerate() {
+                let Some(w) = live.iter().find(|w| &w.id == id) else { continue };
+                let request = pb::DeployRequest {
+                    job_id: job.id.clone(),
+                    sql: job.sql.clone(),
+                    parallelism: job.parallelism,
+                    settings: job.settings.clone().into_iter().collect(),
+                    variables: job.variables.clone().into_iter().collect(),
+                    checkpoint_url: job.checkpoint_url.clone(),
+                    attempt,
+                    part: part as u32,
+                    peers: addresses.clone(),
+                    slot_parts: slot_parts.clone(),
+                };
+                if let Err(e) = workers.deploy(w, request).await {
+                    job.last_error = format!("deploying part {part} on worker {id}: {e}");
+                    // The parts already deployed cannot run without it.
+                    for d in &deployed {
+                        let _ = workers.cancel(d, &job.id, false).await;
                     }
-                    *used.entry(w.id.clone()).or_default() += job.parallelism;
-                    tracing::info!(job = job.id, worker = w.id, attempt = job.attempt, "job deployed");
+                    job.attempt = attempt;
+                    return;
                 }
-                Err(e) => job.last_error = format!("deploying on worker {}: {e}", w.id),
+                deployed.push(w.clone());
             }
+            job.attempt = attempt;
+            job.workers = parts;
+            job.slot_parts = slot_parts;
+            job.state = JobState::Running;
+            if job.last_error.starts_with("waiting") || job.last_error.starts_with("deploying") {
+                job.last_error.clear();
+            }
+            for w in &job.workers {
+                *used.entry(w.clone()).or_default() += job.slots_on(w);
+            }
+            tracing::info!(job = job.id, workers = ?job.workers, attempt = job.attempt, "job deployed");
         }
         JobState::Running | JobState::Stopping => {
-            let Some(w) = worker else {
-                // The worker's lease expired: restart elsewhere from the last checkpoint (or stop, if asked to).
-                let lost = job.worker.take().unwrap_or_default();
-                tracing::warn!(job = job.id, worker = lost, "worker lost; restarting the job from its last checkpoint");
-                job.last_error = format!("worker {lost} was lost; restarted from the last checkpoint");
+            if job.workers.is_empty() {
                 job.state = if job.state == JobState::Stopping { JobState::Stopped } else { JobState::Scheduling };
                 return;
-            };
-            let Some(s) = status else {
-                if tasks.contains_key(&w.id) {
-                    // The worker answered but does not run it (it restarted): deploy again.
-                    job.worker = None;
-                    job.state = if job.state == JobState::Stopping { JobState::Stopped } else { JobState::Scheduling };
-                    job.last_error = format!("worker {} no longer runs the job; restarting it", w.id);
+            }
+            let mut statuses = Vec::with_capacity(job.workers.len());
+            for id in &job.workers {
+                let Some(w) = live.iter().find(|w| &w.id == id) else {
+                    // Its lease expired: restart the job elsewhere from the last checkpoint (or stop, if asked to).
+                    let why = format!("worker {id} was lost; restarted from the last checkpoint");
+                    return unplace(job, live, used, workers, why).await;
+                };
+                let Some(answer) = tasks.get(id) else {
+                    // Unreachable this pass; its lease decides.
+                    return;
+                };
+                let Some(s) = answer.iter().find(|s| s.job_id == job.id && s.attempt == job.attempt) else {
+                    // The worker answered but does not run its part (it restarted): deploy again.
+                    let why = format!("worker {id} no longer runs its part of the job; restarting it");
+                    return unplace(job, live, used, workers, why).await;
+                };
+                statuses.push((w, s));
+            }
+            job.rows_in = statuses.iter().map(|(_, s)| s.rows_in).sum();
+            job.rows_out = statuses.iter().map(|(_, s)| s.rows_out).sum();
+            for (_, s) in &statuses {
+                job.last_checkpoint = job.last_checkpoint.max(s.last_checkpoint);
+            }
+            let state = |s: &pb::TaskStatus| pb::TaskState::try_from(s.state).unwrap_or(pb::TaskState::Unspecified);
+            if let Some((w, s)) = statuses.iter().find(|(_, s)| state(s) == pb::TaskState::Failed) {
+                let restart = job.workers.len() > 1 && lost_peer(&s.error) && job.state == JobState::Running;
+                if restart {
+                    let why = format!("part on worker {} lost another part ({}); restarted", w.id, s.error);
+                    return unplace(job, live, used, workers, why).await;
                 }
-                return;
-            };
-            job.rows_in = s.rows_in;
-            job.rows_out = s.rows_out;
-            job.last_checkpoint = job.last_checkpoint.max(s.last_checkpoint);
-            let state = pb::TaskState::try_from(s.state).unwrap_or(pb::TaskState::Unspecified);
-            match state {
-                pb::TaskState::Running if job.state == JobState::Stopping => {
-                    if let Err(e) = workers.cancel(w, &job.id, job.stop_with_checkpoint).await {
-                        job.last_error = format!("stopping on worker {}: {e}", w.id);
+                // The other parts cannot go on without it.
+                for (other, o) in &statuses {
+                    if state(o) == pb::TaskState::Running {
+                        let _ = workers.cancel(other, &job.id, false).await;
                     }
                 }
-                pb::TaskState::Running | pb::TaskState::Unspecified => {}
-                pb::TaskState::Finished => {
-                    job.state = if job.state == JobState::Stopping { JobState::Stopped } else { JobState::Finished };
-                    job.worker = None;
+                job.state = JobState::Failed;
+                job.last_error = s.error.clone();
+                job.workers.clear();
+                job.slot_parts.clear();
+                return;
+            }
+            let running: Vec<&WorkerRecord> = statuses
+                .iter()
+                .filter(|(_, s)| matches!(state(s), pb::TaskState::Running | pb::TaskState::Unspecified))
+                .map(|(w, _)| *w)
+                .collect();
+            if !running.is_empty() {
+                if job.state == JobState::Stopping {
+                    for w in running {
+                        if let Err(e) = workers.cancel(w, &job.id, job.stop_with_checkpoint).await {
+                            job.last_error = format!("stopping on worker {}: {e}", w.id);
+                        }
+                    }
                 }
-                pb::TaskState::Cancelled => {
-                    job.state = JobState::Stopped;
-                    job.worker = None;
-                }
-                pb::TaskState::Failed => {
-                    job.state = JobState::Failed;
-                    job.last_error = s.error.clone();
-                    job.worker = None;
+                return;
+            }
+            // Every part has ended.
+            let cancelled = statuses.iter().any(|(_, s)| state(s) == pb::TaskState::Cancelled);
+            job.state =
+                if cancelled || job.state == JobState::Stopping { JobState::Stopped } else { JobState::Finished };
+            for w in job.workers.clone() {
+                if let Some(u) = used.get_mut(&w) {
+                    *u = u.saturating_sub(job.slots_on(&w));
                 }
             }
+            job.workers.clear();
+            job.slot_parts.clear();
         }
         JobState::Stopped | JobState::Finished | JobState::Failed => {}
     }
@@ -251,6 +348,7 @@ mod tests {
     struct FakeWorkers {
         tasks: Mutex<HashMap<String, Vec<pb::TaskStatus>>>,
         cancelled: Mutex<Vec<(String, bool)>>,
+        deployed: Mutex<Vec<(String, pb::DeployRequest)>>,
     }
 
     #[async_trait]
@@ -260,12 +358,14 @@ mod tests {
         }
         async fn deploy(&self, w: &WorkerRecord, r: pb::DeployRequest) -> Result<(), String> {
             let status = pb::TaskStatus {
-                job_id: r.job_id,
+                job_id: r.job_id.clone(),
                 attempt: r.attempt,
                 state: pb::TaskState::Running as i32,
                 slots: r.parallelism,
+                part: r.part,
                 ..Default::default()
             };
+            self.deployed.lock().unwrap().push((w.id.clone(), r));
             self.tasks.lock().unwrap().entry(w.id.clone()).or_default().push(status);
             Ok(())
         }
@@ -289,7 +389,8 @@ mod tests {
             settings: BTreeMap::new(),
             variables: BTreeMap::new(),
             state: JobState::Scheduling,
-            worker: None,
+            workers: Vec::new(),
+            slot_parts: Vec::new(),
             attempt: 0,
             stop_with_checkpoint: true,
             operators: Vec::new(),
@@ -317,8 +418,10 @@ mod tests {
             let store = store.clone();
             async move { get_job(&store, id).await.unwrap().unwrap() }
         };
-        assert_eq!((get("a").await.state, get("a").await.worker.as_deref()), (JobState::Running, Some("w1")));
-        assert_eq!(get("b").await.worker.as_deref(), Some("w2"));
+        // Each slot goes where most slots are free: a fits w1; b then spreads over w2 and w1.
+        assert_eq!((get("a").await.state, get("a").await.workers), (JobState::Running, vec!["w1".to_string()]));
+        let b = get("b").await;
+        assert_eq!((b.workers, b.slot_parts), (vec!["w2".to_string(), "w1".to_string()], vec![0, 1]));
         let c = get("c").await;
         assert_eq!(c.state, JobState::Scheduling);
         assert!(c.last_error.contains("2 free slots"), "{}", c.last_error);
@@ -336,11 +439,11 @@ mod tests {
         add_worker(&store, "w2", 4).await;
         reconcile(&store, &workers).await.unwrap();
         let a = get_job(&store, "a").await.unwrap().unwrap();
-        assert_eq!((a.state, a.worker.clone()), (JobState::Scheduling, None));
+        assert_eq!((a.state, a.workers.is_empty()), (JobState::Scheduling, true));
         assert!(a.last_error.contains("w1 was lost"), "{}", a.last_error);
         reconcile(&store, &workers).await.unwrap();
         let a = get_job(&store, "a").await.unwrap().unwrap();
-        assert_eq!((a.state, a.worker.as_deref(), a.attempt), (JobState::Running, Some("w2"), 2));
+        assert_eq!((a.state, a.workers.clone(), a.attempt), (JobState::Running, vec!["w2".to_string()], 2));
         // Stop with a checkpoint: the worker is told; when it reports the job cancelled, the job is stopped.
         let mut stopping = a;
         stopping.state = JobState::Stopping;
@@ -350,5 +453,55 @@ mod tests {
         workers.tasks.lock().unwrap().get_mut("w2").unwrap()[0].state = pb::TaskState::Cancelled as i32;
         reconcile(&store, &workers).await.unwrap();
         assert_eq!(get_job(&store, "a").await.unwrap().unwrap().state, JobState::Stopped);
+    }
+
+    #[test]
+    fn placement_spreads_slots_and_refuses_what_does_not_fit() {
+        let free = vec![("w1".to_string(), 2), ("w2".to_string(), 2)];
+        let (parts, slots) = place(4, &free).unwrap();
+        assert_eq!(parts, vec!["w1".to_string(), "w2".to_string()]);
+        assert_eq!(slots, vec![0, 1, 0, 1]);
+        assert!(place(5, &free).is_none());
+        assert_eq!(place(1, &free).unwrap().0, vec!["w1".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_job_over_two_workers_restarts_when_a_part_loses_its_peer_and_fails_on_its_own_errors() {
+        let store = MemoryStore::default();
+        let workers = FakeWorkers::default();
+        add_worker(&store, "w1", 2).await;
+        add_worker(&store, "w2", 2).await;
+        put_job(&store, &job("a", 4)).await.unwrap();
+        reconcile(&store, &workers).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!(a.workers, vec!["w1".to_string(), "w2".to_string()]);
+        {
+            let deployed = workers.deployed.lock().unwrap();
+            assert_eq!(deployed.len(), 2);
+            assert_eq!((deployed[1].0.as_str(), deployed[1].1.part), ("w2", 1));
+            assert_eq!(deployed[1].1.peers, vec!["http://w1".to_string(), "http://w2".to_string()]);
+            assert_eq!(deployed[1].1.slot_parts, vec![0, 1, 0, 1]);
+        }
+        // Part 0 fails because part 1's channels broke: the job restarts, the other part is cancelled.
+        let fail = |w: &str, error: &str| {
+            let mut t = workers.tasks.lock().unwrap();
+            let s = t.get_mut(w).unwrap().iter_mut().rev().find(|s| s.job_id == "a").unwrap();
+            s.state = pb::TaskState::Failed as i32;
+            s.error = error.to_string();
+        };
+        fail("w1", "exchange: lost part 1 of the job: connection reset");
+        reconcile(&store, &workers).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!(a.state, JobState::Scheduling);
+        assert!(workers.cancelled.lock().unwrap().contains(&("a".to_string(), false)));
+        reconcile(&store, &workers).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!((a.state, a.attempt), (JobState::Running, 2));
+        // A part failing on its own (bad input) fails the job.
+        fail("w2", "bad record in /data/x.json:3: expected value");
+        reconcile(&store, &workers).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!(a.state, JobState::Failed);
+        assert!(a.last_error.contains("bad record"));
     }
 }

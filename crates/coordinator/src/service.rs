@@ -83,7 +83,8 @@ impl JobService for Jobs {
             settings,
             variables,
             state: JobState::Scheduling,
-            worker: None,
+            workers: Vec::new(),
+            slot_parts: Vec::new(),
             attempt: 0,
             stop_with_checkpoint: true,
             operators: pipeline
@@ -143,7 +144,7 @@ impl JobService for Jobs {
             return Err(Status::failed_precondition(format!("job '{}' is already {}", job.id, job.state_name())));
         }
         job.stop_with_checkpoint = req.mode != pb::StopMode::Immediate as i32;
-        job.state = if job.worker.is_some() { JobState::Stopping } else { JobState::Stopped };
+        job.state = if !job.workers.is_empty() { JobState::Stopping } else { JobState::Stopped };
         job.updated_ms = now_ms();
         put_job(self.store.as_ref(), &job).await.map_err(unavailable)?;
         Ok(Response::new(job.to_pb()))
@@ -168,11 +169,9 @@ impl JobService for Jobs {
             workers: workers
                 .iter()
                 .map(|w| {
-                    let mine: Vec<&JobRecord> = jobs
-                        .iter()
-                        .filter(|j| !j.state.is_terminal() && j.worker.as_deref() == Some(w.id.as_str()))
-                        .collect();
-                    let used: u32 = mine.iter().map(|j| j.parallelism).sum();
+                    let mine: Vec<&JobRecord> =
+                        jobs.iter().filter(|j| !j.state.is_terminal() && j.workers.contains(&w.id)).collect();
+                    let used: u32 = mine.iter().map(|j| j.slots_on(&w.id)).sum();
                     pb::Worker {
                         id: w.id.clone(),
                         address: w.address.clone(),

@@ -13,12 +13,13 @@ use nagare_sql::{LateRowPolicy, Node, NodeId, OperatorSpec, Partitioning, Pipeli
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::{InputGate, LocalSender, MessageReceiver, MessageSender, local_channel};
-use crate::checkpoint::coordinator::{CheckpointSettings, CheckpointStats, Coordinator};
+use crate::channel::{InputGate, MessageReceiver, MessageSender, local_channel};
+use crate::checkpoint::coordinator::{CheckpointSettings, CheckpointStats, ControlTarget, Coordinator};
 use crate::checkpoint::store::CheckpointStore;
 use crate::checkpoint::{Control, Report};
 use crate::connector::{ConnectorFactory, SinkContext, SourceContext};
 use crate::dead_letter::{DeadLetterWriter, DeadLetters};
+use crate::distribute::{ChannelKey, Distribution};
 use crate::error::{EngineError, Result};
 use crate::metrics::{JobMetrics, NodeMetrics};
 use crate::operator::{Identity, Operator, StatePart};
@@ -53,11 +54,18 @@ pub struct JobOptions {
     pub idle_timeout: Duration,
     /// Checkpoints; `None` runs without (output becomes visible as it is written, nothing survives a crash).
     pub checkpoints: Option<CheckpointOptions>,
+    /// When the job runs in several processes: which share is this one's. `None` runs every subtask here.
+    pub distribution: Option<Distribution>,
 }
 
 impl Default for JobOptions {
     fn default() -> Self {
-        JobOptions { run_id: new_run_id(), idle_timeout: Duration::from_secs(10), checkpoints: None }
+        JobOptions {
+            run_id: new_run_id(),
+            idle_timeout: Duration::from_secs(10),
+            checkpoints: None,
+            distribution: None,
+        }
     }
 }
 
@@ -390,10 +398,27 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
     let chain_of: HashMap<NodeId, usize> =
         chains.iter().enumerate().flat_map(|(i, c)| c.iter().map(move |n| (*n, i))).collect();
 
+    let dist = options.distribution.as_ref();
+    let part = dist.map_or(0, |d| d.part);
+    let here = |subtask: usize| dist.is_none_or(|d| d.part_of(subtask) == d.part);
+    let mut tasks = JoinSet::new();
+    let (reports_tx, reports_rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
+
+    // Other parts learn from part 0 which checkpoint it restored, once it has made sinks consistent with it.
+    let follow = match dist {
+        Some(d) if d.part > 0 => Some(d.network.follow(d.part).await?),
+        _ => None,
+    };
     // Checkpoints: what to resume from, and sinks made consistent with it before anything runs.
-    let restored = match &options.checkpoints {
-        Some(c) => choose_checkpoint(pipeline, c).await?,
-        None => None,
+    let restored = match (&options.checkpoints, &follow) {
+        (Some(c), Some(f)) => match f.restored {
+            Some(id) => Some(c.store.load(id).await.metadata.map_err(|reason| {
+                EngineError::Config(format!("checkpoint {id} chosen by part 0 is not readable here: {reason}"))
+            })?),
+            None => None,
+        },
+        (Some(c), None) => choose_checkpoint(pipeline, c).await?,
+        (None, _) => None,
     };
     let stats =
         Arc::new(Mutex::new(CheckpointStats { restored_from: restored.as_ref().map(|m| m.id), ..Default::default() }));
@@ -402,7 +427,7 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
             factory.prepare_sink(spec, node.schema.clone()).await?;
         }
     }
-    if options.checkpoints.is_some() {
+    if options.checkpoints.is_some() && part == 0 {
         for node in &graph.nodes {
             let OperatorSpec::Sink(spec) = &node.operator else { continue };
             let head = chains[chain_of[&node.id]][0];
@@ -416,9 +441,18 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
         }
     }
 
+    // Part 0 waits for the other parts to join and tells them what it restored.
+    let lead = match dist {
+        Some(d) if d.part == 0 && d.parts() > 1 => {
+            Some(d.network.lead(d.parts(), restored.as_ref().map(|m| m.id), reports_tx.clone()).await?)
+        }
+        _ => None,
+    };
+
     // Channels for edges between chains: receivers per (node, subtask), senders per (edge, upstream subtask).
+    // A channel whose ends run in different parts goes over the network.
     let mut receivers: HashMap<(NodeId, usize), Vec<Box<dyn MessageReceiver>>> = HashMap::new();
-    let mut senders: HashMap<(usize, usize), Vec<LocalSender>> = HashMap::new();
+    let mut senders: HashMap<(usize, usize), Vec<Box<dyn MessageSender>>> = HashMap::new();
     for (ei, edge) in graph.edges.iter().enumerate() {
         if chain_of[&edge.from] == chain_of[&edge.to] {
             continue;
@@ -440,22 +474,31 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
             };
             let mut list = Vec::with_capacity(targets.len());
             for d in targets {
-                let (tx, rx) = local_channel();
-                list.push(tx);
-                receivers.entry((down.id, d)).or_default().push(Box::new(rx));
+                let key = ChannelKey { edge: ei, from: u, to: d };
+                match (here(u), here(d), dist) {
+                    (true, true, _) | (_, _, None) => {
+                        let (tx, rx) = local_channel();
+                        list.push(Box::new(tx) as Box<dyn MessageSender>);
+                        receivers.entry((down.id, d)).or_default().push(Box::new(rx));
+                    }
+                    (true, false, Some(dist)) => list.push(dist.network.sender(key, dist.part_of(d))?),
+                    (false, true, Some(dist)) => {
+                        receivers.entry((down.id, d)).or_default().push(dist.network.receiver(key)?)
+                    }
+                    (false, false, Some(_)) => {}
+                }
             }
-            senders.insert((ei, u), list);
+            if here(u) {
+                senders.insert((ei, u), list);
+            }
         }
     }
 
-    let (reports_tx, reports_rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
     let mut controls = BTreeMap::new();
-    let mut source_tasks = BTreeSet::new();
-    let mut tasks = JoinSet::new();
     for chain in &chains {
         let head = &graph.nodes[chain[0]];
         let tail = &graph.nodes[chain[chain.len() - 1]];
-        for s in 0..head.parallelism {
+        for s in (0..head.parallelism).filter(|s| here(*s)) {
             let key = TaskKey { node: head.id, subtask: s };
             let task_name = if head.id == tail.id {
                 format!("{} [{}/{}]", head.label, s + 1, head.parallelism)
@@ -513,12 +556,8 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
                 _ => {
                     let mut edges = Vec::new();
                     for (ei, edge) in graph.edges.iter().enumerate().filter(|(_, e)| e.from == tail.id) {
-                        let targets: Vec<Box<dyn MessageSender>> = senders
-                            .remove(&(ei, s))
-                            .ok_or_else(|| EngineError::Internal("missing channel".into()))?
-                            .into_iter()
-                            .map(|t| Box::new(t) as Box<dyn MessageSender>)
-                            .collect();
+                        let targets =
+                            senders.remove(&(ei, s)).ok_or_else(|| EngineError::Internal("missing channel".into()))?;
                         let router = match &edge.partitioning {
                             Partitioning::Forward | Partitioning::Single => Router::One,
                             Partitioning::Hash { keys } => {
@@ -550,7 +589,6 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
                     };
                     let position = restored.as_ref().and_then(|m| m.task(key)).and_then(|t| t.source_position.clone());
                     let source = factory.create_source(spec, head.schema.clone(), ctx, position)?;
-                    source_tasks.insert(key);
                     let driver = SourceDriver {
                         watermarks: spec.watermark.as_ref().map(|w| WatermarkGenerator::new(w.column, w.expr.clone())),
                         metrics: metrics.nodes[head.id].clone(),
@@ -571,6 +609,31 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
         }
     }
     drop(reports_tx);
+    if let Some(follow) = follow {
+        tasks.spawn(async move { ("link to part 0".to_string(), (follow.run)(controls, reports_rx).await) });
+        return Ok(RunningJob { tasks, metrics, stop, dead_letters, checkpoints: stats });
+    }
+    let mut controls: BTreeMap<TaskKey, ControlTarget> =
+        controls.into_iter().map(|(k, tx)| (k, ControlTarget::Local(tx))).collect();
+    if let Some(lead) = lead {
+        // Every task of the job reports, wherever it runs.
+        for chain in &chains {
+            let head = &graph.nodes[chain[0]];
+            for s in (0..head.parallelism).filter(|s| !here(*s)) {
+                let route = dist.and_then(|d| lead.routes.get(d.part_of(s)).cloned().flatten());
+                if let (Some(route), true) = (route, options.checkpoints.is_some()) {
+                    controls.insert(TaskKey { node: head.id, subtask: s }, ControlTarget::Remote(route));
+                }
+            }
+        }
+        tasks.spawn(async move { ("link to the other parts".to_string(), lead.run.await) });
+    }
+    let source_tasks: BTreeSet<TaskKey> = chains
+        .iter()
+        .map(|c| &graph.nodes[c[0]])
+        .filter(|n| matches!(n.operator, OperatorSpec::Source(_)))
+        .flat_map(|n| (0..n.parallelism).map(|s| TaskKey { node: n.id, subtask: s }))
+        .collect();
 
     if let Some(c) = &options.checkpoints {
         let existing = c.store.list().await?;

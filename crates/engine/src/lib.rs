@@ -5,6 +5,7 @@ pub mod channel;
 pub mod checkpoint;
 pub mod connector;
 pub mod dead_letter;
+pub mod distribute;
 pub mod error;
 pub mod metrics;
 pub mod operator;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use nagare_coordinator::model::WorkerRecord;
 use nagare_coordinator::{EtcdStore, StoreError};
+use nagare_engine::distribute::Distribution;
 use nagare_engine::{CheckpointOptions, JobOptions};
 use nagare_rpc::v1 as pb;
 use nagare_rpc::v1::worker_service_server::WorkerService;
@@ -22,6 +23,7 @@ pub const LEASE_TTL: i64 = 3;
 /// One deployed job.
 struct Task {
     attempt: u32,
+    part: u32,
     slots: u32,
     state: pb::TaskState,
     error: String,
@@ -35,6 +37,7 @@ struct Task {
 #[derive(Clone, Default)]
 pub struct Worker {
     tasks: Arc<Mutex<HashMap<String, Task>>>,
+    exchange: Arc<nagare_exchange::Exchange>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -48,6 +51,14 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Worker {
+    /// The Arrow Flight service through which the parts of a job on different workers exchange data; served
+    /// next to `WorkerService`.
+    pub fn flight_service(
+        &self,
+    ) -> arrow_flight::flight_service_server::FlightServiceServer<nagare_exchange::FlightEndpoint> {
+        self.exchange.service()
+    }
+
     /// The counters of every job that ran here, in Prometheus text format (labelled by job id).
     pub fn prometheus(&self) -> String {
         let tasks = locked(&self.tasks);
@@ -89,6 +100,13 @@ impl Worker {
                 },
                 from_scratch: false,
             }),
+            // Part numbers keep the output and dead-letter file names of parts apart.
+            run_id: format!("{}-p{}", nagare_engine::job::new_run_id(), req.part),
+            distribution: (req.peers.len() > 1).then(|| Distribution {
+                part: req.part as usize,
+                slot_parts: req.slot_parts.iter().map(|p| *p as usize).collect(),
+                network: self.exchange.network(format!("{}/{}", req.job_id, req.attempt), req.peers.clone()),
+            }),
             ..JobOptions::default()
         };
         let id = req.job_id.clone();
@@ -122,6 +140,7 @@ impl Worker {
     }
 
     fn finished(&self, id: &str, attempt: u32, result: Result<(), String>) {
+        self.exchange.forget(&format!("{id}/{attempt}"));
         if let Some(t) = locked(&self.tasks).get_mut(id).filter(|t| t.attempt == attempt) {
             if t.state != pb::TaskState::Running {
                 return;
@@ -160,7 +179,12 @@ impl WorkerService for Worker {
                 req.job_id.clone(),
                 Task {
                     attempt: req.attempt,
-                    slots: req.parallelism,
+                    part: req.part,
+                    slots: if req.slot_parts.is_empty() {
+                        req.parallelism
+                    } else {
+                        req.slot_parts.iter().filter(|p| **p == req.part).count() as u32
+                    },
                     state: pb::TaskState::Running,
                     error: String::new(),
                     stop: CancellationToken::new(),
@@ -218,6 +242,7 @@ impl WorkerService for Worker {
                         .unwrap_or(0),
                     error: t.error.clone(),
                     slots: t.slots,
+                    part: t.part,
                 })
                 .collect(),
         }))

@@ -70,7 +70,7 @@ pub struct Coordinator {
     /// The source tasks among them.
     pub sources: BTreeSet<TaskKey>,
     /// Control channel of each task.
-    pub controls: BTreeMap<TaskKey, UnboundedSender<Control>>,
+    pub controls: BTreeMap<TaskKey, ControlTarget>,
     /// Fingerprints of nodes with state, for the metadata.
     pub fingerprints: BTreeMap<usize, String>,
     /// Parallelism of each node, for the metadata.
@@ -87,6 +87,15 @@ pub struct Coordinator {
     pub factory: Arc<dyn ConnectorFactory>,
 }
 
+/// Where a task listens: in this process, or in another part of the job (through its ordered link).
+#[derive(Debug, Clone)]
+pub enum ControlTarget {
+    /// A task of this process.
+    Local(UnboundedSender<Control>),
+    /// A task of another part.
+    Remote(crate::distribute::ControlRoute),
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -99,9 +108,15 @@ fn fault_delay() -> Option<Duration> {
 
 impl Coordinator {
     fn send(&self, task: &TaskKey, control: Control) {
-        if let Some(tx) = self.controls.get(task) {
-            // A task that has already ended no longer listens; that is fine.
-            let _ = tx.send(control);
+        // A task that has already ended no longer listens; that is fine.
+        match self.controls.get(task) {
+            Some(ControlTarget::Local(tx)) => {
+                let _ = tx.send(control);
+            }
+            Some(ControlTarget::Remote(route)) => {
+                let _ = route.send((*task, control));
+            }
+            None => {}
         }
     }
 
