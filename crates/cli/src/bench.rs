@@ -95,6 +95,43 @@ pub enum BenchCommand {
         #[arg(long, default_value = "10s")]
         checkpoint_interval: String,
     },
+    /// Shuffle-heavy W1 (dedup by id, then a per-tenant window) in one process, in one worker process and split
+    /// over two worker processes exchanging rows over Arrow Flight; then the exchange alone vs the in-process
+    /// channel, in MB/s.
+    Cluster {
+        /// Input events.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Working directory.
+        #[arg(long, default_value = "target/bench-cluster")]
+        dir: PathBuf,
+        /// Job parallelism (slots), split evenly over the worker processes.
+        #[arg(long, default_value_t = 2)]
+        parallelism: u32,
+        /// Megabytes of decoded batches pushed through each channel in the exchange-alone measurement.
+        #[arg(long, default_value_t = 2000)]
+        exchange_mb: usize,
+    },
+    /// One part of a job split over processes (run by `bench cluster`, one process per worker).
+    #[command(hide = true)]
+    Part {
+        #[arg(long)]
+        sql: PathBuf,
+        #[arg(long = "var")]
+        vars: Vec<String>,
+        #[arg(long)]
+        parallelism: u32,
+        #[arg(long)]
+        part: usize,
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        slot_parts: Vec<usize>,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        stats_json: PathBuf,
+    },
     /// The DataFusion batch baseline of W1 (run by `bench w1` as a child process).
     #[command(hide = true)]
     W1Batch {
@@ -154,7 +191,7 @@ pub fn write_w1(out: &Path, rows: u64, seed: u64, duplicate_rate: f64) -> Result
     Ok(bytes)
 }
 
-fn w1_schema() -> Arc<Schema> {
+pub(crate) fn w1_schema() -> Arc<Schema> {
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     Arc::new(Schema::new(vec![
         Field::new("version", DataType::Utf8, true),
@@ -236,7 +273,7 @@ fn run_program(
 }
 
 /// Rows in all Parquet files under `dir` (from their footers).
-fn parquet_rows(dir: &Path) -> Result<u64> {
+pub(crate) fn parquet_rows(dir: &Path) -> Result<u64> {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -594,6 +631,13 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             .await
         }
         BenchCommand::State { keys, new_keys, dir } => bench_state(keys, new_keys, &dir).await,
+        BenchCommand::Cluster { rows, dir, parallelism, exchange_mb } => {
+            crate::bench_cluster::bench_cluster(rows, &dir, parallelism, exchange_mb).await
+        }
+        BenchCommand::Part { sql, vars, parallelism, part, peers, slot_parts, threads: _, stats_json } => {
+            let args = crate::bench_cluster::PartArgs { sql, vars, parallelism, part, peers, slot_parts, stats_json };
+            crate::bench_cluster::run_part(args).await
+        }
         BenchCommand::W1Batch { input, output, threads, stats_json } => {
             w1_batch(&input, &output, threads).await?;
             std::fs::write(&stats_json, serde_json::json!({"peak_rss_bytes": peak_rss_bytes()}).to_string())?;

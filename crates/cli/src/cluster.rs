@@ -440,8 +440,8 @@ async fn worker(
     // Wide HTTP/2 windows: job data between workers streams through this server.
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .initial_stream_window_size(4u32 << 20)
-        .initial_connection_window_size(32u32 << 20)
+        .initial_stream_window_size(nagare_exchange::STREAM_WINDOW)
+        .initial_connection_window_size(nagare_exchange::CONNECTION_WINDOW)
         .add_service(worker.flight_service())
         .add_service(pb::worker_service_server::WorkerServiceServer::new(worker))
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), until_ctrl_c(shutdown))

@@ -1,6 +1,7 @@
 //! `nagare`: run, explain and benchmark streaming SQL pipelines.
 
 mod bench;
+mod bench_cluster;
 mod cluster;
 mod progress;
 
@@ -120,6 +121,7 @@ fn main() {
     init_tracing();
     let threads = match &cli.command {
         Command::Run { threads, .. } => *threads,
+        Command::Bench { what: bench::BenchCommand::Part { threads, .. } } => Some(*threads),
         _ => None,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();

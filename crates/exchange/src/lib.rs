@@ -43,6 +43,12 @@ pub use link::LinkJoin;
 /// Largest Flight message either side accepts (a batch is one message).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// HTTP/2 flow-control windows for exchange connections (per stream, per connection): wide enough that a batch
+/// or two is in flight without waiting for window updates; credits, not these, bound what is buffered.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// See [`STREAM_WINDOW`].
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// How long an incoming stream waits for its receiving end to be set up (the parts of a job start at slightly
 /// different times).
 const REGISTRATION_WAIT: Duration = Duration::from_secs(60);
@@ -87,6 +93,18 @@ impl Exchange {
         FlightServiceServer::new(FlightEndpoint(self.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Serves the Flight service alone on `listener` (benchmarks and tests; a worker serves it next to its
+    /// `WorkerService` instead), with the wide HTTP/2 windows bulk data needs.
+    pub async fn serve(self: &Arc<Self>, listener: tokio::net::TcpListener) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .add_service(self.service())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
     }
 
     /// The network of one attempt of a job. `job` must name the attempt (e.g. `orders/3`); `peers` holds the
@@ -153,8 +171,8 @@ impl Exchange {
                     .map_err(|e| ExchangeError::Peer(format!("worker address {address}: {e}")))?
                     .connect_timeout(Duration::from_secs(5))
                     .tcp_nodelay(true)
-                    .initial_stream_window_size(Some(4 << 20))
-                    .initial_connection_window_size(Some(32 << 20))
+                    .initial_stream_window_size(Some(STREAM_WINDOW))
+                    .initial_connection_window_size(Some(CONNECTION_WINDOW))
                     .connect_lazy();
                 channels.insert(address.to_string(), c.clone());
                 c

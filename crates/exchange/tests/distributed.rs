@@ -20,11 +20,8 @@ use nagare_exchange::Exchange;
 async fn serve(exchange: &Arc<Exchange>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(exchange.service())
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let ex = exchange.clone();
+    tokio::spawn(async move { ex.serve(listener).await });
     format!("http://{addr}")
 }
 
