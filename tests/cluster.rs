@@ -158,29 +158,28 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     wait_for("c1 to lead", Duration::from_secs(30), || c1.log().contains("leading"), &|| c1.log());
     let c2 = coordinator(p2, "c2");
     let metrics_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut workers: Vec<Proc> = (1..=3)
-        .map(|i| {
-            let id = format!("w{i}");
-            let metrics = format!("127.0.0.1:{}", metrics_ports[i - 1]);
-            spawn(
-                dir.path(),
+    let start_worker = |i: usize| {
+        let id = format!("w{i}");
+        let metrics = format!("127.0.0.1:{}", metrics_ports[i - 1]);
+        spawn(
+            dir.path(),
+            &id,
+            &[
+                "worker",
+                "--etcd",
+                &etcd,
+                "--etcd-prefix",
+                &prefix,
+                "--slots",
+                "2",
+                "--id",
                 &id,
-                &[
-                    "worker",
-                    "--etcd",
-                    &etcd,
-                    "--etcd-prefix",
-                    &prefix,
-                    "--slots",
-                    "2",
-                    "--id",
-                    &id,
-                    "--metrics-addr",
-                    &metrics,
-                ],
-            )
-        })
-        .collect();
+                "--metrics-addr",
+                &metrics,
+            ],
+        )
+    };
+    let mut workers: Vec<Proc> = (1..=3).map(start_worker).collect();
     // The follower answers the API as well.
     let api = format!("https://127.0.0.1:{p2}");
     wait_for(
@@ -382,4 +381,69 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     );
     let (ok, _, err) = cli(&api, Some(TOKEN), &["stop", &job2]);
     assert!(!ok && err.contains("already stopped"), "{err}");
+
+    // Rescale 2 -> 4 -> 1 while a bounded job runs: each time it stops with a checkpoint and restarts from it, its
+    // dedup state split or merged by key group and the generator's lanes handed on. The two lost workers come back
+    // first (4 slots need two of them).
+    for id in [&first, &second] {
+        workers.push(start_worker(id.trim_start_matches('w').parse().unwrap()));
+    }
+    wait_for(
+        "three workers again",
+        Duration::from_secs(30),
+        || cli(&api, Some(TOKEN), &["workers"]).1.lines().count() == 4,
+        &|| cli(&api, Some(TOKEN), &["workers"]).2,
+    );
+    let sql3 = dir.path().join("p3.sql");
+    std::fs::write(&sql3, std::fs::read_to_string(&sql).unwrap().replace(&format!("count = '{N}'"), "count = '30000'"))
+        .unwrap();
+    let reference3 = dir.path().join("reference3");
+    let out = Command::new(env!("CARGO_BIN_EXE_nagare"))
+        .arg("run")
+        .arg(&sql3)
+        .args(["-q", "--var", "RATE=0", "--var"])
+        .arg(format!("OUT={}", reference3.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rescaled = dir.path().join("rescaled");
+    let out_var = format!("OUT={}", rescaled.display());
+    let (ok, job3, err) = cli(
+        &api,
+        Some(TOKEN),
+        &["submit", sql3.to_str().unwrap(), "--name", "rescales", "--var", "RATE=2500", "--var", &out_var],
+    );
+    assert!(ok, "{err}");
+    let job3 = job3.trim().to_string();
+    let at = |p: u64, attempt: u64| {
+        move |s: &serde_json::Value| {
+            running_with_checkpoint(attempt)(s)
+                && s["parallelism"].as_u64() == Some(p)
+                && s["last_checkpoint"].as_u64() > Some(0)
+        }
+    };
+    wait_for("the third job to run", Duration::from_secs(60), || at(2, 1)(&status(&api, &job3)), &logs);
+    let before = status(&api, &job3);
+    let (ok, said, err) = cli(&api, Some(TOKEN), &["rescale", &job3, "4"]);
+    assert!(ok && said.contains("rescaling"), "{said} {err}");
+    let next = before["attempt"].as_u64().unwrap() + 1;
+    let logs3 = || format!("{}\n{}", status(&api, &job3), logs());
+    wait_for("parallelism 4", Duration::from_secs(60), || at(4, next)(&status(&api, &job3)), &logs3);
+    let s = status(&api, &job3);
+    assert!(s["workers"].as_array().unwrap().len() >= 2, "4 slots over workers of 2: {s}");
+    assert!(s["rows_in"].as_u64() < Some(30_000), "rescaled while it ran: {s}");
+    let (ok, _, err) = cli(&api, Some(TOKEN), &["rescale", &job3, "0"]);
+    assert!(!ok && err.contains("parallelism must be between 1"), "{err}");
+    let (ok, _, err) = cli(&api, Some(TOKEN), &["rescale", &job3, "1"]);
+    assert!(ok, "{err}");
+    let next = s["attempt"].as_u64().unwrap() + 1;
+    wait_for("parallelism 1", Duration::from_secs(60), || at(1, next)(&status(&api, &job3)), &logs3);
+    assert_eq!(status(&api, &job3)["workers"].as_array().unwrap().len(), 1);
+    wait_for("the third job to finish", Duration::from_secs(120), || status(&api, &job3)["state"] == "finished", &logs);
+    let expected: std::collections::BTreeSet<String> =
+        common::read_json_rows(&reference3).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    let rows = common::read_json_rows(&rescaled);
+    let ids: std::collections::BTreeSet<String> = rows.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(rows.len(), ids.len(), "no event twice across rescales");
+    assert_eq!(ids, expected, "every event the reference run kept, and no other");
 }

@@ -127,6 +127,15 @@ pub enum ClusterCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Changes a job's parallelism: it stops with a checkpoint and restarts from it with its keyed state split or
+    /// merged by key group.
+    Rescale {
+        job: String,
+        /// The new parallelism (1 to the pipeline's max_parallelism).
+        parallelism: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Lists live workers and their free slots.
     Workers {
         #[command(flatten)]
@@ -293,6 +302,16 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             println!("job {}: {}", j.id, state_name(j.state));
+            Ok(())
+        }
+        ClusterCommand::Rescale { job, parallelism, client: args } => {
+            let j = client(&args)
+                .await?
+                .rescale_job(pb::RescaleJobRequest { id: job, parallelism })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("job {}: {} (to parallelism {parallelism})", j.id, state_name(j.state));
             Ok(())
         }
         ClusterCommand::Workers { client: args } => {

@@ -150,6 +150,7 @@ pub struct EventStreamConfig {
 pub struct EventStream {
     config: EventStreamConfig,
     rng: fastrand::Rng,
+    first: u64,
     next_seq: u64,
     stride: u64,
     recent: VecDeque<(i64, String)>,
@@ -174,6 +175,7 @@ impl EventStream {
         EventStream {
             config,
             rng,
+            first,
             next_seq: first,
             stride: stride.max(1),
             recent: VecDeque::new(),
@@ -276,13 +278,24 @@ pub fn write_event(config: &EventStreamConfig, seq: u64, t_us: i64, out: &mut St
     );
 }
 
-/// One subtask of a generator source.
-pub struct GeneratorSource {
+/// One lane of a generator: the originals `first, first + lanes, ...`, paced at its share of the rate. A job
+/// starts with one lane per subtask; lanes keep their identity through rescales (a subtask may then run several).
+struct Lane {
     stream: EventStream,
     remaining: Option<u64>,
-    rate: f64,
     emitted: u64,
     started: Instant,
+}
+
+/// One subtask of a generator source.
+pub struct GeneratorSource {
+    config: EventStreamConfig,
+    lanes: Vec<Lane>,
+    lanes_total: u64,
+    next_lane: usize,
+    /// Events per second per lane.
+    rate: f64,
+    lines: u64,
     decoder: BlockDecoder,
     batch_size: usize,
     text: String,
@@ -329,12 +342,15 @@ impl GeneratorSource {
             ctx.metrics.clone(),
             origin.clone(),
         )?;
+        let lane =
+            Lane { stream: EventStream::new(config.clone(), i, p), remaining, emitted: 0, started: Instant::now() };
         Ok(GeneratorSource {
-            stream: EventStream::new(config, i, p),
-            remaining,
+            config,
+            lanes: vec![lane],
+            lanes_total: p,
+            next_lane: 0,
             rate: rate / p as f64,
-            emitted: 0,
-            started: Instant::now(),
+            lines: 0,
             decoder,
             batch_size: ctx.batch_size,
             text: String::new(),
@@ -343,25 +359,42 @@ impl GeneratorSource {
     }
 }
 
-/// A generator subtask's checkpoint position.
+/// A generator lane's checkpoint position.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct GeneratorPosition {
+struct LanePosition {
+    first: u64,
     stream: StreamPosition,
     emitted: u64,
     remaining: Option<u64>,
 }
 
+/// A generator subtask's checkpoint position: its lanes, out of how many.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct GeneratorPosition {
+    lanes_total: u64,
+    lanes: Vec<LanePosition>,
+}
+
 impl GeneratorSource {
-    /// Continues from a checkpoint position.
-    pub fn restore(&mut self, position: serde_json::Value) -> Result<(), EngineError> {
-        let p: GeneratorPosition = serde_json::from_value(position)
-            .map_err(|e| EngineError::Config(format!("checkpoint position of a generator is not valid: {e}")))?;
-        self.stream.resume(&p.stream);
-        self.emitted = p.emitted;
-        self.remaining = p.remaining;
-        // Pacing continues from here rather than catching up on the time the job was down.
-        self.started =
-            Instant::now() - Duration::from_secs_f64(if self.rate > 0.0 { p.emitted as f64 / self.rate } else { 0.0 });
+    /// Continues the lanes of checkpoint `positions` (one subtask's, or several after a rescale; none leaves this
+    /// subtask without work).
+    pub fn restore(&mut self, positions: &[&serde_json::Value]) -> Result<(), EngineError> {
+        let total_rate = self.rate * self.lanes_total as f64;
+        self.lanes.clear();
+        for position in positions {
+            let p: GeneratorPosition = serde_json::from_value((*position).clone())
+                .map_err(|e| EngineError::Config(format!("checkpoint position of a generator is not valid: {e}")))?;
+            self.lanes_total = p.lanes_total.max(1);
+            self.rate = total_rate / self.lanes_total as f64;
+            for l in p.lanes {
+                let mut stream = EventStream::new(self.config.clone(), l.first, self.lanes_total);
+                stream.resume(&l.stream);
+                // Pacing continues from here rather than catching up on the time the job was down.
+                let ahead = if self.rate > 0.0 { l.emitted as f64 / self.rate } else { 0.0 };
+                let started = Instant::now() - Duration::from_secs_f64(ahead);
+                self.lanes.push(Lane { stream, remaining: l.remaining, emitted: l.emitted, started });
+            }
+        }
         Ok(())
     }
 }
@@ -369,38 +402,64 @@ impl GeneratorSource {
 #[async_trait]
 impl Source for GeneratorSource {
     fn snapshot_position(&mut self, _checkpoint: nagare_core::CheckpointId) -> Result<serde_json::Value, EngineError> {
-        let p = GeneratorPosition { stream: self.stream.position(), emitted: self.emitted, remaining: self.remaining };
-        serde_json::to_value(p).map_err(|e| EngineError::Internal(e.to_string()))
+        let lanes = self
+            .lanes
+            .iter()
+            .map(|l| LanePosition {
+                first: l.stream.first,
+                stream: l.stream.position(),
+                emitted: l.emitted,
+                remaining: l.remaining,
+            })
+            .collect();
+        serde_json::to_value(GeneratorPosition { lanes_total: self.lanes_total, lanes })
+            .map_err(|e| EngineError::Internal(e.to_string()))
     }
 
     async fn next(&mut self) -> Result<SourceEvent, EngineError> {
-        let mut n = self.batch_size;
-        if let Some(r) = self.remaining {
-            if r == 0 {
-                return Ok(SourceEvent::End);
-            }
-            n = n.min(r as usize);
+        if self.lanes.iter().all(|l| l.remaining == Some(0)) {
+            return Ok(SourceEvent::End);
         }
-        if self.rate > 0.0 {
-            // Pace: never ahead of `rate`, in batches of about a tenth of a second.
-            let due = (self.started.elapsed().as_secs_f64() * self.rate) as u64;
-            if due <= self.emitted {
-                let wait = Duration::from_secs_f64(
-                    ((self.emitted + 1) as f64 / self.rate - self.started.elapsed().as_secs_f64()).max(0.001),
-                );
-                return Ok(SourceEvent::Idle(wait));
+        // The next lane (round robin) that has events left and is due; otherwise wait for the first one due.
+        let mut wait: Option<Duration> = None;
+        let mut pick = None;
+        for k in 0..self.lanes.len() {
+            let i = (self.next_lane + k) % self.lanes.len();
+            let lane = &self.lanes[i];
+            let mut n = self.batch_size;
+            if let Some(r) = lane.remaining {
+                if r == 0 {
+                    continue;
+                }
+                n = n.min(r as usize);
             }
-            n = n.min((due - self.emitted) as usize).min(((self.rate / 10.0) as usize).max(1));
+            if self.rate > 0.0 {
+                // Pace: never ahead of the rate, in batches of about a tenth of a second.
+                let due = (lane.started.elapsed().as_secs_f64() * self.rate) as u64;
+                if due <= lane.emitted {
+                    let w = ((lane.emitted + 1) as f64 / self.rate - lane.started.elapsed().as_secs_f64()).max(0.001);
+                    let w = Duration::from_secs_f64(w);
+                    wait = Some(wait.map_or(w, |x| x.min(w)));
+                    continue;
+                }
+                n = n.min((due - lane.emitted) as usize).min(((self.rate / 10.0) as usize).max(1));
+            }
+            pick = Some((i, n));
+            break;
         }
+        let Some((i, n)) = pick else { return Ok(SourceEvent::Idle(wait.unwrap_or(Duration::from_millis(1)))) };
+        self.next_lane = (i + 1) % self.lanes.len();
+        let lane = &mut self.lanes[i];
         self.text.clear();
         for _ in 0..n {
-            self.stream.next_line(&mut self.text);
+            lane.stream.next_line(&mut self.text);
         }
-        self.emitted += n as u64;
-        if let Some(r) = self.remaining.as_mut() {
+        lane.emitted += n as u64;
+        if let Some(r) = lane.remaining.as_mut() {
             *r -= n as u64;
         }
-        match self.decoder.decode(self.text.as_bytes(), &self.origin, LineBase::Line(self.emitted - n as u64 + 1))? {
+        self.lines += n as u64;
+        match self.decoder.decode(self.text.as_bytes(), &self.origin, LineBase::Line(self.lines - n as u64 + 1))? {
             Some(batch) => Ok(SourceEvent::Batch(batch)),
             None => Ok(SourceEvent::Idle(Duration::ZERO)),
         }

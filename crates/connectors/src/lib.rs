@@ -36,20 +36,21 @@ impl ConnectorFactory for Connectors {
         spec: &SourceSpec,
         schema: SchemaRef,
         ctx: SourceContext,
-        position: Option<serde_json::Value>,
+        restore: Option<&nagare_engine::connector::SourceRestore>,
     ) -> Result<Box<dyn Source>, EngineError> {
+        let (subtask, parallelism) = (ctx.subtask, ctx.parallelism);
         match spec.table.connector.as_str() {
             "filesystem" => {
                 let mut s = filesystem::source::FileSource::new(spec, schema, ctx)?;
-                if let Some(p) = position {
-                    s.restore(p)?;
+                if let Some(r) = restore {
+                    s.restore(&r.mine(subtask, parallelism), r.all())?;
                 }
                 Ok(Box::new(s))
             }
             "generator" => {
                 let mut s = generator::GeneratorSource::new(spec, schema, ctx)?;
-                if let Some(p) = position {
-                    s.restore(p)?;
+                if let Some(r) = restore {
+                    s.restore(&r.mine(subtask, parallelism))?;
                 }
                 Ok(Box::new(s))
             }

@@ -17,6 +17,8 @@ pub enum JobState {
     Running,
     /// Asked to stop; the worker is stopping it.
     Stopping,
+    /// Stopping with a checkpoint, to be deployed again at `rescale_to` from it.
+    Rescaling,
     /// Stopped on request.
     Stopped,
     /// Its input ended and everything was written.
@@ -36,6 +38,7 @@ impl JobState {
             JobState::Scheduling => pb::JobState::Scheduling,
             JobState::Running => pb::JobState::Running,
             JobState::Stopping => pb::JobState::Stopping,
+            JobState::Rescaling => pb::JobState::Rescaling,
             JobState::Stopped => pb::JobState::Stopped,
             JobState::Finished => pb::JobState::Finished,
             JobState::Failed => pb::JobState::Failed,
@@ -61,6 +64,9 @@ pub struct JobRecord {
     pub slot_parts: Vec<u32>,
     /// Deployments so far.
     pub attempt: u32,
+    /// The parallelism a rescaling job restarts with.
+    #[serde(default)]
+    pub rescale_to: Option<u32>,
     /// Stop with a final checkpoint (true) or at once, once stopping.
     pub stop_with_checkpoint: bool,
     pub operators: Vec<(u32, String, u32)>,

@@ -90,7 +90,7 @@ pub async fn reconcile(store: &dyn MetadataStore, workers: &dyn Workers) -> Resu
     }
     let mut jobs = list_jobs(store).await?;
     let mut used: HashMap<String, u32> = HashMap::new();
-    for j in jobs.iter().filter(|j| matches!(j.state, JobState::Running | JobState::Stopping)) {
+    for j in jobs.iter().filter(|j| matches!(j.state, JobState::Running | JobState::Stopping | JobState::Rescaling)) {
         for w in &j.workers {
             *used.entry(w.clone()).or_default() += j.slots_on(w);
         }
@@ -153,7 +153,23 @@ async fn unplace(
     job.slot_parts.clear();
     tracing::warn!(job = job.id, "{why}");
     job.last_error = why;
-    job.state = if job.state == JobState::Stopping { JobState::Stopped } else { JobState::Scheduling };
+    settle(job);
+}
+
+/// A job none of whose parts runs any more goes where its state was heading: stopped, or (rescaling) back to
+/// scheduling at its new parallelism, to restore from its last checkpoint; a running one is scheduled again.
+fn settle(job: &mut JobRecord) {
+    job.state = match job.state {
+        JobState::Stopping => JobState::Stopped,
+        JobState::Rescaling => {
+            if let Some(p) = job.rescale_to.take() {
+                tracing::info!(job = job.id, from = job.parallelism, to = p, "rescaling from the last checkpoint");
+                job.parallelism = p;
+            }
+            JobState::Scheduling
+        }
+        _ => JobState::Scheduling,
+    };
 }
 
 /// Whether a part failed because another part was lost (the job restarts) rather than on its own (it fails).
@@ -225,9 +241,9 @@ async fn step(
             }
             tracing::info!(job = job.id, workers = ?job.workers, attempt = job.attempt, "job deployed");
         }
-        JobState::Running | JobState::Stopping => {
+        JobState::Running | JobState::Stopping | JobState::Rescaling => {
             if job.workers.is_empty() {
-                job.state = if job.state == JobState::Stopping { JobState::Stopped } else { JobState::Scheduling };
+                settle(job);
                 return;
             }
             let mut statuses = Vec::with_capacity(job.workers.len());
@@ -255,7 +271,7 @@ async fn step(
             }
             let state = |s: &pb::TaskStatus| pb::TaskState::try_from(s.state).unwrap_or(pb::TaskState::Unspecified);
             if let Some((w, s)) = statuses.iter().find(|(_, s)| state(s) == pb::TaskState::Failed) {
-                let restart = job.workers.len() > 1 && lost_peer(&s.error) && job.state == JobState::Running;
+                let restart = job.workers.len() > 1 && lost_peer(&s.error) && job.state != JobState::Stopping;
                 if restart {
                     let why = format!("part on worker {} lost another part ({}); restarted", w.id, s.error);
                     return unplace(job, live, used, workers, why).await;
@@ -278,9 +294,10 @@ async fn step(
                 .map(|(w, _)| *w)
                 .collect();
             if !running.is_empty() {
-                if job.state == JobState::Stopping {
+                if matches!(job.state, JobState::Stopping | JobState::Rescaling) {
+                    let checkpoint = job.stop_with_checkpoint || job.state == JobState::Rescaling;
                     for w in running {
-                        if let Err(e) = workers.cancel(w, &job.id, job.stop_with_checkpoint).await {
+                        if let Err(e) = workers.cancel(w, &job.id, checkpoint).await {
                             job.last_error = format!("stopping on worker {}: {e}", w.id);
                         }
                     }
@@ -289,8 +306,15 @@ async fn step(
             }
             // Every part has ended.
             let cancelled = statuses.iter().any(|(_, s)| state(s) == pb::TaskState::Cancelled);
-            job.state =
-                if cancelled || job.state == JobState::Stopping { JobState::Stopped } else { JobState::Finished };
+            job.state = match job.state {
+                // (a bounded job may also have finished meanwhile: then there is nothing left to rescale)
+                JobState::Rescaling if cancelled => {
+                    settle(job);
+                    job.state
+                }
+                _ if cancelled || job.state == JobState::Stopping => JobState::Stopped,
+                _ => JobState::Finished,
+            };
             for w in job.workers.clone() {
                 if let Some(u) = used.get_mut(&w) {
                     *u = u.saturating_sub(job.slots_on(&w));
@@ -392,6 +416,7 @@ mod tests {
             workers: Vec::new(),
             slot_parts: Vec::new(),
             attempt: 0,
+            rescale_to: None,
             stop_with_checkpoint: true,
             operators: Vec::new(),
             rows_in: 0,
@@ -503,5 +528,30 @@ mod tests {
         let a = get_job(&store, "a").await.unwrap().unwrap();
         assert_eq!(a.state, JobState::Failed);
         assert!(a.last_error.contains("bad record"));
+    }
+
+    #[tokio::test]
+    async fn a_rescaling_job_stops_with_a_checkpoint_and_comes_back_at_its_new_parallelism() {
+        let store = MemoryStore::default();
+        let workers = FakeWorkers::default();
+        add_worker(&store, "w1", 2).await;
+        add_worker(&store, "w2", 2).await;
+        put_job(&store, &job("a", 2)).await.unwrap();
+        reconcile(&store, &workers).await.unwrap();
+        let mut a = get_job(&store, "a").await.unwrap().unwrap();
+        a.state = JobState::Rescaling;
+        a.rescale_to = Some(4);
+        put_job(&store, &a).await.unwrap();
+        reconcile(&store, &workers).await.unwrap();
+        assert_eq!(workers.cancelled.lock().unwrap().as_slice(), &[("a".to_string(), true), ("a".to_string(), true)]);
+        for t in workers.tasks.lock().unwrap().values_mut() {
+            t[0].state = pb::TaskState::Cancelled as i32;
+        }
+        reconcile(&store, &workers).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!((a.state, a.parallelism, a.rescale_to), (JobState::Scheduling, 4, None));
+        reconcile(&store, &workers).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!((a.state, a.attempt, a.slot_parts.len()), (JobState::Running, 2, 4));
     }
 }

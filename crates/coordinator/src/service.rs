@@ -86,6 +86,7 @@ impl JobService for Jobs {
             workers: Vec::new(),
             slot_parts: Vec::new(),
             attempt: 0,
+            rescale_to: None,
             stop_with_checkpoint: true,
             operators: pipeline
                 .graph
@@ -152,11 +153,38 @@ impl JobService for Jobs {
 
     async fn rescale_job(&self, request: Request<pb::RescaleJobRequest>) -> Result<Response<pb::Job>, Status> {
         let req = request.into_inner();
-        job_or_not_found(self.store.as_ref(), &req.id).await?;
-        Err(Status::unimplemented(
-            "rescaling a running job is not available yet: stop it with a checkpoint (`nagare stop`); its state is \
-             kept in its checkpoints",
-        ))
+        let mut job = job_or_not_found(self.store.as_ref(), &req.id).await?;
+        if !matches!(job.state, JobState::Scheduling | JobState::Running) {
+            return Err(Status::failed_precondition(format!(
+                "job '{}' is {}: only a scheduling or running job can be rescaled",
+                job.id,
+                job.state_name()
+            )));
+        }
+        // Planned at the new parallelism first, so that a parallelism the pipeline cannot take is refused now.
+        let pipeline = nagare_connectors::plan(&job.sql, req.parallelism, &job.settings, &job.variables)
+            .await
+            .map_err(|e| plan_error(&e))?;
+        let max = pipeline.settings.max_parallelism;
+        if req.parallelism == 0 || req.parallelism > max {
+            return Err(Status::invalid_argument(format!(
+                "parallelism must be between 1 and max_parallelism ({max}), not {}",
+                req.parallelism
+            )));
+        }
+        job.operators =
+            pipeline.graph.nodes.iter().map(|n| (n.id as u32, n.label.clone(), n.parallelism as u32)).collect();
+        if job.state == JobState::Scheduling {
+            job.parallelism = req.parallelism;
+        } else {
+            // Stop with a checkpoint; the scheduler deploys it again at the new parallelism from that checkpoint.
+            job.rescale_to = Some(req.parallelism);
+            job.stop_with_checkpoint = true;
+            job.state = JobState::Rescaling;
+        }
+        job.updated_ms = now_ms();
+        put_job(self.store.as_ref(), &job).await.map_err(unavailable)?;
+        Ok(Response::new(job.to_pb()))
     }
 
     async fn list_workers(
@@ -225,6 +253,7 @@ impl JobRecord {
             JobState::Scheduling => "scheduling",
             JobState::Running => "running",
             JobState::Stopping => "stopping",
+            JobState::Rescaling => "rescaling",
             JobState::Stopped => "stopped",
             JobState::Finished => "finished",
             JobState::Failed => "failed",

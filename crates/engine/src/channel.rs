@@ -88,6 +88,9 @@ pub struct InputGate {
     next_start: usize,
     watermark: Option<i64>,
     pending_barrier: Option<(Barrier, std::time::Instant)>,
+    /// The final checkpoint's barrier has passed: the job is stopping, and nothing may be emitted after it (its
+    /// state is what a restart continues from), so watermarks no longer advance.
+    stopped: bool,
 }
 
 impl InputGate {
@@ -101,6 +104,7 @@ impl InputGate {
             next_start: 0,
             watermark: None,
             pending_barrier: None,
+            stopped: false,
         }
     }
 
@@ -191,12 +195,17 @@ impl InputGate {
                 i.blocked = false;
             }
             self.pending_barrier = None;
+            self.stopped |= barrier.then_stop;
             return Some(GateEvent::Barrier(barrier, since.elapsed().as_micros() as u64));
         }
         None
     }
 
     fn advance_watermark(&mut self) -> Option<GateEvent> {
+        // (e.g. inputs that ended on their own, at watermark MAX, outliving inputs stopped at the final barrier)
+        if self.stopped {
+            return None;
+        }
         let mut min: Option<i64> = None;
         for i in self.inputs.iter().filter(|i| !i.finished && !i.idle) {
             let w = i.watermark?;
@@ -266,6 +275,23 @@ mod tests {
         assert!(matches!(g.next().await.unwrap(), GateEvent::Barrier(x, _) if x == b));
         let GateEvent::Batch(after) = g.next().await.unwrap() else { panic!("expected batch") };
         assert_eq!(after.column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0), 1);
+    }
+
+    #[tokio::test]
+    async fn watermarks_stop_at_the_final_barrier() {
+        let (tx, mut g) = gate(2);
+        // Input 1 ran out of input (watermark MAX, then waits for the final checkpoint); input 0 is stopped.
+        tx[1].send(Message::Watermark(Watermark::MAX)).await.unwrap();
+        tx[0].send(Message::Watermark(Watermark::EventTime(10))).await.unwrap();
+        assert!(matches!(g.next().await.unwrap(), GateEvent::Watermark(10)));
+        let b = Barrier { checkpoint: CheckpointId(3), then_stop: true };
+        tx[0].send(Message::Barrier(b)).await.unwrap();
+        tx[1].send(Message::Barrier(b)).await.unwrap();
+        assert!(matches!(g.next().await.unwrap(), GateEvent::Barrier(..)));
+        tx[0].send(Message::EndOfStream).await.unwrap();
+        tx[1].send(Message::EndOfStream).await.unwrap();
+        // Without the rule, input 0 ending would leave input 1's MAX as the watermark and flush every window.
+        assert!(matches!(g.next().await.unwrap(), GateEvent::End));
     }
 
     #[tokio::test]

@@ -106,17 +106,43 @@ pub trait Sink: Send {
     async fn finish(&mut self) -> Result<()>;
 }
 
+/// What a restored source resumes from: the position each subtask of the checkpointed run stored, by subtask.
+/// With the same parallelism a subtask takes its own; after a rescale, old subtask `k`'s remaining work goes to new
+/// subtask `k % parallelism` (so a source with fewer old subtasks than new ones leaves some new ones without work).
+#[derive(Debug, Clone, Default)]
+pub struct SourceRestore {
+    /// Position of each old subtask (`None` where one stored nothing).
+    pub positions: Vec<Option<serde_json::Value>>,
+}
+
+impl SourceRestore {
+    /// The positions subtask `subtask` of `parallelism` continues.
+    pub fn mine(&self, subtask: usize, parallelism: usize) -> Vec<&serde_json::Value> {
+        self.positions
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| k % parallelism.max(1) == subtask)
+            .filter_map(|(_, p)| p.as_ref())
+            .collect()
+    }
+
+    /// Every old subtask's position (for what all subtasks must know, like files already seen).
+    pub fn all(&self) -> impl Iterator<Item = &serde_json::Value> {
+        self.positions.iter().flatten()
+    }
+}
+
 /// Builds sources and sinks from planned table definitions.
 #[async_trait]
 pub trait ConnectorFactory: Send + Sync {
-    /// A source subtask reading `spec.table`, producing `schema` (the projected columns), resuming from `position`
-    /// (what `snapshot_position` returned) when restoring.
+    /// A source subtask reading `spec.table`, producing `schema` (the projected columns); when restoring, resuming
+    /// from what the checkpointed subtasks' `snapshot_position` returned.
     fn create_source(
         &self,
         spec: &SourceSpec,
         schema: SchemaRef,
         ctx: SourceContext,
-        position: Option<serde_json::Value>,
+        restore: Option<&SourceRestore>,
     ) -> Result<Box<dyn Source>>;
 
     /// A sink subtask writing `spec.table` with rows of `schema`.

@@ -17,7 +17,7 @@ use crate::channel::{InputGate, MessageReceiver, MessageSender, local_channel};
 use crate::checkpoint::coordinator::{CheckpointSettings, CheckpointStats, ControlTarget, Coordinator};
 use crate::checkpoint::store::CheckpointStore;
 use crate::checkpoint::{Control, Report};
-use crate::connector::{ConnectorFactory, SinkContext, SourceContext};
+use crate::connector::{ConnectorFactory, SinkContext, SourceContext, SourceRestore};
 use crate::dead_letter::{DeadLetterWriter, DeadLetters};
 use crate::distribute::{ChannelKey, Distribution};
 use crate::error::{EngineError, Result};
@@ -294,16 +294,14 @@ async fn choose_checkpoint(pipeline: &Pipeline, options: &CheckpointOptions) -> 
         return Ok(None);
     }
     let labels: BTreeMap<usize, String> = pipeline.graph.nodes.iter().map(|n| (n.id, n.label.clone())).collect();
-    let mut problems = incompatibilities(&metadata, &fingerprints(pipeline), &labels);
+    // A different parallelism is a rescale: keyed state is split or merged by key group, source positions are
+    // handed on (see `restore_parts` and `SourceRestore`).
+    let problems = incompatibilities(&metadata, &fingerprints(pipeline), &labels);
     for node in &pipeline.graph.nodes {
         if let Some(p) = metadata.parallelism.get(&node.id)
             && *p != node.parallelism
-            && metadata.fingerprints.contains_key(&node.id)
         {
-            problems.push(format!(
-                "operator [{}] {} ran with parallelism {p} and now has {}",
-                node.id, node.label, node.parallelism
-            ));
+            tracing::info!(node = node.id, from = p, to = node.parallelism, "rescaling {}", node.label);
         }
     }
     if !problems.is_empty() {
@@ -317,16 +315,42 @@ async fn choose_checkpoint(pipeline: &Pipeline, options: &CheckpointOptions) -> 
     Ok(Some(metadata))
 }
 
-/// Reads a subtask's state for node `node` from the restored checkpoint.
+/// Reads a subtask's state for node `node` from the restored checkpoint. At the parallelism it was taken with, a
+/// subtask reads its own; after a rescale, it reads every old subtask's whose key groups overlap its own, and its
+/// operator keeps the keys of its key groups.
 async fn restore_parts(
     store: &CheckpointStore,
     metadata: Option<&CheckpointMetadata>,
     task: TaskKey,
-    node: NodeId,
+    node: &Node,
+    max_parallelism: u32,
 ) -> Result<Vec<StatePart>> {
     let Some(m) = metadata else { return Ok(Vec::new()) };
-    let Some(files) = m.task(task).and_then(|t| t.state.get(&node)) else { return Ok(Vec::new()) };
-    store.read_parts(files).await
+    let old = m.parallelism.get(&node.id).copied().unwrap_or(node.parallelism);
+    if old == node.parallelism {
+        let Some(files) = m.task(task).and_then(|t| t.state.get(&node.id)) else { return Ok(Vec::new()) };
+        return store.read_parts(files).await;
+    }
+    let mine = KeyGroupRange::for_subtask(max_parallelism, node.parallelism as u32, task.subtask as u32);
+    let mut files = Vec::new();
+    for t in &m.tasks {
+        let Some(f) = t.state.get(&node.id) else { continue };
+        let theirs = KeyGroupRange::for_subtask(max_parallelism, old as u32, t.task.subtask as u32);
+        if theirs.start < mine.end && mine.start < theirs.end {
+            files.extend(f.iter().cloned());
+        }
+    }
+    store.read_parts(&files).await
+}
+
+/// The positions a restored source node's subtasks continue from.
+fn source_restore(m: &CheckpointMetadata, node: NodeId, parallelism: usize) -> SourceRestore {
+    let old = m.parallelism.get(&node).copied().unwrap_or(parallelism);
+    SourceRestore {
+        positions: (0..old)
+            .map(|k| m.task(TaskKey { node, subtask: k }).and_then(|t| t.source_position.clone()))
+            .collect(),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -531,7 +555,7 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
                     continue;
                 };
                 if let Some(c) = &options.checkpoints {
-                    let parts = restore_parts(&c.store, restored.as_ref(), key, *id).await?;
+                    let parts = restore_parts(&c.store, restored.as_ref(), key, node, settings.max_parallelism).await?;
                     op.restore(parts)?;
                 }
                 ops.push((op, m));
@@ -587,8 +611,8 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
                         metrics: metrics.nodes[head.id].clone(),
                         stop: stop.clone(),
                     };
-                    let position = restored.as_ref().and_then(|m| m.task(key)).and_then(|t| t.source_position.clone());
-                    let source = factory.create_source(spec, head.schema.clone(), ctx, position)?;
+                    let restore = restored.as_ref().map(|m| source_restore(m, head.id, head.parallelism));
+                    let source = factory.create_source(spec, head.schema.clone(), ctx, restore.as_ref())?;
                     let driver = SourceDriver {
                         watermarks: spec.watermark.as_ref().map(|w| WatermarkGenerator::new(w.column, w.expr.clone())),
                         metrics: metrics.nodes[head.id].clone(),

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -189,4 +189,80 @@ async fn losing_a_part_fails_the_other() {
     let err = tokio::time::timeout(Duration::from_secs(30), p0.wait()).await.expect("part 0 must fail, not hang");
     let err = err.expect_err("part 0 must fail when part 1 is lost").to_string();
     assert!(err.contains("part 1") || err.contains("receiving") || err.contains("went away"), "{err}");
+}
+
+/// Stops the job with a final checkpoint after `after`, or lets it finish when `after` is `None`.
+/// Returns the rows its sources read.
+async fn run_until(
+    pipeline: &nagare_sql::Pipeline,
+    ck: &Path,
+    parts: Option<Vec<usize>>,
+    after: Option<Duration>,
+) -> u64 {
+    let factory = Arc::new(nagare_connectors::Connectors);
+    let mut jobs = Vec::new();
+    match parts {
+        None => jobs.push(nagare_engine::start(pipeline, factory, options(ck, None)).await.unwrap()),
+        Some(slot_parts) => {
+            let n = slot_parts.iter().max().unwrap() + 1;
+            let exchanges: Vec<Arc<Exchange>> = (0..n).map(|_| Exchange::new()).collect();
+            let mut peers = Vec::new();
+            for ex in &exchanges {
+                peers.push(serve(ex).await);
+            }
+            let starts = exchanges.iter().enumerate().map(|(p, ex)| {
+                let d =
+                    Distribution { part: p, slot_parts: slot_parts.clone(), network: ex.network("r/1", peers.clone()) };
+                nagare_engine::start(pipeline, factory.clone(), options(ck, Some(d)))
+            });
+            for j in futures::future::join_all(starts).await {
+                jobs.push(j.unwrap());
+            }
+        }
+    }
+    if let Some(after) = after {
+        tokio::time::sleep(after).await;
+        for j in &jobs {
+            j.stop_token().cancel();
+        }
+    }
+    let mut read = 0;
+    for r in futures::future::join_all(jobs.into_iter().map(|j| j.wait())).await {
+        read += r.unwrap().rows_read;
+    }
+    read
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescaling_2_to_4_to_1_keeps_every_row_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sql = SQL.replace("rate = '30000'", "rate = '15000'");
+    let plan_at = |p: u32, out: PathBuf| {
+        let sql = sql.clone();
+        async move {
+            let vars = BTreeMap::from([("OUT".to_string(), out.to_str().unwrap().to_string())]);
+            nagare_connectors::plan(&sql, p, &BTreeMap::new(), &vars).await.unwrap()
+        }
+    };
+    let reference = tmp.path().join("reference");
+    run_until(&plan_at(2, reference.clone()).await, &tmp.path().join("ck-ref"), None, None).await;
+    let expected = lines(&reference);
+
+    let out = tmp.path().join("out");
+    let ck = tmp.path().join("ck");
+    // (rows wait in the dedup's state for the watermark, 5 s behind: what is read before a stop is all state)
+    let first = run_until(&plan_at(2, out.clone()).await, &ck, None, Some(Duration::from_millis(700))).await;
+    assert!(first > 0 && first < 30_000, "stopped part-way: read {first}");
+    // 4 subtasks over two workers: dedup state split by key group, the generator's 2 lanes on 2 of 4 subtasks.
+    let parts = Some(vec![0, 1, 0, 1]);
+    let second = run_until(&plan_at(4, out.clone()).await, &ck, parts, Some(Duration::from_millis(700))).await;
+    assert!(second > 0 && first + second < 30_000, "went on at 4: read {second} more");
+    // Back to 1: all state and both lanes in one subtask.
+    let third = run_until(&plan_at(1, out.clone()).await, &ck, None, None).await;
+    assert_eq!(first + second + third, 30_000, "every generated event read once");
+    let got = lines(&out);
+    let unique: std::collections::BTreeSet<&String> = got.iter().collect();
+    assert_eq!(unique.len(), got.len(), "no row twice");
+    assert_eq!(got.len(), expected.len());
+    assert_eq!(got.iter().zip(&expected).filter(|(a, b)| a != b).count(), 0, "the reference's rows, no other");
 }

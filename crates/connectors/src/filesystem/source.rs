@@ -445,14 +445,28 @@ struct Position {
 }
 
 impl FileSource {
-    /// Resumes from a checkpoint position instead of the listing.
-    pub fn restore(&mut self, position: serde_json::Value) -> Result<(), EngineError> {
-        let p: Position = serde_json::from_value(position).map_err(|e| {
-            EngineError::Config(format!("checkpoint position of a filesystem source is not valid: {e}"))
-        })?;
-        self.splits = p.splits.into();
-        if let (Some(w), Some(seen)) = (self.watch.as_mut(), p.seen) {
-            w.seen = seen.into_iter().collect();
+    /// Resumes from checkpoint positions instead of the listing: the splits left in `mine` (one position, or
+    /// several after a rescale), and every file any subtask had seen (`all`), so a watched file is read once.
+    pub fn restore<'a>(
+        &mut self,
+        mine: &[&serde_json::Value],
+        all: impl Iterator<Item = &'a serde_json::Value>,
+    ) -> Result<(), EngineError> {
+        let parse = |v: &serde_json::Value| -> Result<Position, EngineError> {
+            serde_json::from_value(v.clone()).map_err(|e| {
+                EngineError::Config(format!("checkpoint position of a filesystem source is not valid: {e}"))
+            })
+        };
+        let mut splits = Vec::new();
+        for p in mine {
+            splits.extend(parse(p)?.splits);
+        }
+        self.splits = splits.into();
+        if let Some(w) = self.watch.as_mut() {
+            w.seen.clear();
+            for p in all {
+                w.seen.extend(parse(p)?.seen.unwrap_or_default());
+            }
         }
         self.current = None;
         Ok(())
