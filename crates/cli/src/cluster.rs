@@ -58,6 +58,10 @@ pub enum ClusterCommand {
         /// This coordinator's name in the election (default: its address).
         #[arg(long)]
         id: Option<String>,
+        /// When a worker with nothing to do joins, move running jobs that would spread over more workers onto it
+        /// (each is stopped with a checkpoint and placed again).
+        #[arg(long)]
+        rebalance: bool,
     },
     /// Runs a worker: registers in etcd and runs the jobs the leading coordinator gives it.
     Worker {
@@ -213,6 +217,7 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
             tls_key,
             insecure,
             id,
+            rebalance,
         } => {
             if (token.is_none() || tls_cert.is_none()) && !insecure {
                 bail!(
@@ -230,7 +235,8 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
                 _ => None,
             };
             let store = connect_etcd(&etcd, &etcd_prefix).await?;
-            coordinator(store, &listen, &checkpoint_url, token, tls, id).await
+            let policy = nagare_coordinator::scheduler::Policy { rebalance };
+            coordinator(store, &listen, &checkpoint_url, token, tls, id, policy).await
         }
         ClusterCommand::Worker { etcd, etcd_prefix, listen, slots, lease_ttl, metrics_addr, id } => {
             let store = connect_etcd(&etcd, &etcd_prefix).await?;
@@ -375,6 +381,7 @@ async fn coordinator(
     token: Option<String>,
     tls: Option<tonic::transport::ServerTlsConfig>,
     id: Option<String>,
+    policy: nagare_coordinator::scheduler::Policy,
 ) -> Result<()> {
     let (listener, local) = bind(listen).await?;
     let id = id.unwrap_or_else(|| format!("coordinator-{local}"));
@@ -397,6 +404,7 @@ async fn coordinator(
                     &id,
                     workers.clone(),
                     Duration::from_millis(500),
+                    policy,
                     stop.clone(),
                 )
                 .await

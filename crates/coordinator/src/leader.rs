@@ -19,6 +19,7 @@ pub async fn lead(
     id: &str,
     workers: Arc<dyn Workers>,
     period: Duration,
+    policy: scheduler::Policy,
     stop: CancellationToken,
 ) -> Result<(), StoreError> {
     let mut client = etcd.client();
@@ -53,7 +54,7 @@ pub async fn lead(
         tracing::info!(coordinator = id, "leading: scheduling jobs");
         let store: Arc<dyn MetadataStore> = Arc::new(etcd.clone());
         let until = CancellationToken::new();
-        let sched = tokio::spawn(scheduler::run(store, workers, period, until.clone()));
+        let sched = tokio::spawn(scheduler::run(store, workers, period, policy, until.clone()));
         tokio::select! {
             _ = lost.cancelled() => tracing::warn!(coordinator = id, "lost the leader lease; scheduling stops"),
             _ = stop.cancelled() => {}

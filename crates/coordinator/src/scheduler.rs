@@ -75,8 +75,25 @@ impl Workers for GrpcWorkers {
     }
 }
 
-/// One pass over every job. Returns how many job records it changed.
+/// How the leader schedules.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy {
+    /// When a worker with nothing to do has joined and a running job would spread over more workers than it runs
+    /// on, rescale the job to its own parallelism (stop with a checkpoint, place it again).
+    pub rebalance: bool,
+}
+
+/// One pass over every job with the default policy. Returns how many job records it changed.
 pub async fn reconcile(store: &dyn MetadataStore, workers: &dyn Workers) -> Result<usize, StoreError> {
+    reconcile_with(store, workers, Policy::default()).await
+}
+
+/// One pass over every job. Returns how many job records it changed.
+pub async fn reconcile_with(
+    store: &dyn MetadataStore,
+    workers: &dyn Workers,
+    policy: Policy,
+) -> Result<usize, StoreError> {
     let live = list_workers(store).await?;
     let mut tasks: HashMap<String, Vec<pb::TaskStatus>> = HashMap::new();
     for w in &live {
@@ -96,9 +113,14 @@ pub async fn reconcile(store: &dyn MetadataStore, workers: &dyn Workers) -> Resu
         }
     }
     let mut changed = 0;
+    // One job moves per pass: once it is placed again, the worker it went to is no longer idle.
+    let mut may_rebalance = policy.rebalance && !jobs.iter().any(|j| j.state == JobState::Rescaling);
     for job in jobs.iter_mut().filter(|j| !j.state.is_terminal()) {
         let before = job.clone();
         step(job, &live, &tasks, &mut used, workers).await;
+        if may_rebalance && rebalance(job, &live, &used) {
+            may_rebalance = false;
+        }
         if *job != before {
             job.updated_ms = now_ms();
             put_job(store, job).await?;
@@ -128,6 +150,36 @@ pub fn place(slots: u32, free: &[(String, u32)]) -> Option<(Vec<String>, Vec<u32
         slot_parts.push(part as u32);
     }
     Some((parts, slot_parts))
+}
+
+/// `--rebalance`: a running job that a worker with nothing to do would spread wider is rescaled to its own
+/// parallelism, so that it is placed again over more workers (from a checkpoint; nothing lost or repeated).
+fn rebalance(job: &mut JobRecord, live: &[WorkerRecord], used: &HashMap<String, u32>) -> bool {
+    if job.state != JobState::Running || job.workers.is_empty() {
+        return false;
+    }
+    let idle = |w: &&WorkerRecord| used.get(&w.id).copied().unwrap_or(0) == 0;
+    if !live.iter().any(|w| idle(&w) && !job.workers.contains(&w.id)) {
+        return false;
+    }
+    // Free slots as if this job were not placed.
+    let free: Vec<(String, u32)> = live
+        .iter()
+        .map(|w| {
+            let u = used.get(&w.id).copied().unwrap_or(0).saturating_sub(job.slots_on(&w.id));
+            (w.id.clone(), w.slots.saturating_sub(u))
+        })
+        .collect();
+    if let Some((parts, _)) = place(job.parallelism, &free)
+        && parts.len() > job.workers.len()
+    {
+        tracing::info!(job = job.id, from = job.workers.len(), to = parts.len(), "rebalancing over more workers");
+        job.last_error = format!("rebalancing from {} to {} workers", job.workers.len(), parts.len());
+        job.rescale_to = Some(job.parallelism);
+        job.state = JobState::Rescaling;
+        return true;
+    }
+    false
 }
 
 /// Takes a placed job off its workers (they are told to stop their parts at once) and queues it to be deployed
@@ -332,11 +384,12 @@ pub async fn run(
     store: Arc<dyn MetadataStore>,
     workers: Arc<dyn Workers>,
     period: Duration,
+    policy: Policy,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut failing = false;
     loop {
-        match reconcile(store.as_ref(), workers.as_ref()).await {
+        match reconcile_with(store.as_ref(), workers.as_ref(), policy).await {
             Ok(_) if failing => {
                 tracing::info!("metadata store reachable again; scheduling resumed");
                 failing = false;
@@ -553,5 +606,33 @@ mod tests {
         reconcile(&store, &workers).await.unwrap();
         let a = get_job(&store, "a").await.unwrap().unwrap();
         assert_eq!((a.state, a.attempt, a.slot_parts.len()), (JobState::Running, 2, 4));
+    }
+
+    #[tokio::test]
+    async fn with_rebalance_a_job_spreads_onto_a_worker_that_joins() {
+        let store = MemoryStore::default();
+        let workers = FakeWorkers::default();
+        add_worker(&store, "w1", 4).await;
+        put_job(&store, &job("a", 2)).await.unwrap();
+        let policy = Policy { rebalance: true };
+        reconcile_with(&store, &workers, policy).await.unwrap();
+        assert_eq!(get_job(&store, "a").await.unwrap().unwrap().workers, vec!["w1".to_string()]);
+        // Without --rebalance a new worker changes nothing; with it, the job is rescaled in place to spread.
+        add_worker(&store, "w2", 4).await;
+        reconcile(&store, &workers).await.unwrap();
+        assert_eq!(get_job(&store, "a").await.unwrap().unwrap().state, JobState::Running);
+        reconcile_with(&store, &workers, policy).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!((a.state, a.rescale_to), (JobState::Rescaling, Some(2)));
+        reconcile_with(&store, &workers, policy).await.unwrap();
+        assert_eq!(workers.cancelled.lock().unwrap().as_slice(), &[("a".to_string(), true)]);
+        workers.tasks.lock().unwrap().get_mut("w1").unwrap()[0].state = pb::TaskState::Cancelled as i32;
+        reconcile_with(&store, &workers, policy).await.unwrap();
+        reconcile_with(&store, &workers, policy).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!((a.state, a.workers.len(), a.attempt), (JobState::Running, 2, 2));
+        // Spread as far as it goes: no further rebalancing.
+        reconcile_with(&store, &workers, policy).await.unwrap();
+        assert_eq!(get_job(&store, "a").await.unwrap().unwrap().state, JobState::Running);
     }
 }
