@@ -129,6 +129,7 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     let ckpt = ckpt.to_str().unwrap();
     let (p1, p2) = (free_port(), free_port());
     let (ca, cert, key) = certificates(dir.path());
+    let ca_path = ca.to_str().unwrap().to_string();
     CA.set(ca).unwrap();
     let (cert, key) = (cert.to_str().unwrap().to_string(), key.to_str().unwrap().to_string());
     let coordinator = |port: u16, name: &str| {
@@ -151,6 +152,8 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
                 &cert,
                 "--tls-key",
                 &key,
+                "--cluster-ca",
+                &ca_path,
             ],
         )
     };
@@ -176,6 +179,12 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
                 &id,
                 "--metrics-addr",
                 &metrics,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--cluster-ca",
+                &ca_path,
             ],
         )
     };
@@ -188,6 +197,20 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
         || cli(&api, Some(TOKEN), &["workers"]).1.lines().count() == 4,
         &|| cli(&api, Some(TOKEN), &["workers"]).2,
     );
+
+    // Workers speak mutual TLS: a client without a certificate signed by the cluster CA is turned away (the job
+    // below runs, so the coordinator and the workers themselves get through).
+    let listing = cli(&api, Some(TOKEN), &["workers"]).1;
+    let address = listing.split_whitespace().find(|w| w.starts_with("https://")).expect(&listing).to_string();
+    let anonymous =
+        Command::new("curl").args(["-s", "--max-time", "5", "--cacert", &ca_path, &address]).status().unwrap();
+    assert!(!anonymous.success(), "a worker must refuse a client without a certificate");
+    let out = Command::new(env!("CARGO_BIN_EXE_nagare"))
+        .args(["worker", "--etcd", &etcd, "--etcd-prefix", "/nowhere"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--cluster-ca") && err.contains("--insecure"), "{err}");
 
     // API errors.
     let bad = dir.path().join("bad.sql");

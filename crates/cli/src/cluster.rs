@@ -2,7 +2,7 @@
 //! `workers`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +58,10 @@ pub enum ClusterCommand {
         /// This coordinator's name in the election (default: its address).
         #[arg(long)]
         id: Option<String>,
+        /// CA certificate (PEM) of the workers' certificates: needed when workers serve TLS; the coordinator then
+        /// presents its --tls-cert to them (mTLS).
+        #[arg(long, env = "NAGARE_CLUSTER_CA")]
+        cluster_ca: Option<PathBuf>,
         /// When a worker with nothing to do joins, move running jobs that would spread over more workers onto it
         /// (each is stopped with a checkpoint and placed again).
         #[arg(long)]
@@ -87,6 +91,19 @@ pub enum ClusterCommand {
         /// This worker's id (default: host and port).
         #[arg(long)]
         id: Option<String>,
+        /// TLS certificate (PEM) the worker serves WorkerService and job data with, and presents to other workers.
+        #[arg(long, env = "NAGARE_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long, env = "NAGARE_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// CA certificate (PEM) of the cluster: clients (the coordinator, other workers) must present a certificate
+        /// it signed (mTLS), and other workers are verified with it.
+        #[arg(long, env = "NAGARE_CLUSTER_CA")]
+        cluster_ca: Option<PathBuf>,
+        /// Serve without TLS (local use only).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Submits a pipeline as a job; prints its id.
     Submit {
@@ -204,6 +221,29 @@ fn state_name(state: i32) -> String {
         .unwrap_or_else(|_| state.to_string())
 }
 
+/// A TLS identity from `--tls-cert` and `--tls-key`.
+fn identity(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<tonic::transport::Identity>> {
+    let (Some(c), Some(k)) = (cert, key) else { return Ok(None) };
+    Ok(Some(tonic::transport::Identity::from_pem(
+        std::fs::read(c).with_context(|| format!("reading --tls-cert {}", c.display()))?,
+        std::fs::read(k).with_context(|| format!("reading --tls-key {}", k.display()))?,
+    )))
+}
+
+/// How to reach TLS workers: trusting the cluster CA, presenting `identity` (mTLS) when there is one.
+fn client_tls(
+    ca: Option<&Path>,
+    identity: Option<tonic::transport::Identity>,
+) -> Result<Option<tonic::transport::ClientTlsConfig>> {
+    let Some(ca) = ca else { return Ok(None) };
+    let pem = std::fs::read(ca).with_context(|| format!("reading --cluster-ca {}", ca.display()))?;
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    Ok(Some(match identity {
+        Some(i) => tls.identity(i),
+        None => tls,
+    }))
+}
+
 /// Runs a cluster command.
 pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
     match cmd {
@@ -217,6 +257,7 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
             tls_key,
             insecure,
             id,
+            cluster_ca,
             rebalance,
         } => {
             if (token.is_none() || tls_cert.is_none()) && !insecure {
@@ -225,22 +266,64 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
                      NAGARE_TOKEN); --insecure serves it without, for local use"
                 );
             }
-            let tls = match (tls_cert, tls_key) {
-                (Some(c), Some(k)) => {
-                    Some(tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
-                        std::fs::read(&c).with_context(|| format!("reading --tls-cert {}", c.display()))?,
-                        std::fs::read(&k).with_context(|| format!("reading --tls-key {}", k.display()))?,
-                    )))
-                }
-                _ => None,
-            };
+            let identity = identity(tls_cert.as_deref(), tls_key.as_deref())?;
+            let tls = identity.clone().map(|i| tonic::transport::ServerTlsConfig::new().identity(i));
+            let workers =
+                nagare_coordinator::scheduler::GrpcWorkers::with_tls(client_tls(cluster_ca.as_deref(), identity)?);
             let store = connect_etcd(&etcd, &etcd_prefix).await?;
             let policy = nagare_coordinator::scheduler::Policy { rebalance };
-            coordinator(store, &listen, &checkpoint_url, token, tls, id, policy).await
+            coordinator(
+                store,
+                &listen,
+                &checkpoint_url,
+                token,
+                tls,
+                id,
+                Scheduling { policy, workers: Arc::new(workers) },
+            )
+            .await
         }
-        ClusterCommand::Worker { etcd, etcd_prefix, listen, slots, lease_ttl, metrics_addr, id } => {
+        ClusterCommand::Worker {
+            etcd,
+            etcd_prefix,
+            listen,
+            slots,
+            lease_ttl,
+            metrics_addr,
+            id,
+            tls_cert,
+            tls_key,
+            cluster_ca,
+            insecure,
+        } => {
+            if (tls_cert.is_none() || cluster_ca.is_none()) && !insecure {
+                bail!(
+                    "a worker needs TLS (--tls-cert, --tls-key) and the cluster CA (--cluster-ca) for mutual TLS with \
+                     the coordinator and other workers; --insecure serves it in plaintext, for local use"
+                );
+            }
+            let identity = identity(tls_cert.as_deref(), tls_key.as_deref())?;
+            let ca = match &cluster_ca {
+                Some(p) => Some(tonic::transport::Certificate::from_pem(
+                    std::fs::read(p).with_context(|| format!("reading --cluster-ca {}", p.display()))?,
+                )),
+                None => None,
+            };
+            let server_tls = identity.clone().map(|i| {
+                let tls = tonic::transport::ServerTlsConfig::new().identity(i);
+                match &ca {
+                    Some(ca) => tls.client_ca_root(ca.clone()),
+                    None => tls,
+                }
+            });
+            let exchange = match client_tls(cluster_ca.as_deref(), identity)? {
+                Some(tls) => nagare_exchange::Exchange::with_tls(tls),
+                None => nagare_exchange::Exchange::new(),
+            };
             let store = connect_etcd(&etcd, &etcd_prefix).await?;
-            worker(store, &listen, slots, lease_ttl, metrics_addr, id).await
+            let worker = nagare_worker::Worker::new(exchange);
+            let tls = WorkerTls { server: server_tls };
+            run_worker(store, &listen, slots, lease_ttl, metrics_addr, id, worker, tls).await
         }
         ClusterCommand::Submit { file, name, parallelism, settings, vars, client: args } => {
             let sql = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -374,6 +457,12 @@ fn print_job(j: &pb::Job, json: bool) {
     }
 }
 
+/// How the leader schedules, and how it reaches workers.
+struct Scheduling {
+    policy: nagare_coordinator::scheduler::Policy,
+    workers: Arc<dyn nagare_coordinator::scheduler::Workers>,
+}
+
 async fn coordinator(
     store: EtcdStore,
     listen: &str,
@@ -381,7 +470,7 @@ async fn coordinator(
     token: Option<String>,
     tls: Option<tonic::transport::ServerTlsConfig>,
     id: Option<String>,
-    policy: nagare_coordinator::scheduler::Policy,
+    scheduling: Scheduling,
 ) -> Result<()> {
     let (listener, local) = bind(listen).await?;
     let id = id.unwrap_or_else(|| format!("coordinator-{local}"));
@@ -396,15 +485,14 @@ async fn coordinator(
     let leading = {
         let (store, stop, id) = (store.clone(), stop.clone(), id.clone());
         tokio::spawn(async move {
-            let workers: Arc<dyn nagare_coordinator::scheduler::Workers> =
-                Arc::new(nagare_coordinator::scheduler::GrpcWorkers::default());
+            let workers = scheduling.workers;
             while !stop.is_cancelled() {
                 if let Err(e) = nagare_coordinator::leader::lead(
                     &store,
                     &id,
                     workers.clone(),
                     Duration::from_millis(500),
-                    policy,
+                    scheduling.policy,
                     stop.clone(),
                 )
                 .await
@@ -438,22 +526,30 @@ async fn coordinator(
     Ok(())
 }
 
-async fn worker(
+/// How a worker serves.
+struct WorkerTls {
+    server: Option<tonic::transport::ServerTlsConfig>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_worker(
     store: EtcdStore,
     listen: &str,
     slots: u32,
     lease_ttl: i64,
     metrics_addr: Option<String>,
     id: Option<String>,
+    worker: nagare_worker::Worker,
+    tls: WorkerTls,
 ) -> Result<()> {
     let (listener, local) = bind(listen).await?;
+    let scheme = if tls.server.is_some() { "https" } else { "http" };
     let record = nagare_coordinator::model::WorkerRecord {
         id: id.unwrap_or_else(|| format!("worker-{local}")),
-        address: format!("http://{local}"),
+        address: format!("{scheme}://{local}"),
         slots,
     };
     eprintln!("worker {} serving WorkerService on {} with {slots} slots", record.id, record.address);
-    let worker = nagare_worker::Worker::default();
     if let Some(addr) = metrics_addr {
         let w = worker.clone();
         crate::progress::serve_metrics(&addr, move || w.prometheus()).await?;
@@ -465,7 +561,11 @@ async fn worker(
     };
     let shutdown = stop.clone();
     // Wide HTTP/2 windows: job data between workers streams through this server.
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(t) = tls.server {
+        server = server.tls_config(t).context("worker TLS")?;
+    }
+    server
         .tcp_nodelay(true)
         .initial_stream_window_size(nagare_exchange::STREAM_WINDOW)
         .initial_connection_window_size(nagare_exchange::CONNECTION_WINDOW)

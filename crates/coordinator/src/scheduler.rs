@@ -32,9 +32,16 @@ pub trait Workers: Send + Sync {
 #[derive(Debug, Default)]
 pub struct GrpcWorkers {
     channels: tokio::sync::Mutex<HashMap<String, Channel>>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl GrpcWorkers {
+    /// Reaches `https://` workers with `tls` (the cluster CA, and the coordinator's identity for workers that
+    /// require client certificates).
+    pub fn with_tls(tls: Option<tonic::transport::ClientTlsConfig>) -> Self {
+        GrpcWorkers { channels: Default::default(), tls }
+    }
+
     async fn client(
         &self,
         w: &WorkerRecord,
@@ -43,11 +50,15 @@ impl GrpcWorkers {
         if let Some(c) = channels.get(&w.address) {
             return Ok(pb::worker_service_client::WorkerServiceClient::new(c.clone()));
         }
-        let channel = tonic::transport::Endpoint::from_shared(w.address.clone())
-            .map_err(|e| format!("worker {} address {}: {e}", w.id, w.address))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
+        let mut endpoint = tonic::transport::Endpoint::from_shared(w.address.clone())
+            .map_err(|e| format!("worker {} address {}: {e}", w.id, w.address))?;
+        if w.address.starts_with("https://") {
+            let tls = self.tls.clone().ok_or_else(|| {
+                format!("worker {} serves TLS ({}): give the coordinator --cluster-ca", w.id, w.address)
+            })?;
+            endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS for worker {}: {e}", w.id))?;
+        }
+        let channel = endpoint.connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(10)).connect_lazy();
         channels.insert(w.address.clone(), channel.clone());
         Ok(pb::worker_service_client::WorkerServiceClient::new(channel))
     }

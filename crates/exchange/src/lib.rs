@@ -70,6 +70,9 @@ pub struct Exchange {
     slots: Mutex<HashMap<String, Slot>>,
     registered: Notify,
     channels: Mutex<HashMap<String, Channel>>,
+    /// How to reach workers that serve TLS (`https://` addresses): the cluster CA, and this worker's identity
+    /// when they require client certificates.
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 type FrameStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
@@ -86,6 +89,11 @@ impl Exchange {
     /// A new exchange, to be served with [`Exchange::service`].
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// An exchange that reaches `https://` peers with `tls`.
+    pub fn with_tls(tls: tonic::transport::ClientTlsConfig) -> Arc<Self> {
+        Arc::new(Exchange { tls: Some(tls), ..Self::default() })
     }
 
     /// The Flight service to add to the worker's gRPC server.
@@ -167,8 +175,18 @@ impl Exchange {
         let channel = match channels.get(address) {
             Some(c) => c.clone(),
             None => {
-                let c = tonic::transport::Endpoint::from_shared(address.to_string())
-                    .map_err(|e| ExchangeError::Peer(format!("worker address {address}: {e}")))?
+                let mut endpoint = tonic::transport::Endpoint::from_shared(address.to_string())
+                    .map_err(|e| ExchangeError::Peer(format!("worker address {address}: {e}")))?;
+                if address.starts_with("https://") {
+                    let tls = self.tls.clone().ok_or_else(|| {
+                        ExchangeError::Peer(format!(
+                            "worker {address} serves TLS: this worker needs the cluster CA (--cluster-ca)"
+                        ))
+                    })?;
+                    endpoint =
+                        endpoint.tls_config(tls).map_err(|e| ExchangeError::Peer(format!("TLS for {address}: {e}")))?;
+                }
+                let c = endpoint
                     .connect_timeout(Duration::from_secs(5))
                     .tcp_nodelay(true)
                     .initial_stream_window_size(Some(STREAM_WINDOW))

@@ -51,6 +51,11 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Worker {
+    /// A worker whose jobs exchange data through `exchange` (built with the cluster's TLS settings, if any).
+    pub fn new(exchange: Arc<nagare_exchange::Exchange>) -> Self {
+        Worker { tasks: Default::default(), exchange }
+    }
+
     /// The Arrow Flight service through which the parts of a job on different workers exchange data; served
     /// next to `WorkerService`.
     pub fn flight_service(
