@@ -455,6 +455,24 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     let s = status(&api, &job3);
     assert!(s["workers"].as_array().unwrap().len() >= 2, "4 slots over workers of 2: {s}");
     assert!(s["rows_in"].as_u64() < Some(30_000), "rescaled while it ran: {s}");
+    // GetJob's graph: per-operator parallelism, placement, counters and watermark, summed over the workers.
+    wait_for(
+        "operator counters",
+        Duration::from_secs(30),
+        || {
+            let s = status(&api, &job3);
+            s["operators"][1]["rows_in"].as_u64() > Some(0) && s["operators"][1]["watermark"].is_string()
+        },
+        &logs3,
+    );
+    let s = status(&api, &job3);
+    let dedup = &s["operators"][1];
+    assert!(dedup["label"].as_str().unwrap().starts_with("dedup"), "{s}");
+    assert_eq!(dedup["parallelism"], 4, "{s}");
+    assert_eq!(dedup["workers"], s["workers"], "subtasks of every operator on the job's workers: {s}");
+    assert!(s["last_checkpoint_bytes"].as_u64() > Some(0), "{s}");
+    let (ok, text, _) = cli(&api, Some(TOKEN), &["status", &job3]);
+    assert!(ok && text.contains("watermark") && text.contains("dedup keep-first"), "{text}");
     let (ok, _, err) = cli(&api, Some(TOKEN), &["rescale", &job3, "0"]);
     assert!(!ok && err.contains("parallelism must be between 1"), "{err}");
     let (ok, _, err) = cli(&api, Some(TOKEN), &["rescale", &job3, "1"]);

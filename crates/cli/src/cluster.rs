@@ -433,6 +433,12 @@ async fn until_ctrl_c(stop: CancellationToken) {
     stop.cancel();
 }
 
+fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
 fn print_job(j: &pb::Job, json: bool) {
     if json {
         let v = serde_json::json!({
@@ -440,20 +446,44 @@ fn print_job(j: &pb::Job, json: bool) {
             "workers": j.workers, "attempt": j.attempt, "rows_in": j.rows_in, "rows_out": j.rows_out,
             "last_checkpoint": j.last_checkpoint, "last_error": j.last_error,
             "checkpoint_url": j.checkpoint_url,
-            "operators": j.operators.iter().map(|o| serde_json::json!({"id": o.id, "label": o.label, "parallelism": o.parallelism})).collect::<Vec<_>>(),
+            "last_checkpoint_duration_ms": j.last_checkpoint_duration_ms,
+            "last_checkpoint_bytes": j.last_checkpoint_bytes,
+            "operators": j.operators.iter().map(|o| serde_json::json!({
+                "id": o.id, "label": o.label, "parallelism": o.parallelism, "workers": o.workers,
+                "rows_in": o.rows_in, "rows_out": o.rows_out, "bytes": o.bytes, "backpressure_ms": o.backpressure_ms,
+                "watermark": o.watermark_ms.map(rfc3339_ms), "state_entries": o.state_entries,
+                "late_rows": o.late_rows, "duplicates": o.duplicates, "bad_records": o.bad_records,
+            })).collect::<Vec<_>>(),
         });
         println!("{v}");
         return;
     }
     println!("job {} ({}): {}", j.id, j.name, state_name(j.state));
     println!("  workers: {}  attempt: {}  parallelism: {}", j.workers.join(","), j.attempt, j.parallelism);
-    println!("  rows in: {}  rows out: {}  last checkpoint: {}", j.rows_in, j.rows_out, j.last_checkpoint);
+    println!(
+        "  rows in: {}  rows out: {}  last checkpoint: {} ({} ms, {} bytes)",
+        j.rows_in, j.rows_out, j.last_checkpoint, j.last_checkpoint_duration_ms, j.last_checkpoint_bytes
+    );
     println!("  checkpoints: {}", j.checkpoint_url);
     if !j.last_error.is_empty() {
         println!("  last error: {}", j.last_error);
     }
+    println!(
+        "  {:<48} {:>3} {:>11} {:>11} {:>10} {:>9}  {:<24} workers",
+        "operator", "x", "rows in", "rows out", "state", "backpr.", "watermark"
+    );
     for o in &j.operators {
-        println!("  [{}] {}  x{}", o.id, o.label, o.parallelism);
+        println!(
+            "  {:<48} {:>3} {:>11} {:>11} {:>10} {:>7}ms  {:<24} {}",
+            format!("[{}] {}", o.id, o.label),
+            o.parallelism,
+            o.rows_in,
+            o.rows_out,
+            o.state_entries,
+            o.backpressure_ms,
+            o.watermark_ms.map(rfc3339_ms).unwrap_or_else(|| "-".into()),
+            o.workers.join(",")
+        );
     }
 }
 

@@ -77,9 +77,67 @@ pub struct JobRecord {
     pub created_ms: i64,
     pub updated_ms: i64,
     pub checkpoint_url: String,
+    /// Per-operator counters, summed over the workers' reports (by operator id).
+    #[serde(default)]
+    pub stats: BTreeMap<u32, OperatorStats>,
+    /// The last completed checkpoint's duration and size.
+    #[serde(default)]
+    pub last_checkpoint_duration_ms: u64,
+    #[serde(default)]
+    pub last_checkpoint_bytes: u64,
+}
+
+/// An operator's counters over all its subtasks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OperatorStats {
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub bytes: u64,
+    pub backpressure_us: u64,
+    /// Lowest over the subtasks that have one, µs.
+    pub watermark_us: Option<i64>,
+    pub state_entries: i64,
+    pub late_rows: u64,
+    pub duplicates: u64,
+    pub bad_records: u64,
+}
+
+impl OperatorStats {
+    /// Adds one worker's report.
+    pub fn add(&mut self, o: &pb::OperatorStatus) {
+        self.rows_in += o.rows_in;
+        self.rows_out += o.rows_out;
+        self.bytes += o.bytes;
+        self.backpressure_us += o.backpressure_us;
+        self.watermark_us = match (self.watermark_us, o.watermark_us) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.state_entries += o.state_entries;
+        self.late_rows += o.late_rows;
+        self.duplicates += o.duplicates;
+        self.bad_records += o.bad_records;
+    }
 }
 
 impl JobRecord {
+    /// The workers running subtasks of an operator of `parallelism` (subtask `s` runs in slot `s`).
+    pub fn placement(&self, parallelism: u32) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for s in 0..parallelism as usize {
+            let part = match self.slot_parts.len() {
+                0 => 0,
+                n => self.slot_parts[s % n] as usize,
+            };
+            if let Some(w) = self.workers.get(part)
+                && !out.contains(w)
+            {
+                out.push(w.clone());
+            }
+        }
+        out
+    }
+
     /// Slots the job holds on `worker` (while placed).
     pub fn slots_on(&self, worker: &str) -> u32 {
         let Some(part) = self.workers.iter().position(|w| w == worker) else { return 0 };
@@ -98,8 +156,27 @@ impl JobRecord {
             operators: self
                 .operators
                 .iter()
-                .map(|(id, label, p)| pb::Operator { id: *id, label: label.clone(), parallelism: *p })
+                .map(|(id, label, p)| {
+                    let st = self.stats.get(id).cloned().unwrap_or_default();
+                    pb::Operator {
+                        id: *id,
+                        label: label.clone(),
+                        parallelism: *p,
+                        rows_in: st.rows_in,
+                        rows_out: st.rows_out,
+                        bytes: st.bytes,
+                        backpressure_ms: st.backpressure_us / 1000,
+                        watermark_ms: st.watermark_us.map(|w| w.div_euclid(1000)),
+                        state_entries: st.state_entries,
+                        late_rows: st.late_rows,
+                        duplicates: st.duplicates,
+                        bad_records: st.bad_records,
+                        workers: self.placement(*p),
+                    }
+                })
                 .collect(),
+            last_checkpoint_duration_ms: self.last_checkpoint_duration_ms,
+            last_checkpoint_bytes: self.last_checkpoint_bytes,
             rows_in: self.rows_in,
             rows_out: self.rows_out,
             last_checkpoint: self.last_checkpoint,

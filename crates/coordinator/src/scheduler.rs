@@ -329,9 +329,18 @@ async fn step(
             }
             job.rows_in = statuses.iter().map(|(_, s)| s.rows_in).sum();
             job.rows_out = statuses.iter().map(|(_, s)| s.rows_out).sum();
+            let mut stats: std::collections::BTreeMap<u32, crate::model::OperatorStats> = Default::default();
             for (_, s) in &statuses {
+                if s.last_checkpoint > 0 && s.last_checkpoint >= job.last_checkpoint {
+                    job.last_checkpoint_duration_ms = s.last_checkpoint_duration_ms;
+                    job.last_checkpoint_bytes = s.last_checkpoint_bytes;
+                }
                 job.last_checkpoint = job.last_checkpoint.max(s.last_checkpoint);
+                for o in &s.operators {
+                    stats.entry(o.id).or_default().add(o);
+                }
             }
+            job.stats = stats;
             let state = |s: &pb::TaskStatus| pb::TaskState::try_from(s.state).unwrap_or(pb::TaskState::Unspecified);
             if let Some((w, s)) = statuses.iter().find(|(_, s)| state(s) == pb::TaskState::Failed) {
                 let restart = job.workers.len() > 1 && lost_peer(&s.error) && job.state != JobState::Stopping;
@@ -490,6 +499,9 @@ mod tests {
             created_ms: 0,
             updated_ms: 0,
             checkpoint_url: String::new(),
+            stats: Default::default(),
+            last_checkpoint_duration_ms: 0,
+            last_checkpoint_bytes: 0,
         }
     }
 

@@ -76,6 +76,9 @@ impl JobService for Jobs {
         let parallelism = pipeline.graph.nodes.iter().map(|n| n.parallelism).max().unwrap_or(1) as u32;
         let job = JobRecord {
             checkpoint_url: format!("{}/{id}", self.checkpoint_base),
+            stats: BTreeMap::new(),
+            last_checkpoint_duration_ms: 0,
+            last_checkpoint_bytes: 0,
             id,
             name,
             sql: req.sql,

@@ -71,6 +71,12 @@ impl NodeMetrics {
         (min != i64::MIN).then_some(min)
     }
 
+    /// The lowest watermark over the subtasks that have one (in a job split over workers, a worker sees only its
+    /// own subtasks; the coordinator takes the minimum over workers).
+    pub fn watermark_reached(&self) -> Option<i64> {
+        self.watermarks.iter().map(|w| w.load(Ordering::Relaxed)).filter(|w| *w != i64::MIN).min()
+    }
+
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)

@@ -46,6 +46,26 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// This worker's share of each operator's counters.
+fn operator_statuses(m: &nagare_engine::metrics::JobMetrics) -> Vec<pb::OperatorStatus> {
+    use nagare_engine::metrics::NodeMetrics;
+    m.nodes
+        .iter()
+        .map(|n| pb::OperatorStatus {
+            id: n.node as u32,
+            rows_in: NodeMetrics::get(&n.rows_in),
+            rows_out: NodeMetrics::get(&n.rows_out),
+            bytes: NodeMetrics::get(&n.bytes),
+            backpressure_us: NodeMetrics::get(&n.backpressure_us),
+            watermark_us: n.watermark_reached(),
+            state_entries: n.state_entries.load(std::sync::atomic::Ordering::Relaxed),
+            late_rows: NodeMetrics::get(&n.late_rows),
+            duplicates: NodeMetrics::get(&n.duplicates),
+            bad_records: NodeMetrics::get(&n.bad_records),
+        })
+        .collect()
+}
+
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -234,20 +254,26 @@ impl WorkerService for Worker {
         Ok(Response::new(pb::ListTasksResponse {
             tasks: tasks
                 .iter()
-                .map(|(id, t)| pb::TaskStatus {
-                    job_id: id.clone(),
-                    attempt: t.attempt,
-                    state: t.state as i32,
-                    rows_in: t.metrics.as_ref().map_or(0, |m| m.rows_read()),
-                    rows_out: t.metrics.as_ref().map_or(0, |m| m.rows_written()),
-                    last_checkpoint: t
-                        .checkpoints
-                        .as_ref()
-                        .and_then(|c| c.lock().ok().and_then(|s| s.last.as_ref().map(|l| l.id)))
-                        .unwrap_or(0),
-                    error: t.error.clone(),
-                    slots: t.slots,
-                    part: t.part,
+                .map(|(id, t)| {
+                    let last = t.checkpoints.as_ref().and_then(|c| c.lock().ok().and_then(|s| s.last.clone()));
+                    pb::TaskStatus {
+                        job_id: id.clone(),
+                        attempt: t.attempt,
+                        state: t.state as i32,
+                        rows_in: t.metrics.as_ref().map_or(0, |m| m.rows_read()),
+                        rows_out: t.metrics.as_ref().map_or(0, |m| m.rows_written()),
+                        last_checkpoint: t
+                            .checkpoints
+                            .as_ref()
+                            .and_then(|c| c.lock().ok().and_then(|s| s.last.as_ref().map(|l| l.id)))
+                            .unwrap_or(0),
+                        error: t.error.clone(),
+                        slots: t.slots,
+                        part: t.part,
+                        operators: t.metrics.as_ref().map(|m| operator_statuses(m)).unwrap_or_default(),
+                        last_checkpoint_duration_ms: last.as_ref().map_or(0, |l| l.duration.as_millis() as u64),
+                        last_checkpoint_bytes: last.as_ref().map_or(0, |l| l.bytes),
+                    }
                 })
                 .collect(),
         }))
