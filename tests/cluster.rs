@@ -221,6 +221,8 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     .unwrap();
     let (ok, _, err) = cli(&api, Some(TOKEN), &["submit", bad.to_str().unwrap()]);
     assert!(!ok && err.contains("bad.sql:2:") && err.contains("nowhere"), "{err}");
+    let (ok, _, err) = cli(&api, Some(TOKEN), &["validate", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("bad.sql:2:") && err.contains("nowhere"), "{err}");
     let (ok, _, err) = cli(&api, Some(TOKEN), &["status", "nope"]);
     assert!(!ok && err.contains("no job 'nope'") && err.contains("NotFound"), "{err}");
     let (ok, _, err) = cli(&api, None, &["jobs"]);
@@ -253,6 +255,9 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
         ),
     )
     .unwrap();
+    let (ok, plan, err) =
+        cli(&api, Some(TOKEN), &["validate", sql.to_str().unwrap(), "--var", "RATE=1", "--var", "OUT=/x"]);
+    assert!(ok && plan.contains("dedup"), "{plan} {err}");
     let reference = dir.path().join("reference");
     let out = Command::new(env!("CARGO_BIN_EXE_nagare"))
         .arg("run")

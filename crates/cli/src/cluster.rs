@@ -124,6 +124,17 @@ pub enum ClusterCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Checks a pipeline on the coordinator without running it; prints its plan, or the problem with
+    /// `file:line:column`.
+    Validate {
+        /// The pipeline's SQL file.
+        file: PathBuf,
+        /// Values for ${NAME} (repeatable NAME=VALUE).
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Lists jobs.
     Jobs {
         #[command(flatten)]
@@ -324,6 +335,27 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
             let worker = nagare_worker::Worker::new(exchange);
             let tls = WorkerTls { server: server_tls };
             run_worker(store, &listen, slots, lease_ttl, metrics_addr, id, worker, tls).await
+        }
+        ClusterCommand::Validate { file, vars, client: args } => {
+            let sql = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = client(&args)
+                .await?
+                .validate_pipeline(pb::ValidatePipelineRequest { sql, variables: pairs(&vars, "--var")? })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if r.valid {
+                print!("{}", r.plan);
+                return Ok(());
+            }
+            for d in &r.diagnostics {
+                if d.line > 0 {
+                    eprintln!("{}:{}:{}: {}", file.display(), d.line, d.column, d.message);
+                } else {
+                    eprintln!("{}: {}", file.display(), d.message);
+                }
+            }
+            bail!("{} is not a valid pipeline", file.display())
         }
         ClusterCommand::Submit { file, name, parallelism, settings, vars, client: args } => {
             let sql = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
