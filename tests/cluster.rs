@@ -111,6 +111,29 @@ fn status(coordinator: &str, job: &str) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// The ids the pipeline keeps when `nagare run` runs it alone, as fast as it can, into `out`: the reference.
+fn reference_ids(sql: &Path, out: &Path) -> std::collections::BTreeSet<String> {
+    let run = Command::new(env!("CARGO_BIN_EXE_nagare"))
+        .arg("run")
+        .arg(sql)
+        .args(["-q", "--var", "RATE=0", "--var"])
+        .arg(format!("OUT={}", out.display()))
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    common::read_json_rows(out).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect()
+}
+
+/// Submits the pipeline generating `rate` events/s into `out`; returns the job id.
+fn submit(api: &str, sql: &Path, name: &str, rate: u32, out: &Path, extra: &[&str]) -> String {
+    let (rate, out) = (format!("RATE={rate}"), format!("OUT={}", out.display()));
+    let mut args = vec!["submit", sql.to_str().unwrap(), "--name", name, "--var", &rate, "--var", &out];
+    args.extend(extra);
+    let (ok, job, err) = cli(api, Some(TOKEN), &args);
+    assert!(ok, "{err}");
+    job.trim().to_string()
+}
+
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool, logs: &dyn Fn() -> String) {
     let start = Instant::now();
     while !f() {
@@ -132,6 +155,8 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     let ca_path = ca.to_str().unwrap().to_string();
     CA.set(ca).unwrap();
     let (cert, key) = (cert.to_str().unwrap().to_string(), key.to_str().unwrap().to_string());
+    // Every process of the cluster: its certificate, and the CA its peers' certificates come from (mTLS).
+    let tls = ["--tls-cert", &cert, "--tls-key", &key, "--cluster-ca", &ca_path];
     let coordinator = |port: u16, name: &str| {
         spawn(
             dir.path(),
@@ -148,13 +173,11 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
                 ckpt,
                 "--id",
                 name,
-                "--tls-cert",
-                &cert,
-                "--tls-key",
-                &key,
-                "--cluster-ca",
-                &ca_path,
-            ],
+            ]
+            .iter()
+            .chain(&tls)
+            .copied()
+            .collect::<Vec<_>>(),
         )
     };
     let mut c1 = coordinator(p1, "c1");
@@ -179,13 +202,11 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
                 &id,
                 "--metrics-addr",
                 &metrics,
-                "--tls-cert",
-                &cert,
-                "--tls-key",
-                &key,
-                "--cluster-ca",
-                &ca_path,
-            ],
+            ]
+            .iter()
+            .chain(&tls)
+            .copied()
+            .collect::<Vec<_>>(),
         )
     };
     let mut workers: Vec<Proc> = (1..=3).map(start_worker).collect();
@@ -258,27 +279,10 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     let (ok, plan, err) =
         cli(&api, Some(TOKEN), &["validate", sql.to_str().unwrap(), "--var", "RATE=1", "--var", "OUT=/x"]);
     assert!(ok && plan.contains("dedup"), "{plan} {err}");
-    let reference = dir.path().join("reference");
-    let out = Command::new(env!("CARGO_BIN_EXE_nagare"))
-        .arg("run")
-        .arg(&sql)
-        .args(["-q", "--var", "RATE=0", "--var"])
-        .arg(format!("OUT={}", reference.display()))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let expected: std::collections::BTreeSet<String> =
-        common::read_json_rows(&reference).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    let expected = reference_ids(&sql, &dir.path().join("reference"));
     assert!(expected.len() < N * 9 / 10, "re-deliveries were generated and dropped: {} of {N}", expected.len());
     let out = dir.path().join("out");
-    let out_var = format!("OUT={}", out.display());
-    let (ok, job, err) = cli(
-        &api,
-        Some(TOKEN),
-        &["submit", sql.to_str().unwrap(), "--name", "moves", "--var", "RATE=4000", "--var", &out_var],
-    );
-    assert!(ok, "{err}");
-    let job = job.trim().to_string();
+    let job = submit(&api, &sql, "moves", 4000, &out, &[]);
     let paths: Vec<PathBuf> = [&c1, &c2].into_iter().chain(workers.iter()).map(|p| p.log.clone()).collect();
     let logs = move || {
         paths
@@ -364,25 +368,7 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
 
     // StopJob: an unbounded job stops with a final checkpoint; what it wrote is there once.
     let unbounded = dir.path().join("unbounded");
-    let out_var = format!("OUT={}", unbounded.display());
-    let (ok, job2, err) = cli(
-        &api,
-        Some(TOKEN),
-        &[
-            "submit",
-            sql.to_str().unwrap(),
-            "--name",
-            "stops",
-            "--var",
-            "RATE=2000",
-            "--var",
-            &out_var,
-            "--set",
-            "parallelism=1",
-        ],
-    );
-    assert!(ok, "{err}");
-    let job2 = job2.trim().to_string();
+    let job2 = submit(&api, &sql, "stops", 2000, &unbounded, &["--set", "parallelism=1"]);
     // (its output appears once the watermark, 5 s behind event time, passes the first rows)
     wait_for(
         "the second job to write",
@@ -425,24 +411,9 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     let sql3 = dir.path().join("p3.sql");
     std::fs::write(&sql3, std::fs::read_to_string(&sql).unwrap().replace(&format!("count = '{N}'"), "count = '30000'"))
         .unwrap();
-    let reference3 = dir.path().join("reference3");
-    let out = Command::new(env!("CARGO_BIN_EXE_nagare"))
-        .arg("run")
-        .arg(&sql3)
-        .args(["-q", "--var", "RATE=0", "--var"])
-        .arg(format!("OUT={}", reference3.display()))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected = reference_ids(&sql3, &dir.path().join("reference3"));
     let rescaled = dir.path().join("rescaled");
-    let out_var = format!("OUT={}", rescaled.display());
-    let (ok, job3, err) = cli(
-        &api,
-        Some(TOKEN),
-        &["submit", sql3.to_str().unwrap(), "--name", "rescales", "--var", "RATE=2500", "--var", &out_var],
-    );
-    assert!(ok, "{err}");
-    let job3 = job3.trim().to_string();
+    let job3 = submit(&api, &sql3, "rescales", 2500, &rescaled, &[]);
     let at = |p: u64, attempt: u64| {
         move |s: &serde_json::Value| {
             running_with_checkpoint(attempt)(s)
@@ -486,8 +457,6 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     wait_for("parallelism 1", Duration::from_secs(60), || at(1, next)(&status(&api, &job3)), &logs3);
     assert_eq!(status(&api, &job3)["workers"].as_array().unwrap().len(), 1);
     wait_for("the third job to finish", Duration::from_secs(120), || status(&api, &job3)["state"] == "finished", &logs);
-    let expected: std::collections::BTreeSet<String> =
-        common::read_json_rows(&reference3).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     let rows = common::read_json_rows(&rescaled);
     let ids: std::collections::BTreeSet<String> = rows.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(rows.len(), ids.len(), "no event twice across rescales");

@@ -159,6 +159,19 @@ pub fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// The benchmark's working directory (created, absolute) and its W1 input of `rows` events, generated once per
+/// size and kept there.
+pub(crate) fn w1_input(dir: &Path, rows: u64) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    let input = dir.join(format!("w1-{rows}.jsonl"));
+    if !input.exists() {
+        eprintln!("generating {} ...", input.display());
+        write_w1(&input, rows, 42, 0.1)?;
+    }
+    Ok((dir, input))
+}
+
 /// Writes `rows` W1 events to `out` (gzip or zstd by extension); returns bytes written before compression.
 pub fn write_w1(out: &Path, rows: u64, seed: u64, duplicate_rate: f64) -> Result<u64> {
     if let Some(dir) = out.parent() {
@@ -528,13 +541,7 @@ async fn bench_bigquery(
     p: usize,
     interval: &str,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let dir = dir.canonicalize()?;
-    let input = dir.join(format!("w1-{rows}.jsonl"));
-    if !input.exists() {
-        eprintln!("generating {} ...", input.display());
-        write_w1(&input, rows, 42, 0.1)?;
-    }
+    let (dir, input) = w1_input(dir, rows)?;
     let dataset = "nagare_bench";
     let table = format!("w1_{}", std::process::id());
     let auth = nagare_bigquery::auth::Auth::from_option(credentials)?;
@@ -645,13 +652,7 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::W1 { rows, dir, threads, repeat, duckdb, checkpoint_intervals } => {
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-            std::fs::create_dir_all(&dir)?;
-            let dir = dir.canonicalize()?;
-            let input = dir.join(format!("w1-{rows}.jsonl"));
-            if !input.exists() {
-                eprintln!("generating {} ...", input.display());
-                write_w1(&input, rows, 42, 0.1)?;
-            }
+            let (dir, input) = w1_input(&dir, rows)?;
             let size = std::fs::metadata(&input)?.len();
             let sql = dir.join("w1.sql");
             std::fs::write(&sql, W1_SQL)?;

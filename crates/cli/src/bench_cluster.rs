@@ -16,7 +16,7 @@ use nagare_engine::distribute::{ChannelKey, Distribution, Network};
 use nagare_engine::{JobOptions, JobSummary};
 use nagare_exchange::Exchange;
 
-use crate::bench::{parquet_rows, w1_schema, write_w1};
+use crate::bench::{parquet_rows, w1_input, w1_schema};
 
 /// The shuffle-heavy W1 pipeline, with `${INPUT}` and `${OUTPUT}` for paths.
 const W1_SHUFFLE_SQL: &str = include_str!("../../../sql/bench/w1_shuffle.sql");
@@ -68,6 +68,18 @@ pub async fn run_part(args: PartArgs) -> Result<()> {
     crate::write_stats(&args.stats_json, &summary)
 }
 
+/// The pipeline's paths and the statistics file, as arguments of `run` and `bench part`.
+fn io_args(input: &Path, output: &Path, stats: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--var".into(),
+        format!("INPUT={}", input.display()).into(),
+        "--var".into(),
+        format!("OUTPUT={}", output.display()).into(),
+        "--stats-json".into(),
+        stats.as_os_str().to_owned(),
+    ]
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -107,12 +119,7 @@ fn run_parts(
             .arg(sql)
             .args(["--parallelism", &parallelism.to_string(), "--peers", &peers.join(",")])
             .args(["--slot-parts", &slot_parts.join(",")])
-            .arg("--var")
-            .arg(format!("INPUT={}", input.display()))
-            .arg("--var")
-            .arg(format!("OUTPUT={}", output.display()))
-            .arg("--stats-json")
-            .arg(&stats)
+            .args(io_args(input, &output, &stats))
             .spawn()
             .with_context(|| format!("starting part {part}"))?;
         children.push((child, stats));
@@ -144,12 +151,7 @@ fn run_single(dir: &Path, sql: &Path, input: &Path, parallelism: u32) -> Result<
         .arg("run")
         .arg(sql)
         .args(["--quiet", "--parallelism", &parallelism.to_string(), "--threads", &parallelism.to_string()])
-        .arg("--var")
-        .arg(format!("INPUT={}", input.display()))
-        .arg("--var")
-        .arg(format!("OUTPUT={}", output.display()))
-        .arg("--stats-json")
-        .arg(&stats)
+        .args(io_args(input, &output, &stats))
         .status()?;
     let seconds = started.elapsed().as_secs_f64();
     if !status.success() {
@@ -238,13 +240,7 @@ async fn exchange_throughput(batches: &[RecordBatch], rounds: usize) -> Result<(
 
 /// `nagare bench cluster`.
 pub async fn bench_cluster(rows: u64, dir: &Path, parallelism: u32, exchange_mb: usize) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let dir = dir.canonicalize()?;
-    let input = dir.join(format!("w1-{rows}.jsonl"));
-    if !input.exists() {
-        eprintln!("generating {} ...", input.display());
-        write_w1(&input, rows, 42, 0.1)?;
-    }
+    let (dir, input) = w1_input(dir, rows)?;
     let sql = dir.join("w1_shuffle.sql");
     std::fs::write(&sql, W1_SHUFFLE_SQL)?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

@@ -14,7 +14,7 @@ use nagare_core::Message;
 use nagare_engine::checkpoint::coordinator::CheckpointSettings;
 use nagare_engine::checkpoint::store::CheckpointStore;
 use nagare_engine::distribute::{ChannelKey, Distribution, Network};
-use nagare_engine::{CheckpointOptions, JobOptions};
+use nagare_engine::{CheckpointOptions, JobOptions, RunningJob};
 use nagare_exchange::Exchange;
 
 async fn serve(exchange: &Arc<Exchange>) -> String {
@@ -62,17 +62,12 @@ async fn credits_bound_what_is_in_flight_and_order_is_kept() {
 }
 
 #[tokio::test]
-async fn a_sender_to_a_job_that_is_not_there_fails() {
-    let (a, b) = (Exchange::new(), Exchange::new());
-    let peers = vec![serve(&a).await, serve(&b).await];
-    let tx = a.network("j/1", peers).sender(ChannelKey { edge: 0, from: 0, to: 0 }, 1).unwrap();
-    // Nothing registers the receiving end; after the registration wait the send fails (not hangs): shortened by
-    // asking for a port nobody listens on instead.
-    drop(tx);
+async fn a_sender_to_an_unreachable_worker_fails_instead_of_hanging() {
+    let a = Exchange::new();
     let dead = vec!["http://127.0.0.1:1".to_string(), "http://127.0.0.1:1".to_string()];
     let tx = a.network("j/2", dead).sender(ChannelKey { edge: 0, from: 0, to: 0 }, 1).unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(30), tx.send(Message::EndOfStream)).await.unwrap();
-    assert!(err.is_err());
+    let sent = tokio::time::timeout(Duration::from_secs(30), tx.send(Message::EndOfStream)).await.unwrap();
+    assert!(sent.is_err());
 }
 
 const SQL: &str = "
@@ -136,20 +131,9 @@ async fn a_job_split_over_two_workers_writes_what_one_process_writes() {
     job.wait().await.unwrap();
     let expected = lines(&one);
 
-    let (a, b) = (Exchange::new(), Exchange::new());
-    let peers = vec![serve(&a).await, serve(&b).await];
     let pipeline = plan(&two).await;
-    let ck = tmp.path().join("ck2");
-    let part = |p: usize, ex: &Arc<Exchange>| Distribution {
-        part: p,
-        slot_parts: vec![0, 1],
-        network: ex.network("job/1", peers.clone()),
-    };
-    let (p0, p1) = tokio::join!(
-        nagare_engine::start(&pipeline, factory.clone(), options(&ck, Some(part(0, &a)))),
-        nagare_engine::start(&pipeline, factory.clone(), options(&ck, Some(part(1, &b)))),
-    );
-    let (p0, p1) = (p0.unwrap(), p1.unwrap());
+    let mut parts = start_parts(&pipeline, &tmp.path().join("ck2"), &[0, 1]).await;
+    let (p1, p0) = (parts.pop().unwrap(), parts.pop().unwrap());
     let (m0, m1) = (p0.metrics(), p1.metrics());
     let stats = p0.checkpoint_stats();
     let (r0, r1) = tokio::join!(p0.wait(), p1.wait());
@@ -166,29 +150,33 @@ async fn a_job_split_over_two_workers_writes_what_one_process_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_a_part_fails_the_other() {
     let tmp = tempfile::tempdir().unwrap();
-    let factory = Arc::new(nagare_connectors::Connectors);
     let sql_out = tmp.path().join("out");
     let vars = BTreeMap::from([("OUT".to_string(), sql_out.to_str().unwrap().to_string())]);
     let unbounded = SQL.replace("count = '30000', ", "");
     let pipeline = nagare_connectors::plan(&unbounded, 2, &BTreeMap::new(), &vars).await.unwrap();
-    let (a, b) = (Exchange::new(), Exchange::new());
-    let peers = vec![serve(&a).await, serve(&b).await];
-    let ck = tmp.path().join("ck");
-    let part = |p: usize, ex: &Arc<Exchange>| Distribution {
-        part: p,
-        slot_parts: vec![0, 1],
-        network: ex.network("job/1", peers.clone()),
-    };
-    let (p0, p1) = tokio::join!(
-        nagare_engine::start(&pipeline, factory.clone(), options(&ck, Some(part(0, &a)))),
-        nagare_engine::start(&pipeline, factory.clone(), options(&ck, Some(part(1, &b)))),
-    );
-    let (p0, p1) = (p0.unwrap(), p1.unwrap());
+    let mut parts = start_parts(&pipeline, &tmp.path().join("ck"), &[0, 1]).await;
+    let (p1, p0) = (parts.pop().unwrap(), parts.pop().unwrap());
     tokio::time::sleep(Duration::from_millis(500)).await;
     drop(p1); // its tasks are aborted: the link and its channels break
     let err = tokio::time::timeout(Duration::from_secs(30), p0.wait()).await.expect("part 0 must fail, not hang");
     let err = err.expect_err("part 0 must fail when part 1 is lost").to_string();
     assert!(err.contains("part 1") || err.contains("receiving") || err.contains("went away"), "{err}");
+}
+
+/// Starts the job split as `slot_parts` says, each part with its own exchange (as on its own worker).
+async fn start_parts(pipeline: &nagare_sql::Pipeline, ck: &Path, slot_parts: &[usize]) -> Vec<RunningJob> {
+    let factory = Arc::new(nagare_connectors::Connectors);
+    let n = slot_parts.iter().max().unwrap() + 1;
+    let exchanges: Vec<Arc<Exchange>> = (0..n).map(|_| Exchange::new()).collect();
+    let mut peers = Vec::new();
+    for ex in &exchanges {
+        peers.push(serve(ex).await);
+    }
+    let starts = exchanges.iter().enumerate().map(|(p, ex)| {
+        let d = Distribution { part: p, slot_parts: slot_parts.to_vec(), network: ex.network("job/1", peers.clone()) };
+        nagare_engine::start(pipeline, factory.clone(), options(ck, Some(d)))
+    });
+    futures::future::join_all(starts).await.into_iter().map(Result::unwrap).collect()
 }
 
 /// Stops the job with a final checkpoint after `after`, or lets it finish when `after` is `None`.
@@ -199,27 +187,13 @@ async fn run_until(
     parts: Option<Vec<usize>>,
     after: Option<Duration>,
 ) -> u64 {
-    let factory = Arc::new(nagare_connectors::Connectors);
-    let mut jobs = Vec::new();
-    match parts {
-        None => jobs.push(nagare_engine::start(pipeline, factory, options(ck, None)).await.unwrap()),
-        Some(slot_parts) => {
-            let n = slot_parts.iter().max().unwrap() + 1;
-            let exchanges: Vec<Arc<Exchange>> = (0..n).map(|_| Exchange::new()).collect();
-            let mut peers = Vec::new();
-            for ex in &exchanges {
-                peers.push(serve(ex).await);
-            }
-            let starts = exchanges.iter().enumerate().map(|(p, ex)| {
-                let d =
-                    Distribution { part: p, slot_parts: slot_parts.clone(), network: ex.network("r/1", peers.clone()) };
-                nagare_engine::start(pipeline, factory.clone(), options(ck, Some(d)))
-            });
-            for j in futures::future::join_all(starts).await {
-                jobs.push(j.unwrap());
-            }
+    let jobs = match parts {
+        None => {
+            let factory = Arc::new(nagare_connectors::Connectors);
+            vec![nagare_engine::start(pipeline, factory, options(ck, None)).await.unwrap()]
         }
-    }
+        Some(slot_parts) => start_parts(pipeline, ck, &slot_parts).await,
+    };
     if let Some(after) = after {
         tokio::time::sleep(after).await;
         for j in &jobs {
