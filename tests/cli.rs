@@ -220,3 +220,85 @@ fn gen_w1_writes_the_requested_events() {
     let avg = content.len() / 5000;
     assert!((290..=340).contains(&avg), "about 315 bytes per event, got {avg}");
 }
+
+/// A client command against a `nagare run --serve` API (plaintext, no token).
+fn api(port: u16, args: &[&str]) -> Output {
+    nagare()
+        .args(args)
+        .env("NAGARE_COORDINATOR", format!("http://127.0.0.1:{port}"))
+        .env_remove("NAGARE_TOKEN")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_single_run_serves_the_job_api_from_its_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("gen.sql");
+    std::fs::write(
+        &sql,
+        "SET checkpoint_interval = '300ms';\n\
+         CREATE TABLE e (id TEXT) WITH (connector = 'generator', rate = '2000', seed = '9');\n\
+         CREATE TABLE o WITH (connector = 'filesystem', path = '${OUT}', format = 'json');\n\
+         INSERT INTO o SELECT id FROM e;\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (out_dir, state) = (dir.path().join("out"), dir.path().join("state/jobs.json"));
+    let serve = format!("127.0.0.1:{port}");
+    let start = |extra: &[&str]| {
+        nagare()
+            .arg("run")
+            .arg(&sql)
+            .args(["-q", "-p", "1", "--var", &format!("OUT={}", out_dir.display())])
+            .args(["--checkpoint-dir", dir.path().join("ckpt").to_str().unwrap()])
+            .args(["--serve", &serve, "--state-file", state.to_str().unwrap()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = start(&[]);
+    let status = |id: &str| -> serde_json::Value {
+        let out = api(port, &["status", id, "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    wait_for("the run's job to checkpoint and write", Duration::from_secs(60), || {
+        let s = status("local-gen");
+        s["state"] == "running"
+            && s["last_checkpoint"].as_u64() > Some(0)
+            && s["operators"][0]["rows_out"].as_u64() > Some(0)
+    });
+    let jobs = api(port, &["jobs"]);
+    assert!(String::from_utf8_lossy(&jobs.stdout).contains("local-gen"), "{}", text(&jobs));
+    let refused = api(port, &["submit", sql.to_str().unwrap()]);
+    assert!(!refused.status.success() && text(&refused).contains("single `nagare run`"), "{}", text(&refused));
+    // StopJob through the API: a final checkpoint, then the run ends by itself, successfully.
+    let stopped = api(port, &["stop", "local-gen"]);
+    assert!(stopped.status.success(), "{}", text(&stopped));
+    let waited = Instant::now();
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(waited.elapsed() < Duration::from_secs(60), "the run did not stop after StopJob");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(exit.success() && stderr.contains("StopJob"), "exit {exit}: {stderr}");
+    let rows = common::read_json_rows(&out_dir);
+    let ids: BTreeSet<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert!(!rows.is_empty() && ids.len() == rows.len(), "{} rows, {} distinct", rows.len(), ids.len());
+    // The record outlives the run in its state file: a restart is the next attempt of the same job.
+    let record = std::fs::read_to_string(&state).unwrap();
+    assert!(record.contains("local-gen") && record.contains("stopped"), "{record}");
+    let mut again = start(&[]);
+    wait_for("the restarted run's API", Duration::from_secs(60), || status("local-gen")["attempt"] == 2);
+    let _ = again.kill();
+    let _ = again.wait();
+    let remote =
+        nagare().args(["run", sql.to_str().unwrap(), "--var", "OUT=/x", "--serve", "0.0.0.0:0"]).output().unwrap();
+    assert!(!remote.status.success() && text(&remote).contains("loopback"), "{}", text(&remote));
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_cluster;
 mod cluster;
+mod local_api;
 mod progress;
 
 use std::collections::BTreeMap;
@@ -58,6 +59,13 @@ enum Command {
         /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
         #[arg(long)]
         metrics_addr: Option<String>,
+        /// Serve the cluster's JobService for this run on a loopback address (e.g. 127.0.0.1:7400), so that
+        /// `nagare status`, `jobs`, `stop` and `status --watch` work on it.
+        #[arg(long)]
+        serve: Option<String>,
+        /// With --serve: keep the job record in this file (the embedded metadata store), across restarts.
+        #[arg(long, requires = "serve")]
+        state_file: Option<PathBuf>,
         /// Worker threads (default: CPU cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -152,15 +160,17 @@ async fn dispatch(cli: Cli) -> Result<()> {
             checkpoint_dir,
             checkpoint_interval,
             from_scratch,
+            serve,
+            state_file,
             ..
         } => {
             if let Some(i) = checkpoint_interval {
                 plan.settings.push(format!("checkpoint_interval={i}"));
             }
             let pipeline = plan_file(&plan).await?;
-            let checkpoints = match checkpoint_dir {
+            let checkpoints = match &checkpoint_dir {
                 Some(dir) => Some(nagare_engine::CheckpointOptions {
-                    store: nagare_engine::checkpoint::store::CheckpointStore::open(&dir)?,
+                    store: nagare_engine::checkpoint::store::CheckpointStore::open(dir)?,
                     settings: nagare_engine::checkpoint::coordinator::CheckpointSettings {
                         interval: pipeline.settings.checkpoint_interval,
                         timeout: pipeline.settings.checkpoint_timeout,
@@ -172,7 +182,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 None if from_scratch => anyhow::bail!("--from-scratch needs --checkpoint-dir"),
                 None => None,
             };
-            let summary = run(&pipeline, checkpoints, metrics_addr, quiet, &plan.file).await?;
+            let serve =
+                serve.map(|addr| Serve { addr, state_file, checkpoint_url: checkpoint_dir.unwrap_or_default() });
+            let summary = run(&pipeline, checkpoints, metrics_addr, serve, quiet, &plan.file).await?;
             if let Some(path) = stats_json {
                 write_stats(&path, &summary)?;
             }
@@ -236,10 +248,18 @@ async fn plan_file(args: &PlanArgs) -> Result<Pipeline> {
     })
 }
 
+/// `--serve`: where the run's API listens and keeps its record.
+struct Serve {
+    addr: String,
+    state_file: Option<PathBuf>,
+    checkpoint_url: String,
+}
+
 async fn run(
     pipeline: &Pipeline,
     checkpoints: Option<nagare_engine::CheckpointOptions>,
     metrics_addr: Option<String>,
+    serve: Option<Serve>,
     quiet: bool,
     file: &Path,
 ) -> Result<JobSummary> {
@@ -268,11 +288,23 @@ async fn run(
             }
         }
     });
+    let handles =
+        local_api::RunHandles { metrics: metrics.clone(), checkpoints: checkpoint_stats.clone(), stop: stop.clone() };
+    let api = match &serve {
+        Some(s) => {
+            let state = s.state_file.as_deref();
+            Some(local_api::start(&s.addr, state, pipeline, file, &s.checkpoint_url, handles.clone()).await?)
+        }
+        None => None,
+    };
     let ticker = (!quiet).then(|| progress::spawn_progress(metrics.clone(), checkpoint_stats.clone()));
-    let result = job.wait().await;
+    let result = job.wait().await.map_err(|e| e.to_string());
     if let Some(t) = ticker {
         t.abort();
         progress::clear_line();
+    }
+    if let Some(api) = api {
+        api.finish(&handles, &result).await;
     }
     let summary = result.map_err(|e| anyhow!("{e}"))?;
     progress::print_summary(&summary, &metrics);

@@ -9,7 +9,7 @@ pub mod scheduler;
 pub mod service;
 pub mod store;
 
-pub use store::{EtcdStore, MemoryStore, MetadataStore, StoreError};
+pub use store::{EtcdStore, FileStore, MemoryStore, MetadataStore, StoreError};
 
 /// Keys under which a cluster keeps its state, below the store's prefix (`/nagare` by default, so jobs are at
 /// `/nagare/jobs/<id>`).

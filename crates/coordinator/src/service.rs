@@ -18,6 +18,8 @@ use crate::store::{MetadataStore, StoreError};
 pub struct Jobs {
     store: Arc<dyn MetadataStore>,
     checkpoint_base: String,
+    /// Serving one `nagare run` (embedded store): its job can be watched and stopped, nothing submitted.
+    embedded: bool,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -29,7 +31,22 @@ impl std::fmt::Debug for Jobs {
 impl Jobs {
     /// A service over `store`.
     pub fn new(store: Arc<dyn MetadataStore>, checkpoint_base: &str) -> Self {
-        Jobs { store, checkpoint_base: checkpoint_base.trim_end_matches('/').to_string() }
+        Jobs { store, checkpoint_base: checkpoint_base.trim_end_matches('/').to_string(), embedded: false }
+    }
+
+    /// The service of a single `nagare run` over its embedded store: the same API for watching and stopping its
+    /// job; submitting and rescaling need a cluster.
+    pub fn embedded(store: Arc<dyn MetadataStore>) -> Self {
+        Jobs { store, checkpoint_base: String::new(), embedded: true }
+    }
+
+    fn refuse_if_embedded(&self, what: &str) -> Result<(), Status> {
+        if self.embedded {
+            return Err(Status::failed_precondition(format!(
+                "this is the API of a single `nagare run`, which cannot {what}; use a cluster (`nagare coordinator`)"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -56,6 +73,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Job, Status>> + Send + '
 #[tonic::async_trait]
 impl JobService for Jobs {
     async fn submit_pipeline(&self, request: Request<pb::SubmitPipelineRequest>) -> Result<Response<pb::Job>, Status> {
+        self.refuse_if_embedded("take other jobs")?;
         let req = request.into_inner();
         let settings: BTreeMap<String, String> = req.settings.into_iter().collect();
         let variables: BTreeMap<String, String> = req.variables.into_iter().collect();
@@ -155,6 +173,7 @@ impl JobService for Jobs {
     }
 
     async fn rescale_job(&self, request: Request<pb::RescaleJobRequest>) -> Result<Response<pb::Job>, Status> {
+        self.refuse_if_embedded("rescale (restart it with --parallelism from its checkpoints)")?;
         let req = request.into_inner();
         let mut job = job_or_not_found(self.store.as_ref(), &req.id).await?;
         if !matches!(job.state, JobState::Scheduling | JobState::Running) {

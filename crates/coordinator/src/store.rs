@@ -1,4 +1,4 @@
-//! Where cluster state lives: etcd for a cluster, memory for tests and one-process use.
+//! Where cluster state lives: etcd for a cluster; a local file (or memory) for one `nagare run` and tests.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -131,6 +131,85 @@ impl MemoryStore {
     }
 }
 
+/// In a local JSON file, rewritten atomically (a temporary file renamed over it) on every change: the embedded
+/// store of a single `nagare run`, which keeps its job record across restarts without etcd.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    path: std::path::PathBuf,
+    map: Arc<Mutex<BTreeMap<String, String>>>,
+}
+
+impl FileStore {
+    /// Opens `path`, or starts empty when it does not exist yet.
+    pub fn open(path: impl Into<std::path::PathBuf>) -> Result<Self, StoreError> {
+        let path = path.into();
+        let corrupt = |reason: String| StoreError::Corrupt { key: path.display().to_string(), reason };
+        let map = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(corrupt(e.to_string())),
+        };
+        Ok(FileStore { path, map: Arc::new(Mutex::new(map)) })
+    }
+
+    fn write(&self, map: &BTreeMap<String, String>) -> Result<(), StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt { key: self.path.display().to_string(), reason };
+        let json = serde_json::to_vec_pretty(map).map_err(|e| corrupt(e.to_string()))?;
+        let tmp = self.path.with_extension("json.tmp");
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| corrupt(e.to_string()))?;
+        }
+        std::fs::write(&tmp, json).map_err(|e| corrupt(format!("writing {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| corrupt(format!("replacing it: {e}")))
+    }
+}
+
+#[async_trait]
+impl MetadataStore for FileStore {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.map.lock().map_err(|_| poisoned(key))?.get(key).map(|v| v.clone().into_bytes()))
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        let value = String::from_utf8(value)
+            .map_err(|_| StoreError::Corrupt { key: key.to_string(), reason: "not UTF-8".into() })?;
+        let mut map = self.map.lock().map_err(|_| poisoned(key))?;
+        map.insert(key.to_string(), value);
+        self.write(&map)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let map = self.map.lock().map_err(|_| poisoned(prefix))?;
+        Ok(map
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+            .collect())
+    }
+}
+
 fn poisoned(key: &str) -> StoreError {
     StoreError::Corrupt { key: key.to_string(), reason: "the in-memory store was poisoned by a panic".into() }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_file_store_keeps_its_records_across_opens_and_lists_by_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/jobs.json");
+        let store = FileStore::open(&path).unwrap();
+        store.put("/nagare/jobs/a", b"{\"x\":1}".to_vec()).await.unwrap();
+        store.put("/nagare/jobs/b", b"{}".to_vec()).await.unwrap();
+        store.put("/nagare/workers/w", b"{}".to_vec()).await.unwrap();
+        let again = FileStore::open(&path).unwrap();
+        assert_eq!(again.get("/nagare/jobs/a").await.unwrap(), Some(b"{\"x\":1}".to_vec()));
+        assert_eq!(again.list("/nagare/jobs/").await.unwrap().len(), 2);
+        assert!(!path.with_extension("json.tmp").exists(), "written through a renamed temporary file");
+        std::fs::write(&path, "not json").unwrap();
+        assert!(matches!(FileStore::open(&path), Err(StoreError::Corrupt { .. })));
+    }
 }

@@ -47,7 +47,7 @@ impl std::fmt::Debug for Worker {
 }
 
 /// This worker's share of each operator's counters.
-fn operator_statuses(m: &nagare_engine::metrics::JobMetrics) -> Vec<pb::OperatorStatus> {
+pub fn operator_statuses(m: &nagare_engine::metrics::JobMetrics) -> Vec<pb::OperatorStatus> {
     use nagare_engine::metrics::NodeMetrics;
     m.nodes
         .iter()
