@@ -53,32 +53,11 @@ pub async fn start(
     let name = file.file_stem().map_or("pipeline".into(), |s| s.to_string_lossy().into_owned());
     let id = format!("local-{name}");
     let attempt = get_job(store.as_ref(), &id).await?.map_or(0, |j| j.attempt) + 1;
-    let now = now_ms();
-    let job = JobRecord {
-        id: id.clone(),
-        name,
-        sql: std::fs::read_to_string(file).unwrap_or_default(),
-        parallelism: pipeline.graph.nodes.iter().map(|n| n.parallelism).max().unwrap_or(1) as u32,
-        settings: Default::default(),
-        variables: Default::default(),
-        state: JobState::Running,
-        workers: vec!["local".into()],
-        slot_parts: Vec::new(),
-        attempt,
-        rescale_to: None,
-        stop_with_checkpoint: true,
-        operators: pipeline.graph.nodes.iter().map(|n| (n.id as u32, n.label.clone(), n.parallelism as u32)).collect(),
-        rows_in: 0,
-        rows_out: 0,
-        last_checkpoint: 0,
-        last_error: String::new(),
-        created_ms: now,
-        updated_ms: now,
-        checkpoint_url: checkpoint_url.to_string(),
-        stats: Default::default(),
-        last_checkpoint_duration_ms: 0,
-        last_checkpoint_bytes: 0,
-    };
+    let sql = std::fs::read_to_string(file).unwrap_or_default();
+    let mut job = JobRecord::new(pipeline, id.clone(), name, sql, checkpoint_url.to_string());
+    job.state = JobState::Running;
+    job.workers = vec!["local".into()];
+    job.attempt = attempt;
     put_job(store.as_ref(), &job).await?;
     let listener = tokio::net::TcpListener::bind(socket).await.with_context(|| format!("listening on {addr}"))?;
     eprintln!("serving JobService on http://{} (job {id})", listener.local_addr()?);

@@ -121,6 +121,41 @@ impl OperatorStats {
 }
 
 impl JobRecord {
+    /// A new job (scheduling, never deployed) running `pipeline`, planned from `sql`.
+    pub fn new(pipeline: &nagare_sql::Pipeline, id: String, name: String, sql: String, checkpoint_url: String) -> Self {
+        let now = now_ms();
+        JobRecord {
+            id,
+            name,
+            sql,
+            parallelism: pipeline.graph.nodes.iter().map(|n| n.parallelism).max().unwrap_or(1) as u32,
+            settings: BTreeMap::new(),
+            variables: BTreeMap::new(),
+            state: JobState::Scheduling,
+            workers: Vec::new(),
+            slot_parts: Vec::new(),
+            attempt: 0,
+            rescale_to: None,
+            stop_with_checkpoint: true,
+            operators: pipeline
+                .graph
+                .nodes
+                .iter()
+                .map(|n| (n.id as u32, n.label.clone(), n.parallelism as u32))
+                .collect(),
+            rows_in: 0,
+            rows_out: 0,
+            last_checkpoint: 0,
+            last_error: String::new(),
+            created_ms: now,
+            updated_ms: now,
+            checkpoint_url,
+            stats: BTreeMap::new(),
+            last_checkpoint_duration_ms: 0,
+            last_checkpoint_bytes: 0,
+        }
+    }
+
     /// The workers running subtasks of an operator of `parallelism` (subtask `s` runs in slot `s`).
     pub fn placement(&self, parallelism: u32) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();

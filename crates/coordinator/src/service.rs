@@ -90,38 +90,12 @@ impl JobService for Jobs {
             )));
         }
         let id = format!("j{:08x}", fastrand::u32(..));
-        let now = now_ms();
-        let parallelism = pipeline.graph.nodes.iter().map(|n| n.parallelism).max().unwrap_or(1) as u32;
-        let job = JobRecord {
-            checkpoint_url: format!("{}/{id}", self.checkpoint_base),
-            stats: BTreeMap::new(),
-            last_checkpoint_duration_ms: 0,
-            last_checkpoint_bytes: 0,
-            id,
-            name,
-            sql: req.sql,
-            parallelism: if req.parallelism > 0 { req.parallelism } else { parallelism },
-            settings,
-            variables,
-            state: JobState::Scheduling,
-            workers: Vec::new(),
-            slot_parts: Vec::new(),
-            attempt: 0,
-            rescale_to: None,
-            stop_with_checkpoint: true,
-            operators: pipeline
-                .graph
-                .nodes
-                .iter()
-                .map(|n| (n.id as u32, n.label.clone(), n.parallelism as u32))
-                .collect(),
-            rows_in: 0,
-            rows_out: 0,
-            last_checkpoint: 0,
-            last_error: String::new(),
-            created_ms: now,
-            updated_ms: now,
-        };
+        let mut job = JobRecord::new(&pipeline, id.clone(), name, req.sql, format!("{}/{id}", self.checkpoint_base));
+        if req.parallelism > 0 {
+            job.parallelism = req.parallelism;
+        }
+        job.settings = settings;
+        job.variables = variables;
         put_job(self.store.as_ref(), &job).await.map_err(unavailable)?;
         tracing::info!(job = job.id, name = job.name, "job submitted");
         Ok(Response::new(job.to_pb()))
