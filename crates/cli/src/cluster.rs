@@ -104,6 +104,10 @@ pub enum ClusterCommand {
         /// Serve without TLS (local use only).
         #[arg(long)]
         insecure: bool,
+        /// The host:port the coordinator and other workers reach this worker at (default: the bound --listen
+        /// address; set it when listening on 0.0.0.0). A TLS certificate must name this host.
+        #[arg(long, env = "NAGARE_ADVERTISE")]
+        advertise: Option<String>,
     },
     /// Submits a pipeline as a job; prints its id.
     Submit {
@@ -306,6 +310,7 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
             tls_key,
             cluster_ca,
             insecure,
+            advertise,
         } => {
             if (tls_cert.is_none() || cluster_ca.is_none()) && !insecure {
                 bail!(
@@ -333,7 +338,7 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
             };
             let store = connect_etcd(&etcd, &etcd_prefix).await?;
             let worker = nagare_worker::Worker::new(exchange);
-            let tls = WorkerTls { server: server_tls };
+            let tls = WorkerServing { server: server_tls, advertise };
             run_worker(store, &listen, slots, lease_ttl, metrics_addr, id, worker, tls).await
         }
         ClusterCommand::Validate { file, vars, client: args } => {
@@ -588,9 +593,11 @@ async fn coordinator(
     Ok(())
 }
 
-/// How a worker serves.
-struct WorkerTls {
+/// How a worker serves and where it says it can be reached.
+struct WorkerServing {
     server: Option<tonic::transport::ServerTlsConfig>,
+    /// host:port to register instead of the bound address.
+    advertise: Option<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -602,13 +609,13 @@ async fn run_worker(
     metrics_addr: Option<String>,
     id: Option<String>,
     worker: nagare_worker::Worker,
-    tls: WorkerTls,
+    tls: WorkerServing,
 ) -> Result<()> {
     let (listener, local) = bind(listen).await?;
     let scheme = if tls.server.is_some() { "https" } else { "http" };
     let record = nagare_coordinator::model::WorkerRecord {
         id: id.unwrap_or_else(|| format!("worker-{local}")),
-        address: format!("{scheme}://{local}"),
+        address: format!("{scheme}://{}", tls.advertise.clone().unwrap_or_else(|| local.to_string())),
         slots,
     };
     eprintln!("worker {} serving WorkerService on {} with {slots} slots", record.id, record.address);
