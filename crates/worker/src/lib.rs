@@ -135,7 +135,16 @@ impl Worker {
             ..JobOptions::default()
         };
         let id = req.job_id.clone();
-        let job = match nagare_engine::start(&pipeline, Arc::new(nagare_connectors::Connectors), options).await {
+        // Starting can wait (up to a minute) for the job's other parts; a cancel meanwhile ends the wait.
+        let cancelled = locked(&self.tasks).get(&id).map(|t| t.stop.clone()).unwrap_or_default();
+        let started = tokio::select! {
+            started = nagare_engine::start(&pipeline, Arc::new(nagare_connectors::Connectors), options) => started,
+            _ = cancelled.cancelled() => {
+                self.finished(&id, req.attempt, Ok(()));
+                return Ok(());
+            }
+        };
+        let job = match started {
             Ok(j) => j,
             Err(e) => {
                 self.finished(&id, req.attempt, Err(e.to_string()));
@@ -241,6 +250,10 @@ impl WorkerService for Worker {
             t.stop.cancel();
         } else if let Some(a) = t.abort.take() {
             a.abort();
+            t.state = pb::TaskState::Cancelled;
+        } else if t.state == pb::TaskState::Running {
+            // Still starting: stop waiting for the other parts.
+            t.stop.cancel();
             t.state = pb::TaskState::Cancelled;
         }
         Ok(Response::new(pb::CancelResponse {}))
