@@ -184,9 +184,14 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     wait_for("c1 to lead", Duration::from_secs(30), || c1.log().contains("leading"), &|| c1.log());
     let c2 = coordinator(p2, "c2");
     let metrics_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    // Each worker listens on a fixed port and registers itself as `localhost:<port>` (--advertise; the certificate
+    // names localhost), as a worker on 0.0.0.0 would register its host name.
+    let worker_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let start_worker = |i: usize| {
         let id = format!("w{i}");
         let metrics = format!("127.0.0.1:{}", metrics_ports[i - 1]);
+        let (listen, advertise) =
+            (format!("127.0.0.1:{}", worker_ports[i - 1]), format!("localhost:{}", worker_ports[i - 1]));
         spawn(
             dir.path(),
             &id,
@@ -202,6 +207,10 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
                 &id,
                 "--metrics-addr",
                 &metrics,
+                "--listen",
+                &listen,
+                "--advertise",
+                &advertise,
             ]
             .iter()
             .chain(&tls)
@@ -223,6 +232,7 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     // below runs, so the coordinator and the workers themselves get through).
     let listing = cli(&api, Some(TOKEN), &["workers"]).1;
     let address = listing.split_whitespace().find(|w| w.starts_with("https://")).expect(&listing).to_string();
+    assert!(address.starts_with("https://localhost:"), "workers register their --advertise address: {listing}");
     let anonymous =
         Command::new("curl").args(["-s", "--max-time", "5", "--cacert", &ca_path, &address]).status().unwrap();
     assert!(!anonymous.success(), "a worker must refuse a client without a certificate");
