@@ -37,6 +37,21 @@ fn quickstart_dir() -> tempfile::TempDir {
     dir
 }
 
+/// Waits (up to a minute) for a run told to stop by `what` to exit; its exit status and stderr.
+fn wait_exit(child: &mut std::process::Child, what: &str) -> (std::process::ExitStatus, String) {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "did not stop after {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status, stderr)
+}
+
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
@@ -187,16 +202,7 @@ fn ctrl_c_stops_a_watching_pipeline_cleanly_and_metrics_are_served() {
 
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "did not stop after Ctrl-C");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let (status, stderr) = wait_exit(&mut child, "Ctrl-C");
     assert!(status.success(), "exit {status}: {stderr}");
     assert!(stderr.contains("stopping"), "{stderr}");
     let rows = common::read_json_rows(&out_dir);
@@ -277,16 +283,7 @@ fn a_single_run_serves_the_job_api_from_its_embedded_store() {
     // StopJob through the API: a final checkpoint, then the run ends by itself, successfully.
     let stopped = api(port, &["stop", "local-gen"]);
     assert!(stopped.status.success(), "{}", text(&stopped));
-    let waited = Instant::now();
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(waited.elapsed() < Duration::from_secs(60), "the run did not stop after StopJob");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let (exit, stderr) = wait_exit(&mut child, "StopJob");
     assert!(exit.success() && stderr.contains("StopJob"), "exit {exit}: {stderr}");
     let rows = common::read_json_rows(&out_dir);
     let ids: BTreeSet<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();

@@ -134,6 +134,14 @@ fn submit(api: &str, sql: &Path, name: &str, rate: u32, out: &Path, extra: &[&st
     job.trim().to_string()
 }
 
+/// Runs `nagare <args>`, which must fail; its stderr.
+fn refused_to_start(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_nagare")).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "nagare {args:?} must refuse to start: {err}");
+    err
+}
+
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool, logs: &dyn Fn() -> String) {
     let start = Instant::now();
     while !f() {
@@ -236,12 +244,8 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     let anonymous =
         Command::new("curl").args(["-s", "--max-time", "5", "--cacert", &ca_path, &address]).status().unwrap();
     assert!(!anonymous.success(), "a worker must refuse a client without a certificate");
-    let out = Command::new(env!("CARGO_BIN_EXE_nagare"))
-        .args(["worker", "--etcd", &etcd, "--etcd-prefix", "/nowhere"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--cluster-ca") && err.contains("--insecure"), "{err}");
+    let err = refused_to_start(&["worker", "--etcd", &etcd, "--etcd-prefix", "/nowhere"]);
+    assert!(err.contains("--cluster-ca") && err.contains("--insecure"), "{err}");
 
     // API errors.
     let bad = dir.path().join("bad.sql");
@@ -263,12 +267,9 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     // Plaintext to a TLS API fails; a coordinator without TLS refuses to start unless --insecure.
     let (ok, _, _) = cli(&format!("http://127.0.0.1:{p2}"), Some(TOKEN), &["jobs"]);
     assert!(!ok, "a plaintext call to the TLS API must fail");
-    let out = Command::new(env!("CARGO_BIN_EXE_nagare"))
-        .args(["coordinator", "--etcd", &etcd, "--checkpoint-url", ckpt, "--token", TOKEN, "--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("needs TLS") && err.contains("--insecure"), "{err}");
+    let args = ["coordinator", "--etcd", &etcd, "--checkpoint-url", ckpt, "--token", TOKEN, "--listen", "127.0.0.1:0"];
+    let err = refused_to_start(&args);
+    assert!(err.contains("needs TLS") && err.contains("--insecure"), "{err}");
 
     // The job: generated events with 20 % re-deliveries, deduplicated by id (keyed state that must move with the
     // job), exactly once into JSON files. The same pipeline run by `nagare run` without failures is the reference.

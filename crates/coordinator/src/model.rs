@@ -8,10 +8,11 @@ use serde::{Deserialize, Serialize};
 use crate::store::{MetadataStore, StoreError};
 
 /// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Submitted; waiting for a worker with enough free slots.
+    #[default]
     Scheduling,
     /// Deployed on a worker.
     Running,
@@ -47,7 +48,7 @@ impl JobState {
 }
 
 /// A job, as stored under `/nagare/jobs/<id>`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: String,
     pub name: String,
@@ -120,6 +121,11 @@ impl OperatorStats {
     }
 }
 
+/// What a job record shows of a pipeline's graph: id, label and parallelism per operator.
+pub fn operators(pipeline: &nagare_sql::Pipeline) -> Vec<(u32, String, u32)> {
+    pipeline.graph.nodes.iter().map(|n| (n.id as u32, n.label.clone(), n.parallelism as u32)).collect()
+}
+
 impl JobRecord {
     /// A new job (scheduling, never deployed) running `pipeline`, planned from `sql`.
     pub fn new(pipeline: &nagare_sql::Pipeline, id: String, name: String, sql: String, checkpoint_url: String) -> Self {
@@ -129,30 +135,12 @@ impl JobRecord {
             name,
             sql,
             parallelism: pipeline.graph.nodes.iter().map(|n| n.parallelism).max().unwrap_or(1) as u32,
-            settings: BTreeMap::new(),
-            variables: BTreeMap::new(),
-            state: JobState::Scheduling,
-            workers: Vec::new(),
-            slot_parts: Vec::new(),
-            attempt: 0,
-            rescale_to: None,
             stop_with_checkpoint: true,
-            operators: pipeline
-                .graph
-                .nodes
-                .iter()
-                .map(|n| (n.id as u32, n.label.clone(), n.parallelism as u32))
-                .collect(),
-            rows_in: 0,
-            rows_out: 0,
-            last_checkpoint: 0,
-            last_error: String::new(),
+            operators: operators(pipeline),
             created_ms: now,
             updated_ms: now,
             checkpoint_url,
-            stats: BTreeMap::new(),
-            last_checkpoint_duration_ms: 0,
-            last_checkpoint_bytes: 0,
+            ..Default::default()
         }
     }
 

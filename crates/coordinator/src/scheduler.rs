@@ -433,7 +433,6 @@ pub async fn run(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::collections::BTreeMap;
     use std::sync::Mutex;
 
     use super::*;
@@ -478,31 +477,7 @@ mod tests {
     }
 
     fn job(id: &str, parallelism: u32) -> JobRecord {
-        JobRecord {
-            id: id.into(),
-            name: id.into(),
-            sql: String::new(),
-            parallelism,
-            settings: BTreeMap::new(),
-            variables: BTreeMap::new(),
-            state: JobState::Scheduling,
-            workers: Vec::new(),
-            slot_parts: Vec::new(),
-            attempt: 0,
-            rescale_to: None,
-            stop_with_checkpoint: true,
-            operators: Vec::new(),
-            rows_in: 0,
-            rows_out: 0,
-            last_checkpoint: 0,
-            last_error: String::new(),
-            created_ms: 0,
-            updated_ms: 0,
-            checkpoint_url: String::new(),
-            stats: Default::default(),
-            last_checkpoint_duration_ms: 0,
-            last_checkpoint_bytes: 0,
-        }
+        JobRecord { id: id.into(), name: id.into(), parallelism, stop_with_checkpoint: true, ..Default::default() }
     }
 
     #[tokio::test]

@@ -168,8 +168,7 @@ impl JobService for Jobs {
                 req.parallelism
             )));
         }
-        job.operators =
-            pipeline.graph.nodes.iter().map(|n| (n.id as u32, n.label.clone(), n.parallelism as u32)).collect();
+        job.operators = crate::model::operators(&pipeline);
         if job.state == JobState::Scheduling {
             job.parallelism = req.parallelism;
         } else {
