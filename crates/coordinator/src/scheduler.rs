@@ -235,11 +235,6 @@ fn settle(job: &mut JobRecord) {
     };
 }
 
-/// Whether a part failed because another part was lost (the job restarts) rather than on its own (it fails).
-fn lost_peer(error: &str) -> bool {
-    error.contains("exchange:")
-}
-
 async fn step(
     job: &mut JobRecord,
     live: &[WorkerRecord],
@@ -343,9 +338,11 @@ async fn step(
             job.stats = stats;
             let state = |s: &pb::TaskStatus| pb::TaskState::try_from(s.state).unwrap_or(pb::TaskState::Unspecified);
             if let Some((w, s)) = statuses.iter().find(|(_, s)| state(s) == pb::TaskState::Failed) {
-                let restart = job.workers.len() > 1 && lost_peer(&s.error) && job.state != JobState::Stopping;
-                if restart {
-                    let why = format!("part on worker {} lost another part ({}); restarted", w.id, s.error);
+                // A failure a restart may get past (a lost peer worker, an external system away) restarts the job
+                // from its last checkpoint; one of the job itself (bad input, configuration) fails it.
+                if s.retriable && job.state != JobState::Stopping {
+                    let why =
+                        format!("the part on worker {} failed ({}); restarted from the last checkpoint", w.id, s.error);
                     return unplace(job, live, used, workers, why).await;
                 }
                 // The other parts cannot go on without it.
@@ -559,13 +556,14 @@ mod tests {
             assert_eq!(deployed[1].1.slot_parts, vec![0, 1, 0, 1]);
         }
         // Part 0 fails because part 1's channels broke: the job restarts, the other part is cancelled.
-        let fail = |w: &str, error: &str| {
+        let fail = |w: &str, error: &str, retriable: bool| {
             let mut t = workers.tasks.lock().unwrap();
             let s = t.get_mut(w).unwrap().iter_mut().rev().find(|s| s.job_id == "a").unwrap();
             s.state = pb::TaskState::Failed as i32;
             s.error = error.to_string();
+            s.retriable = retriable;
         };
-        fail("w1", "exchange: lost part 1 of the job: connection reset");
+        fail("w1", "exchange: lost part 1 of the job: connection reset", true);
         reconcile(&store, &workers).await.unwrap();
         let a = get_job(&store, "a").await.unwrap().unwrap();
         assert_eq!(a.state, JobState::Scheduling);
@@ -574,7 +572,7 @@ mod tests {
         let a = get_job(&store, "a").await.unwrap().unwrap();
         assert_eq!((a.state, a.attempt), (JobState::Running, 2));
         // A part failing on its own (bad input) fails the job.
-        fail("w2", "bad record in /data/x.json:3: expected value");
+        fail("w2", "bad record in /data/x.json:3: expected value", false);
         reconcile(&store, &workers).await.unwrap();
         let a = get_job(&store, "a").await.unwrap().unwrap();
         assert_eq!(a.state, JobState::Failed);

@@ -27,6 +27,7 @@ struct Task {
     slots: u32,
     state: pb::TaskState,
     error: String,
+    retriable: bool,
     stop: CancellationToken,
     abort: Option<tokio::task::AbortHandle>,
     metrics: Option<Arc<nagare_engine::metrics::JobMetrics>>,
@@ -43,6 +44,23 @@ pub struct Worker {
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker").finish()
+    }
+}
+
+/// Why a job ended here, and whether a restart from its last checkpoint may get past it.
+struct Failure {
+    message: String,
+    retriable: bool,
+}
+
+impl Failure {
+    fn of(error: &nagare_engine::EngineError, message: String) -> Self {
+        let retriable = matches!(error, nagare_engine::EngineError::External { retriable: true, .. });
+        Failure { message, retriable }
+    }
+
+    fn fatal(message: String) -> Self {
+        Failure { message, retriable: false }
     }
 }
 
@@ -147,7 +165,7 @@ impl Worker {
         let job = match started {
             Ok(j) => j,
             Err(e) => {
-                self.finished(&id, req.attempt, Err(e.to_string()));
+                self.finished(&id, req.attempt, Err(Failure::of(&e, e.to_string())));
                 return Ok(());
             }
         };
@@ -161,7 +179,7 @@ impl Worker {
         let attempt = req.attempt;
         let job_id = id.clone();
         let handle = tokio::spawn(async move {
-            let result = job.wait().await.map(|_| ()).map_err(|e| e.to_string());
+            let result = job.wait().await.map(|_| ()).map_err(|e| Failure::of(&e.error, e.to_string()));
             me.finished(&job_id, attempt, result);
         });
         if let Some(t) = locked(&self.tasks).get_mut(&id).filter(|t| t.attempt == attempt) {
@@ -173,7 +191,7 @@ impl Worker {
         Ok(())
     }
 
-    fn finished(&self, id: &str, attempt: u32, result: Result<(), String>) {
+    fn finished(&self, id: &str, attempt: u32, result: Result<(), Failure>) {
         self.exchange.forget(&format!("{id}/{attempt}"));
         if let Some(t) = locked(&self.tasks).get_mut(id).filter(|t| t.attempt == attempt) {
             if t.state != pb::TaskState::Running {
@@ -182,10 +200,11 @@ impl Worker {
             match result {
                 Ok(()) if t.stop.is_cancelled() => t.state = pb::TaskState::Cancelled,
                 Ok(()) => t.state = pb::TaskState::Finished,
-                Err(e) => {
-                    tracing::error!(job = id, error = e, "job failed");
+                Err(f) => {
+                    tracing::error!(job = id, error = f.message, "job failed");
                     t.state = pb::TaskState::Failed;
-                    t.error = e;
+                    t.error = f.message;
+                    t.retriable = f.retriable;
                 }
             }
         }
@@ -221,6 +240,7 @@ impl WorkerService for Worker {
                     },
                     state: pb::TaskState::Running,
                     error: String::new(),
+                    retriable: false,
                     stop: CancellationToken::new(),
                     abort: None,
                     metrics: None,
@@ -234,7 +254,7 @@ impl WorkerService for Worker {
         tokio::spawn(async move {
             let (id, attempt) = (req.job_id.clone(), req.attempt);
             if let Err(e) = me.start(req).await {
-                me.finished(&id, attempt, Err(e.message().to_string()));
+                me.finished(&id, attempt, Err(Failure::fatal(e.message().to_string())));
             }
         });
         Ok(Response::new(pb::DeployResponse {}))
@@ -281,6 +301,7 @@ impl WorkerService for Worker {
                             .and_then(|c| c.lock().ok().and_then(|s| s.last.as_ref().map(|l| l.id)))
                             .unwrap_or(0),
                         error: t.error.clone(),
+                        retriable: t.retriable,
                         slots: t.slots,
                         part: t.part,
                         operators: t.metrics.as_ref().map(|m| operator_statuses(m)).unwrap_or_default(),
