@@ -142,6 +142,20 @@ fn refused_to_start(args: &[&str]) -> String {
     err
 }
 
+/// Generated events with 20 % re-deliveries, deduplicated by id (keyed state that must move with the job), exactly
+/// once into JSON files under `${OUT}`, at `${RATE}` events/s.
+fn dedup_sql(events: usize) -> String {
+    format!(
+        "SET parallelism = 2;\nSET checkpoint_interval = '500ms';\nSET dedup_ttl = '1 minute';\n\
+         CREATE TABLE events (id TEXT, time TIMESTAMP, WATERMARK FOR time AS time - INTERVAL '5' SECOND)\n\
+         WITH (connector = 'generator', count = '{events}', rate = '${{RATE}}', duplicate_rate = '0.2', seed = '5',\n\
+               start_time = '2026-01-01T00:00:00Z');\n\
+         CREATE TABLE out WITH (connector = 'filesystem', path = '${{OUT}}', format = 'json');\n\
+         INSERT INTO out SELECT id, time\n\
+         FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM events) WHERE rn = 1;\n"
+    )
+}
+
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool, logs: &dyn Fn() -> String) {
     let start = Instant::now();
     while !f() {
@@ -274,19 +288,7 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     // The job: generated events with 20 % re-deliveries, deduplicated by id (keyed state that must move with the
     // job), exactly once into JSON files. The same pipeline run by `nagare run` without failures is the reference.
     let sql = dir.path().join("p.sql");
-    std::fs::write(
-        &sql,
-        format!(
-            "SET parallelism = 2;\nSET checkpoint_interval = '500ms';\nSET dedup_ttl = '1 minute';\n\
-             CREATE TABLE events (id TEXT, time TIMESTAMP, WATERMARK FOR time AS time - INTERVAL '5' SECOND)\n\
-             WITH (connector = 'generator', count = '{N}', rate = '${{RATE}}', duplicate_rate = '0.2', seed = '5',\n\
-                   start_time = '2026-01-01T00:00:00Z');\n\
-             CREATE TABLE out WITH (connector = 'filesystem', path = '${{OUT}}', format = 'json');\n\
-             INSERT INTO out SELECT id, time\n\
-             FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM events) WHERE rn = 1;\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&sql, dedup_sql(N)).unwrap();
     let (ok, plan, err) =
         cli(&api, Some(TOKEN), &["validate", sql.to_str().unwrap(), "--var", "RATE=1", "--var", "OUT=/x"]);
     assert!(ok && plan.contains("dedup"), "{plan} {err}");
@@ -420,8 +422,7 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
         &|| cli(&api, Some(TOKEN), &["workers"]).2,
     );
     let sql3 = dir.path().join("p3.sql");
-    std::fs::write(&sql3, std::fs::read_to_string(&sql).unwrap().replace(&format!("count = '{N}'"), "count = '30000'"))
-        .unwrap();
+    std::fs::write(&sql3, dedup_sql(30_000)).unwrap();
     let expected = reference_ids(&sql3, &dir.path().join("reference3"));
     let rescaled = dir.path().join("rescaled");
     let job3 = submit(&api, &sql3, "rescales", 2500, &rescaled, &[]);
@@ -471,5 +472,75 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     let rows = common::read_json_rows(&rescaled);
     let ids: std::collections::BTreeSet<String> = rows.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(rows.len(), ids.len(), "no event twice across rescales");
+    assert_eq!(ids, expected, "every event the reference run kept, and no other");
+}
+
+#[test]
+fn with_rebalance_a_job_spreads_onto_a_worker_that_joins_exactly_once() {
+    let etcd = etcd()["ETCD_ENDPOINTS"].clone();
+    let prefix = format!("/nagare-rebalance-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("checkpoints");
+    let port = free_port();
+    let api = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let coordinator = spawn(
+        dir.path(),
+        "c",
+        &["coordinator", "--etcd", &etcd, "--etcd-prefix", &prefix, "--listen", &listen, "--insecure", "--rebalance"]
+            .iter()
+            .copied()
+            .chain(["--checkpoint-url", ckpt.to_str().unwrap(), "--token", TOKEN])
+            .collect::<Vec<_>>(),
+    );
+    let worker = |id: &str| {
+        spawn(
+            dir.path(),
+            id,
+            &["worker", "--etcd", &etcd, "--etcd-prefix", &prefix, "--slots", "2", "--id", id, "--insecure"],
+        )
+    };
+    let _w1 = worker("w1");
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, dedup_sql(30_000)).unwrap();
+    let expected = reference_ids(&sql, &dir.path().join("reference"));
+    wait_for(
+        "the coordinator and w1",
+        Duration::from_secs(30),
+        || cli(&api, Some(TOKEN), &["workers"]).1.contains("w1"),
+        &|| coordinator.log(),
+    );
+    let out = dir.path().join("out");
+    let job = submit(&api, &sql, "spreads", 2500, &out, &[]);
+    let logs = || format!("{}\n{}", coordinator.log(), status(&api, &job));
+    wait_for(
+        "the job on w1 alone",
+        Duration::from_secs(60),
+        || {
+            let s = status(&api, &job);
+            s["state"] == "running" && s["last_checkpoint"].as_u64() > Some(0)
+        },
+        &logs,
+    );
+    assert_eq!(status(&api, &job)["workers"], serde_json::json!(["w1"]));
+    // w2 joins idle: the leader rescales the job to its own parallelism, so it is placed again over both.
+    let _w2 = worker("w2");
+    wait_for(
+        "the job over w1 and w2",
+        Duration::from_secs(60),
+        || {
+            let s = status(&api, &job);
+            s["state"] == "running"
+                && s["workers"].as_array().map(Vec::len) == Some(2)
+                && s["attempt"].as_u64() == Some(2)
+        },
+        &logs,
+    );
+    assert!(status(&api, &job)["rows_in"].as_u64() < Some(30_000), "rebalanced while it ran");
+    assert!(coordinator.log().contains("rebalancing over more workers"), "{}", coordinator.log());
+    wait_for("the job to finish", Duration::from_secs(120), || status(&api, &job)["state"] == "finished", &logs);
+    let rows = common::read_json_rows(&out);
+    let ids: std::collections::BTreeSet<String> = rows.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(rows.len(), ids.len(), "no event twice across the move");
     assert_eq!(ids, expected, "every event the reference run kept, and no other");
 }
