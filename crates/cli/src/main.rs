@@ -124,6 +124,11 @@ enum GenCommand {
     },
 }
 
+/// Arrow batches come and go in large, short-lived buffers; mimalloc reuses them without the system allocator's
+/// trimming and page faults.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     init_tracing();
