@@ -7,8 +7,10 @@
 //! watermark are duplicates if their key's open group covers them (keep-last may still take them as the new last),
 //! and late otherwise. For rows that are not late this equals the batch query over the same rows.
 //!
-//! Cost: held rows are never copied until emitted (one `interleave` per watermark), keys up to 40 bytes live inline
-//! in the hash table, and keep-first reclaims expired keys lazily, sweeping the table only when it would grow.
+//! Cost: held rows are never copied until emitted (one `interleave` per watermark); a table entry is 32 bytes (the
+//! key's full hash, the group's end and where its bytes are in an append-only key arena), so a probe touches one cache
+//! line and compares key bytes only when the 64-bit hashes agree; keep-first reclaims expired keys lazily, sweeping
+//! the table only when it would grow, and the arena is compacted once most of it is dead.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
@@ -27,7 +29,6 @@ use datafusion::physical_expr::PhysicalExpr;
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 use nagare_sql::{DedupScope, DedupSpec, Keep};
-use smallvec::SmallVec;
 
 use super::{OperatorContext, event_times, key_groups_of, meta_part, meta_value};
 use crate::error::{EngineError, Result};
@@ -51,11 +52,11 @@ enum Best {
     Stored(OwnedRow),
 }
 
-type Key = SmallVec<[u8; 40]>;
-
-/// A key's current group: 64 bytes, so that a probe touches as few cache lines as possible.
+/// A key's current group: 32 bytes, two to a cache line.
 struct Group {
-    key: Key,
+    /// The key's full hash: rehashing never reads the arena, and most unequal keys differ here.
+    hash: u64,
+    key: KeyRef,
     /// Exclusive: rows at or after `end` start a new group (the start follows from the scope).
     end: i64,
     /// Keep-last only.
@@ -68,6 +69,66 @@ struct LastRow {
     generation: u64,
     /// The row's event time and where it is; `None` until the first row.
     best: Option<(i64, Best)>,
+}
+
+/// Where a key's bytes are in the [`KeyArena`]: offset (high 40 bits) and length (low 24 bits).
+#[derive(Clone, Copy)]
+struct KeyRef(u64);
+
+/// Keys longer than this are refused (the length has 24 bits in a [`KeyRef`]).
+const MAX_KEY_BYTES: usize = (1 << 24) - 1;
+
+impl KeyRef {
+    fn len(self) -> usize {
+        (self.0 & MAX_KEY_BYTES as u64) as usize
+    }
+
+    fn range(self) -> std::ops::Range<usize> {
+        let start = (self.0 >> 24) as usize;
+        start..start + self.len()
+    }
+}
+
+/// The groups' keys back to back, so that table entries stay small; removed keys leave dead bytes until the
+/// next compaction.
+#[derive(Default)]
+struct KeyArena {
+    bytes: Vec<u8>,
+    dead: usize,
+}
+
+impl KeyArena {
+    fn push(&mut self, key: &[u8]) -> Result<KeyRef> {
+        let start = self.bytes.len() as u64;
+        if key.len() > MAX_KEY_BYTES || start >= 1 << 40 {
+            return Err(EngineError::Internal(format!(
+                "dedup key of {} bytes (or {start} bytes of keys) is beyond what one subtask holds",
+                key.len()
+            )));
+        }
+        self.bytes.extend_from_slice(key);
+        Ok(KeyRef(start << 24 | key.len() as u64))
+    }
+
+    fn get(&self, key: KeyRef) -> &[u8] {
+        &self.bytes[key.range()]
+    }
+
+    /// Worth compacting: over 1 MiB dead and over half of the arena.
+    fn mostly_dead(&self) -> bool {
+        self.dead > 1 << 20 && self.dead * 2 > self.bytes.len()
+    }
+}
+
+/// Copies the keys of the live groups into a fresh arena.
+fn compact(groups: &mut HashTable<Group>, arena: &mut KeyArena) {
+    let mut bytes = Vec::with_capacity(arena.bytes.len() - arena.dead);
+    for g in groups.iter_mut() {
+        let key = &arena.bytes[g.key.range()];
+        g.key = KeyRef((bytes.len() as u64) << 24 | key.len() as u64);
+        bytes.extend_from_slice(key);
+    }
+    *arena = KeyArena { bytes, dead: 0 };
 }
 
 /// A batch's key column(s), read as bytes for hashing and equality.
@@ -120,6 +181,7 @@ pub struct DedupOperator {
     watermark: i64,
     pending: Vec<Pending>,
     groups: HashTable<Group>,
+    arena: KeyArena,
     hasher: hashbrown::DefaultHashBuilder,
     /// Keep-last only: (end, hash, generation) in order of non-decreasing end.
     expiry: VecDeque<(i64, u64, u64)>,
@@ -187,6 +249,7 @@ impl DedupOperator {
             watermark: i64::MIN,
             pending: Vec::new(),
             groups: HashTable::new(),
+            arena: KeyArena::default(),
             hasher: hashbrown::DefaultHashBuilder::default(),
             expiry: VecDeque::new(),
             next_generation: 0,
@@ -269,7 +332,8 @@ impl DedupOperator {
             let key = &self.scratch;
             let scope = self.scope;
             let covered = |g: &Group| group_start(scope, g.end) <= t && t < g.end;
-            match self.groups.find_mut(h, |g| g.key.as_slice() == key.as_slice()) {
+            let arena = &self.arena;
+            match self.groups.find_mut(h, |g| g.hash == h && arena.get(g.key) == key.as_slice()) {
                 Some(g) if covered(g) => {
                     NodeMetrics::add(&self.ctx.metrics.duplicates, 1);
                     if let Some(last) = g.last.as_mut()
@@ -304,7 +368,17 @@ impl DedupOperator {
     /// processed and may belong to groups that end before it.)
     fn sweep_if_full(&mut self, now: i64) {
         if self.keep == Keep::First && self.groups.len() == self.groups.capacity() && self.groups.len() > 1024 {
-            self.groups.retain(|g| g.end > now);
+            let dead = &mut self.arena.dead;
+            self.groups.retain(|g| {
+                let open = g.end > now;
+                if !open {
+                    *dead += g.key.len();
+                }
+                open
+            });
+            if self.arena.mostly_dead() {
+                compact(&mut self.groups, &mut self.arena);
+            }
         }
     }
 
@@ -351,9 +425,9 @@ impl DedupOperator {
             self.sweep_if_full(t);
             let generation = self.next_generation;
             let scratch = &self.scratch;
-            let hasher = &self.hasher;
+            let arena = &self.arena;
             let mut new_group = false;
-            match self.groups.entry(h, |g| g.key.as_slice() == scratch.as_slice(), |g| hasher.hash_one(&g.key[..])) {
+            match self.groups.entry(h, |g| g.hash == h && arena.get(g.key) == scratch.as_slice(), |g| g.hash) {
                 Entry::Occupied(mut e) => {
                     let g = e.get_mut();
                     if t < g.end {
@@ -382,7 +456,8 @@ impl DedupOperator {
                     if keep_last {
                         touched.push((h, generation));
                     }
-                    v.insert(Group { key: Key::from_slice(scratch), end, last });
+                    let key = self.arena.push(scratch)?;
+                    v.insert(Group { hash: h, key, end, last });
                     new_group = true;
                 }
             }
@@ -443,10 +518,14 @@ impl DedupOperator {
             self.expiry.pop_front();
             if let Ok(e) = self.groups.find_entry(h, |g| g.last.as_ref().is_some_and(|l| l.generation == generation)) {
                 let (g, _) = e.remove();
+                self.arena.dead += g.key.len();
                 if let Some(Some((_, Best::Stored(row)))) = g.last.map(|l| l.best) {
                     emitted_stored.push(row);
                 }
             }
+        }
+        if self.arena.mostly_dead() {
+            compact(&mut self.groups, &mut self.arena);
         }
         if !emitted_stored.is_empty() {
             let conv = self.row_converter.as_ref().ok_or_else(|| EngineError::Internal("no row converter".into()))?;
@@ -556,7 +635,7 @@ impl Operator for DedupOperator {
         let mut last_rows: Vec<OwnedRow> = Vec::new();
         // Closed groups (not yet swept) can never be joined again: they are left out.
         for g in self.groups.iter().filter(|g| open(g.end)) {
-            keys.append_value(&g.key);
+            keys.append_value(self.arena.get(g.key));
             ends.push(g.end);
             if let Some(last) = &g.last {
                 generations.push(last.generation);
@@ -631,8 +710,7 @@ impl Operator for DedupOperator {
             };
             let mut expiry = Vec::new();
             // One allocation instead of a rehash at every doubling (10 M keys: 7.6 s -> see `bench state`).
-            let hasher = &self.hasher;
-            self.groups.reserve(groups.num_rows(), |g| hasher.hash_one(&g.key[..]));
+            self.groups.reserve(groups.num_rows(), |g| g.hash);
             for i in 0..groups.num_rows() {
                 if !self.ctx.key_groups.contains(u32::from(kg.value(i))) {
                     continue;
@@ -645,11 +723,12 @@ impl Operator for DedupOperator {
                     if end.saturating_sub(1) <= self.watermark {
                         continue;
                     }
-                    let hasher = &self.hasher;
-                    match self.groups.entry(h, |g| g.key.as_slice() == key, |g| hasher.hash_one(&g.key[..])) {
+                    let arena = &self.arena;
+                    match self.groups.entry(h, |g| g.hash == h && arena.get(g.key) == key, |g| g.hash) {
                         Entry::Occupied(mut e) => e.get_mut().end = e.get().end.max(end),
                         Entry::Vacant(v) => {
-                            v.insert(Group { key: Key::from_slice(key), end, last: None });
+                            let key = self.arena.push(key)?;
+                            v.insert(Group { hash: h, key, end, last: None });
                         }
                     }
                     continue;
@@ -661,9 +740,8 @@ impl Operator for DedupOperator {
                         best: Some((last_t.value(i), Best::Stored(rows.row(i).owned()))),
                     })
                 });
-                let hasher = &self.hasher;
-                self.groups
-                    .insert_unique(h, Group { key: Key::from_slice(key), end, last }, |g| hasher.hash_one(&g.key[..]));
+                let key = self.arena.push(key)?;
+                self.groups.insert_unique(h, Group { hash: h, key, end, last }, |g| g.hash);
             }
             expiry.sort_unstable();
             self.expiry = expiry.into();
@@ -800,6 +878,34 @@ mod tests {
         }
         assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 100_000);
         assert!(d.state_entries() <= 4096, "expired keys are swept: {} held", d.state_entries());
+    }
+
+    #[test]
+    fn key_arena_is_compacted_and_keys_stay_findable() {
+        for keep in [Keep::First, Keep::Last] {
+            let (mut d, s, m) = op(keep, DedupScope::Ttl { ttl_us: 10 });
+            let pad = "k".repeat(300);
+            let mut out = Vec::new();
+            for chunk in 0..100i64 {
+                let mut owned: Vec<(String, i64, &str)> =
+                    (0..500).map(|i| (format!("{pad}{}", chunk * 500 + i), chunk * 500 + i, "first")).collect();
+                if chunk > 0 {
+                    // A re-delivery of the previous chunk's last key, inside its TTL: found after compactions.
+                    owned.push((format!("{pad}{}", chunk * 500 - 1), chunk * 500 + 4, "again"));
+                }
+                let rows: Vec<(&str, i64, &str)> = owned.iter().map(|(k, t, v)| (k.as_str(), *t, *v)).collect();
+                d.process(batch(&s, &rows), &mut out).unwrap();
+                d.on_watermark(chunk * 500 + 499, &mut out).unwrap();
+            }
+            d.on_watermark(i64::MAX, &mut out).unwrap();
+            let got = rows(&out);
+            assert_eq!(got.len(), 50_000, "{keep:?}: one row per key");
+            assert_eq!(NodeMetrics::get(&m.duplicates), 99, "{keep:?}");
+            let again = got.iter().filter(|r| r.2 == "again").count();
+            assert_eq!(again, if keep == Keep::Last { 99 } else { 0 }, "{keep:?}");
+            // 15 MB of keys went through; the arena holds the live ones and at most about as many dead bytes.
+            assert!(d.arena.bytes.len() < 4 << 20, "{keep:?}: arena of {} bytes", d.arena.bytes.len());
+        }
     }
 
     #[test]
