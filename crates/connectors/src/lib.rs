@@ -4,6 +4,7 @@
 pub mod decode;
 pub mod filesystem;
 pub mod generator;
+pub mod json_fast;
 pub mod stdout;
 
 use std::sync::Arc;

@@ -1,0 +1,770 @@
+//! JSON lines straight into Arrow buffers for the declared schema, reading only the fields the query uses.
+//!
+//! arrow-json tokenizes every byte of a record onto a tape before it builds columns; for wide events of which a
+//! pipeline reads a few fields, most of that work is thrown away. This decoder walks each record once: fields the
+//! projected schema does not name are skipped (their syntax still checked), the others are parsed into column
+//! buffers as they are met.
+//!
+//! It accepts a subset of what arrow-json accepts and, for that subset, produces the same columns (tested against
+//! arrow-json on generated records). Anything outside it — a type it does not handle, a value of another JSON type
+//! than the column's, a duplicate key, a number outside strict JSON syntax, a UTF-16 surrogate escape, malformed
+//! input — makes it *decline* the whole block, and the caller decodes that block with arrow-json, whose behaviour
+//! (coercions, errors and their messages) stays the reference.
+
+use std::sync::Arc;
+
+use arrow::array::timezone::Tz;
+use arrow::array::{
+    ArrayRef, BooleanArray, Float32Array, Float64Array, ListArray, PrimitiveArray, RecordBatch, RecordBatchOptions,
+    StringArray, StructArray,
+};
+use arrow::array::{BooleanBufferBuilder, NullBufferBuilder};
+use arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
+use arrow::compute::kernels::cast_utils::string_to_datetime;
+use arrow::datatypes::{
+    DataType, Field, FieldRef, Fields, Int8Type, Int16Type, Int32Type, Int64Type, SchemaRef, TimeUnit,
+    TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType, UInt8Type,
+    UInt16Type, UInt32Type, UInt64Type,
+};
+use chrono::{DateTime, TimeZone, Utc};
+
+/// The block is outside what this decoder handles; decode it with arrow-json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Declined;
+
+type Res<T> = Result<T, Declined>;
+
+/// Nesting deeper than this is left to arrow-json (keeps the recursion bounded).
+const MAX_DEPTH: usize = 64;
+
+/// Decodes blocks of JSON lines into batches of one schema.
+pub struct FastJsonDecoder {
+    schema: SchemaRef,
+    /// Which top-level fields hold raw JSON text.
+    raw: Vec<bool>,
+    root: StructCol,
+    scratch: Vec<u8>,
+}
+
+impl FastJsonDecoder {
+    /// A decoder for `schema`, where the fields flagged in `raw` take a value's JSON text; `None` when the schema has
+    /// a type this decoder does not handle.
+    pub fn try_new(schema: SchemaRef, raw: Vec<bool>) -> Option<Self> {
+        let root = StructCol::new(schema.fields(), Some(&raw))?;
+        Some(FastJsonDecoder { schema, raw, root, scratch: Vec::new() })
+    }
+
+    /// Decodes `block` (whole lines); `Ok(None)` when it holds no record.
+    pub fn decode(&mut self, block: &[u8]) -> Res<Option<RecordBatch>> {
+        let result = self.decode_inner(block);
+        if result.is_err() {
+            // Start the next block from empty columns.
+            self.root = StructCol::new(self.schema.fields(), Some(&self.raw)).ok_or(Declined)?;
+        }
+        result
+    }
+
+    fn decode_inner(&mut self, block: &[u8]) -> Res<Option<RecordBatch>> {
+        // arrow-json rejects invalid UTF-8 in any string; bytes >= 0x80 outside strings are malformed anyway.
+        simdutf8::basic::from_utf8(block).map_err(|_| Declined)?;
+        let strict = self.raw.contains(&true);
+        let mut p = Parser { b: block, i: 0, strict };
+        let mut rows = 0usize;
+        loop {
+            p.ws();
+            if p.i >= block.len() {
+                break;
+            }
+            if block[p.i] != b'{' {
+                return Err(Declined);
+            }
+            p.i += 1;
+            self.root.object_body(&mut p, &mut self.scratch, 1)?;
+            rows += 1;
+            // One record per line: anything but whitespace before the line ends is left to arrow-json.
+            while p.i < block.len() && matches!(block[p.i], b' ' | b'\t' | b'\r') {
+                p.i += 1;
+            }
+            if p.i < block.len() && block[p.i] != b'\n' {
+                return Err(Declined);
+            }
+        }
+        if rows == 0 {
+            return Ok(None);
+        }
+        let columns = self.root.children.iter_mut().map(Col::finish).collect::<Res<Vec<_>>>()?;
+        self.root.nulls = NullBufferBuilder::new(0);
+        let options = RecordBatchOptions::new().with_row_count(Some(rows));
+        RecordBatch::try_new_with_options(self.schema.clone(), columns, &options).map(Some).map_err(|_| Declined)
+    }
+}
+
+/// A cursor over a block.
+struct Parser<'a> {
+    b: &'a [u8],
+    i: usize,
+    /// Strict JSON (no raw control characters in strings, strict numbers everywhere, no escaped member names): the
+    /// raw JSON columns are read with serde_json, which refuses the rest.
+    strict: bool,
+}
+
+impl<'a> Parser<'a> {
+    #[inline]
+    fn ws(&mut self) {
+        while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\t' | b'\n' | b'\r') {
+            self.i += 1;
+        }
+    }
+
+    /// The next byte after whitespace, consumed.
+    #[inline]
+    fn next_token(&mut self) -> Res<u8> {
+        self.ws();
+        let c = *self.b.get(self.i).ok_or(Declined)?;
+        self.i += 1;
+        Ok(c)
+    }
+
+    /// Reads a string whose opening quote is consumed, appending its unescaped bytes to `out`.
+    fn string_into(&mut self, out: &mut Vec<u8>) -> Res<()> {
+        loop {
+            let rest = &self.b[self.i..];
+            let at = memchr::memchr2(b'"', b'\\', rest).ok_or(Declined)?;
+            self.check_text(&rest[..at])?;
+            out.extend_from_slice(&rest[..at]);
+            self.i += at + 1;
+            if rest[at] == b'"' {
+                return Ok(());
+            }
+            self.escape(out)?;
+        }
+    }
+
+    /// Skips a string whose opening quote is consumed (escapes are still checked).
+    fn skip_string(&mut self, scratch: &mut Vec<u8>) -> Res<()> {
+        loop {
+            let rest = &self.b[self.i..];
+            let at = memchr::memchr2(b'"', b'\\', rest).ok_or(Declined)?;
+            self.check_text(&rest[..at])?;
+            self.i += at + 1;
+            if rest[at] == b'"' {
+                return Ok(());
+            }
+            scratch.clear();
+            self.escape(scratch)?;
+        }
+    }
+
+    /// A member name whose opening quote is consumed: borrowed from the block when it has no escapes, otherwise
+    /// unescaped into `scratch`.
+    fn key<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Res<&'s [u8]>
+    where
+        'a: 's,
+    {
+        let rest = &self.b[self.i..];
+        let at = memchr::memchr2(b'"', b'\\', rest).ok_or(Declined)?;
+        if rest[at] == b'"' {
+            self.check_text(&rest[..at])?;
+            self.i += at + 1;
+            return Ok(&rest[..at]);
+        }
+        if self.strict {
+            return Err(Declined);
+        }
+        scratch.clear();
+        self.string_into(scratch)?;
+        Ok(scratch.as_slice())
+    }
+
+    /// In strict mode, string text may not hold raw control characters.
+    #[inline]
+    fn check_text(&self, text: &[u8]) -> Res<()> {
+        if self.strict && text.iter().any(|c| *c < 0x20) {
+            return Err(Declined);
+        }
+        Ok(())
+    }
+
+    /// Decodes the escape after a backslash.
+    fn escape(&mut self, out: &mut Vec<u8>) -> Res<()> {
+        let c = *self.b.get(self.i).ok_or(Declined)?;
+        self.i += 1;
+        let v = match c {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'b' => 8,
+            b'f' => 12,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'u' => {
+                let hex = self.b.get(self.i..self.i + 4).ok_or(Declined)?;
+                let mut code = 0u32;
+                for h in hex {
+                    code = code << 4 | (*h as char).to_digit(16).ok_or(Declined)?;
+                }
+                self.i += 4;
+                // Surrogate pairs are left to arrow-json.
+                let ch = char::from_u32(code).ok_or(Declined)?;
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                return Ok(());
+            }
+            _ => return Err(Declined),
+        };
+        out.push(v);
+        Ok(())
+    }
+
+    /// The bytes of a number whose first byte is at the cursor (the characters arrow-json takes as a number).
+    fn number(&mut self) -> &'a [u8] {
+        let start = self.i;
+        while self.i < self.b.len() && matches!(self.b[self.i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+            self.i += 1;
+        }
+        &self.b[start..self.i]
+    }
+
+    /// Consumes `literal` (its first byte already consumed).
+    fn literal(&mut self, literal: &[u8]) -> Res<()> {
+        let rest = &literal[1..];
+        if self.b.get(self.i..self.i + rest.len()) != Some(rest) {
+            return Err(Declined);
+        }
+        self.i += rest.len();
+        Ok(())
+    }
+
+    /// Skips one value whose first byte `c` is consumed.
+    fn skip_value(&mut self, c: u8, scratch: &mut Vec<u8>, depth: usize) -> Res<()> {
+        match c {
+            b'"' => self.skip_string(scratch),
+            b'-' | b'0'..=b'9' => {
+                self.i -= 1;
+                let s = self.number();
+                if self.strict && !strict_number(s, false) {
+                    return Err(Declined);
+                }
+                Ok(())
+            }
+            b'n' => self.literal(b"null"),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'[' => self.list(depth, |p, c, depth| p.skip_value(c, scratch, depth)),
+            b'{' => {
+                if depth >= MAX_DEPTH {
+                    return Err(Declined);
+                }
+                let mut first = true;
+                loop {
+                    match self.next_token()? {
+                        b'}' => return Ok(()),
+                        b',' if !first => {
+                            if self.next_token()? != b'"' {
+                                return Err(Declined);
+                            }
+                        }
+                        b'"' if first => {}
+                        _ => return Err(Declined),
+                    }
+                    first = false;
+                    self.skip_string(scratch)?;
+                    if self.next_token()? != b':' {
+                        return Err(Declined);
+                    }
+                    let c = self.next_token()?;
+                    self.skip_value(c, scratch, depth + 1)?;
+                }
+            }
+            _ => Err(Declined),
+        }
+    }
+
+    /// Walks a list whose `[` is consumed, calling `item` with the first byte of each element.
+    fn list(&mut self, depth: usize, mut item: impl FnMut(&mut Self, u8, usize) -> Res<()>) -> Res<()> {
+        if depth >= MAX_DEPTH {
+            return Err(Declined);
+        }
+        let mut c = self.next_token()?;
+        if c == b']' {
+            return Ok(());
+        }
+        loop {
+            item(self, c, depth + 1)?;
+            match self.next_token()? {
+                b']' => return Ok(()),
+                b',' => c = self.next_token()?,
+                _ => return Err(Declined),
+            }
+        }
+    }
+}
+
+/// Strict JSON number syntax: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`; `integer` allows neither fraction
+/// nor exponent.
+fn strict_number(s: &[u8], integer: bool) -> bool {
+    let mut i = usize::from(s.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while *i < s.len() && s[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        *i - start
+    };
+    let n = digits(&mut i);
+    if n == 0 || (n > 1 && s[i - n] == b'0') {
+        return false;
+    }
+    if integer {
+        return i == s.len();
+    }
+    if i < s.len() && s[i] == b'.' {
+        i += 1;
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    if i < s.len() && matches!(s[i], b'e' | b'E') {
+        i += 1;
+        if i < s.len() && matches!(s[i], b'+' | b'-') {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    i == s.len()
+}
+
+/// How a timestamp column reads strings without an offset.
+enum Zone {
+    Utc,
+    Named(Tz),
+}
+
+/// One column being built.
+enum Col {
+    /// UTF-8 text; `raw` columns take a value's JSON text.
+    Str {
+        offsets: Vec<i32>,
+        values: Vec<u8>,
+        nulls: NullBufferBuilder,
+        raw: bool,
+    },
+    Signed {
+        values: Vec<i64>,
+        nulls: NullBufferBuilder,
+        range: (i64, i64),
+        data_type: DataType,
+    },
+    Unsigned {
+        values: Vec<u64>,
+        nulls: NullBufferBuilder,
+        max: u64,
+        data_type: DataType,
+    },
+    F32 {
+        values: Vec<f32>,
+        nulls: NullBufferBuilder,
+    },
+    F64 {
+        values: Vec<f64>,
+        nulls: NullBufferBuilder,
+    },
+    Bool {
+        values: BooleanBufferBuilder,
+        nulls: NullBufferBuilder,
+    },
+    Timestamp {
+        values: Vec<i64>,
+        nulls: NullBufferBuilder,
+        unit: TimeUnit,
+        zone: Zone,
+        data_type: DataType,
+    },
+    List {
+        offsets: Vec<i32>,
+        nulls: NullBufferBuilder,
+        child: Box<Col>,
+        field: FieldRef,
+    },
+    Struct(StructCol),
+}
+
+/// A struct column (or the record itself).
+struct StructCol {
+    fields: Fields,
+    names: Vec<Vec<u8>>,
+    children: Vec<Col>,
+    nulls: NullBufferBuilder,
+}
+
+impl StructCol {
+    fn new(fields: &Fields, raw: Option<&[bool]>) -> Option<Self> {
+        if fields.len() > 64 {
+            return None;
+        }
+        let children = fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Col::new(f, raw.is_some_and(|r| r.get(i) == Some(&true))))
+            .collect::<Option<Vec<_>>>()?;
+        Some(StructCol {
+            fields: fields.clone(),
+            names: fields.iter().map(|f| f.name().as_bytes().to_vec()).collect(),
+            children,
+            nulls: NullBufferBuilder::new(0),
+        })
+    }
+
+    /// Reads the members of an object whose `{` is consumed into one row.
+    fn object_body(&mut self, p: &mut Parser<'_>, scratch: &mut Vec<u8>, depth: usize) -> Res<()> {
+        if depth >= MAX_DEPTH {
+            return Err(Declined);
+        }
+        let mut seen = 0u64;
+        // Members usually come in the same order in every record: try the field after the last one first.
+        let mut guess = 0usize;
+        let mut first = true;
+        loop {
+            match p.next_token()? {
+                b'}' => break,
+                b',' if !first => {
+                    if p.next_token()? != b'"' {
+                        return Err(Declined);
+                    }
+                }
+                b'"' if first => {}
+                _ => return Err(Declined),
+            }
+            first = false;
+            let key = p.key(scratch)?;
+            let found = if self.names.get(guess).is_some_and(|n| n.as_slice() == key) {
+                Some(guess)
+            } else {
+                self.names.iter().position(|n| n.as_slice() == key)
+            };
+            if p.next_token()? != b':' {
+                return Err(Declined);
+            }
+            let c = p.next_token()?;
+            match found {
+                Some(f) => {
+                    if seen & (1 << f) != 0 {
+                        return Err(Declined);
+                    }
+                    seen |= 1 << f;
+                    self.children[f].value(c, p, scratch, depth + 1)?;
+                    guess = f + 1;
+                }
+                None => p.skip_value(c, scratch, depth + 1)?,
+            }
+        }
+        for (f, child) in self.children.iter_mut().enumerate() {
+            if seen & (1 << f) == 0 {
+                child.push_null();
+            }
+        }
+        self.nulls.append_non_null();
+        Ok(())
+    }
+
+    fn push_null(&mut self) {
+        for child in &mut self.children {
+            child.push_null();
+        }
+        self.nulls.append_null();
+    }
+}
+
+impl Col {
+    /// `None` for types (or non-nullable fields) this decoder leaves to arrow-json.
+    fn new(field: &Field, raw: bool) -> Option<Col> {
+        if !field.is_nullable() {
+            return None;
+        }
+        let nulls = NullBufferBuilder::new(0);
+        let dt = field.data_type().clone();
+        let signed = |lo: i64, hi: i64| Col::Signed {
+            values: Vec::new(),
+            nulls: NullBufferBuilder::new(0),
+            range: (lo, hi),
+            data_type: field.data_type().clone(),
+        };
+        let unsigned = |max: u64| Col::Unsigned {
+            values: Vec::new(),
+            nulls: NullBufferBuilder::new(0),
+            max,
+            data_type: field.data_type().clone(),
+        };
+        Some(match field.data_type() {
+            DataType::Utf8 => Col::Str { offsets: vec![0], values: Vec::new(), nulls, raw },
+            _ if raw => return None,
+            DataType::Int8 => signed(i8::MIN.into(), i8::MAX.into()),
+            DataType::Int16 => signed(i16::MIN.into(), i16::MAX.into()),
+            DataType::Int32 => signed(i32::MIN.into(), i32::MAX.into()),
+            DataType::Int64 => signed(i64::MIN, i64::MAX),
+            DataType::UInt8 => unsigned(u8::MAX.into()),
+            DataType::UInt16 => unsigned(u16::MAX.into()),
+            DataType::UInt32 => unsigned(u32::MAX.into()),
+            DataType::UInt64 => unsigned(u64::MAX),
+            DataType::Float32 => Col::F32 { values: Vec::new(), nulls },
+            DataType::Float64 => Col::F64 { values: Vec::new(), nulls },
+            DataType::Boolean => Col::Bool { values: BooleanBufferBuilder::new(0), nulls },
+            DataType::Timestamp(unit, tz) => {
+                let zone = match tz {
+                    None => Zone::Utc,
+                    Some(tz) => Zone::Named(tz.parse().ok()?),
+                };
+                Col::Timestamp { values: Vec::new(), nulls, unit: *unit, zone, data_type: dt }
+            }
+            DataType::List(item) => {
+                let child = Col::new(item, false)?;
+                Col::List { offsets: vec![0], nulls, child: Box::new(child), field: item.clone() }
+            }
+            DataType::Struct(fields) => Col::Struct(StructCol::new(fields, None)?),
+            _ => return None,
+        })
+    }
+
+    fn push_null(&mut self) {
+        match self {
+            Col::Str { offsets, values, nulls, .. } => {
+                offsets.push(values.len() as i32);
+                nulls.append_null();
+            }
+            Col::Signed { values, nulls, .. } | Col::Timestamp { values, nulls, .. } => {
+                values.push(0);
+                nulls.append_null();
+            }
+            Col::Unsigned { values, nulls, .. } => {
+                values.push(0);
+                nulls.append_null();
+            }
+            Col::F32 { values, nulls } => {
+                values.push(0.0);
+                nulls.append_null();
+            }
+            Col::F64 { values, nulls } => {
+                values.push(0.0);
+                nulls.append_null();
+            }
+            Col::Bool { values, nulls } => {
+                values.append(false);
+                nulls.append_null();
+            }
+            Col::List { offsets, nulls, .. } => {
+                offsets.push(offsets.last().copied().unwrap_or(0));
+                nulls.append_null();
+            }
+            Col::Struct(s) => s.push_null(),
+        }
+    }
+
+    /// Reads one value whose first byte `c` is consumed.
+    fn value(&mut self, c: u8, p: &mut Parser<'_>, scratch: &mut Vec<u8>, depth: usize) -> Res<()> {
+        if c == b'n' {
+            p.literal(b"null")?;
+            self.push_null();
+            return Ok(());
+        }
+        match self {
+            Col::Str { offsets, values, nulls, raw: false } => {
+                if c != b'"' {
+                    return Err(Declined);
+                }
+                p.string_into(values)?;
+                let end = i32::try_from(values.len()).map_err(|_| Declined)?;
+                offsets.push(end);
+                nulls.append_non_null();
+            }
+            Col::Str { offsets, values, nulls, raw: true } => {
+                let start = p.i - 1;
+                p.skip_value(c, scratch, depth)?;
+                values.extend_from_slice(&p.b[start..p.i]);
+                let end = i32::try_from(values.len()).map_err(|_| Declined)?;
+                offsets.push(end);
+                nulls.append_non_null();
+            }
+            Col::Signed { values, nulls, range, .. } => {
+                p.i -= 1;
+                let s = p.number();
+                if !strict_number(s, true) {
+                    return Err(Declined);
+                }
+                let v: i64 = std::str::from_utf8(s).ok().and_then(|s| s.parse().ok()).ok_or(Declined)?;
+                if v < range.0 || v > range.1 {
+                    return Err(Declined);
+                }
+                values.push(v);
+                nulls.append_non_null();
+            }
+            Col::Unsigned { values, nulls, max, .. } => {
+                p.i -= 1;
+                let s = p.number();
+                if !strict_number(s, true) || s.first() == Some(&b'-') {
+                    return Err(Declined);
+                }
+                let v: u64 = std::str::from_utf8(s).ok().and_then(|s| s.parse().ok()).ok_or(Declined)?;
+                if v > *max {
+                    return Err(Declined);
+                }
+                values.push(v);
+                nulls.append_non_null();
+            }
+            Col::F32 { values, nulls } => {
+                values.push(float(c, p)?);
+                nulls.append_non_null();
+            }
+            Col::F64 { values, nulls } => {
+                values.push(float(c, p)?);
+                nulls.append_non_null();
+            }
+            Col::Bool { values, nulls } => {
+                match c {
+                    b't' => {
+                        p.literal(b"true")?;
+                        values.append(true);
+                    }
+                    b'f' => {
+                        p.literal(b"false")?;
+                        values.append(false);
+                    }
+                    _ => return Err(Declined),
+                }
+                nulls.append_non_null();
+            }
+            Col::Timestamp { values, nulls, unit, zone, .. } => {
+                if c != b'"' {
+                    return Err(Declined);
+                }
+                scratch.clear();
+                p.string_into(scratch)?;
+                let s = std::str::from_utf8(scratch).map_err(|_| Declined)?;
+                let v = match zone {
+                    Zone::Utc => in_unit(&string_to_datetime(&Utc, s).map_err(|_| Declined)?, *unit),
+                    Zone::Named(tz) => in_unit(&string_to_datetime(tz, s).map_err(|_| Declined)?, *unit),
+                }?;
+                values.push(v);
+                nulls.append_non_null();
+            }
+            Col::List { offsets, nulls, child, .. } => {
+                if c != b'[' {
+                    return Err(Declined);
+                }
+                let mut n = 0i32;
+                p.list(depth, |p, c, depth| {
+                    n += 1;
+                    child.value(c, p, scratch, depth)
+                })?;
+                let end = offsets.last().copied().unwrap_or(0).checked_add(n).ok_or(Declined)?;
+                offsets.push(end);
+                nulls.append_non_null();
+            }
+            Col::Struct(s) => {
+                if c != b'{' {
+                    return Err(Declined);
+                }
+                s.object_body(p, scratch, depth)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The column's array; the column starts empty again.
+    fn finish(&mut self) -> Res<ArrayRef> {
+        Ok(match self {
+            Col::Str { offsets, values, nulls, .. } => {
+                let offsets = OffsetBuffer::new(ScalarBuffer::from(std::mem::replace(offsets, vec![0])));
+                let values = Buffer::from_vec(std::mem::take(values));
+                Arc::new(StringArray::try_new(offsets, values, nulls.finish()).map_err(|_| Declined)?)
+            }
+            Col::Signed { values, nulls, data_type, .. } => {
+                let values = std::mem::take(values);
+                let nulls = nulls.finish();
+                match data_type {
+                    DataType::Int8 => narrow::<Int8Type, _>(values, nulls, |v| v as i8),
+                    DataType::Int16 => narrow::<Int16Type, _>(values, nulls, |v| v as i16),
+                    DataType::Int32 => narrow::<Int32Type, _>(values, nulls, |v| v as i32),
+                    _ => Arc::new(PrimitiveArray::<Int64Type>::new(values.into(), nulls)),
+                }
+            }
+            Col::Unsigned { values, nulls, data_type, .. } => {
+                let values = std::mem::take(values);
+                let nulls = nulls.finish();
+                match data_type {
+                    DataType::UInt8 => narrow::<UInt8Type, _>(values, nulls, |v| v as u8),
+                    DataType::UInt16 => narrow::<UInt16Type, _>(values, nulls, |v| v as u16),
+                    DataType::UInt32 => narrow::<UInt32Type, _>(values, nulls, |v| v as u32),
+                    _ => Arc::new(PrimitiveArray::<UInt64Type>::new(values.into(), nulls)),
+                }
+            }
+            Col::F32 { values, nulls } => Arc::new(Float32Array::new(std::mem::take(values).into(), nulls.finish())),
+            Col::F64 { values, nulls } => Arc::new(Float64Array::new(std::mem::take(values).into(), nulls.finish())),
+            Col::Bool { values, nulls } => Arc::new(BooleanArray::new(values.finish(), nulls.finish())),
+            Col::Timestamp { values, nulls, unit, data_type, .. } => {
+                let values = ScalarBuffer::from(std::mem::take(values));
+                let nulls = nulls.finish();
+                let dt = data_type.clone();
+                match unit {
+                    TimeUnit::Second => timestamps::<TimestampSecondType>(values, nulls, dt),
+                    TimeUnit::Millisecond => timestamps::<TimestampMillisecondType>(values, nulls, dt),
+                    TimeUnit::Microsecond => timestamps::<TimestampMicrosecondType>(values, nulls, dt),
+                    TimeUnit::Nanosecond => timestamps::<TimestampNanosecondType>(values, nulls, dt),
+                }?
+            }
+            Col::List { offsets, nulls, child, field } => {
+                let offsets = OffsetBuffer::new(ScalarBuffer::from(std::mem::replace(offsets, vec![0])));
+                let values = child.finish()?;
+                Arc::new(ListArray::try_new(field.clone(), offsets, values, nulls.finish()).map_err(|_| Declined)?)
+            }
+            Col::Struct(s) => {
+                let len = s.nulls.len();
+                let nulls = s.nulls.finish();
+                let children = s.children.iter_mut().map(Col::finish).collect::<Res<Vec<_>>>()?;
+                let array = StructArray::try_new_with_length(s.fields.clone(), children, nulls, len);
+                Arc::new(array.map_err(|_| Declined)?)
+            }
+        })
+    }
+}
+
+/// A float column's value: strict JSON number syntax, parsed correctly rounded (as arrow-json's parser does).
+fn float<T: std::str::FromStr>(c: u8, p: &mut Parser<'_>) -> Res<T> {
+    if !matches!(c, b'-' | b'0'..=b'9') {
+        return Err(Declined);
+    }
+    p.i -= 1;
+    let s = p.number();
+    if !strict_number(s, false) {
+        return Err(Declined);
+    }
+    std::str::from_utf8(s).ok().and_then(|s| s.parse().ok()).ok_or(Declined)
+}
+
+fn in_unit<Z: TimeZone>(t: &DateTime<Z>, unit: TimeUnit) -> Res<i64> {
+    Ok(match unit {
+        TimeUnit::Second => t.timestamp(),
+        TimeUnit::Millisecond => t.timestamp_millis(),
+        TimeUnit::Microsecond => t.timestamp_micros(),
+        TimeUnit::Nanosecond => t.timestamp_nanos_opt().ok_or(Declined)?,
+    })
+}
+
+fn timestamps<T: arrow::datatypes::ArrowTimestampType>(
+    values: ScalarBuffer<i64>,
+    nulls: Option<arrow::buffer::NullBuffer>,
+    data_type: DataType,
+) -> Res<ArrayRef> {
+    let array = PrimitiveArray::<T>::try_new(values, nulls).map_err(|_| Declined)?;
+    Ok(Arc::new(array.with_data_type(data_type)))
+}
+
+fn narrow<T: arrow::datatypes::ArrowPrimitiveType, V>(
+    values: Vec<V>,
+    nulls: Option<arrow::buffer::NullBuffer>,
+    f: impl Fn(V) -> T::Native,
+) -> ArrayRef {
+    Arc::new(PrimitiveArray::<T>::new(values.into_iter().map(f).collect::<Vec<_>>().into(), nulls))
+}
