@@ -53,6 +53,18 @@ pub enum BenchCommand {
         #[arg(long, value_delimiter = ',')]
         checkpoint_intervals: Vec<String>,
     },
+    /// JSON decoding alone: W1's events into the columns its query reads, projected decoder vs arrow-json.
+    Json {
+        /// Input events (generated once per size and kept in --dir).
+        #[arg(long, default_value_t = 2_200_000)]
+        rows: u64,
+        /// Working directory for the input.
+        #[arg(long, default_value = "target/bench-w1")]
+        dir: PathBuf,
+        /// Repetitions of each decoder, alternating; the best time counts.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
     /// Checkpoint state: a dedup holding --keys keys is snapshotted to Parquet and restored; compared with
     /// writing and reading the same keys as a plain Parquet file. Then --new-keys more arrive and an incremental
     /// snapshot stores only those.
@@ -637,6 +649,7 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             )
             .await
         }
+        BenchCommand::Json { rows, dir, repeat } => crate::bench_json::bench_json(rows, &dir, repeat),
         BenchCommand::State { keys, new_keys, dir } => bench_state(keys, new_keys, &dir).await,
         BenchCommand::Cluster { rows, dir, parallelism, exchange_mb } => {
             crate::bench_cluster::bench_cluster(rows, &dir, parallelism, exchange_mb).await

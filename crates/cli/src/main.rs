@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_json;
 mod cluster;
 mod local_api;
 mod progress;
