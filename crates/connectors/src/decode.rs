@@ -398,7 +398,7 @@ mod tests {
         ];
         let parts = if clean { &all[..12] } else { &all[..] };
         let n = r.below(4);
-        let body: String = (0..n).map(|_| r.pick(&parts)).collect();
+        let body: String = (0..n).map(|_| r.pick(parts)).collect();
         format!("\"{body}\"")
     }
 
