@@ -78,8 +78,13 @@ impl FastJsonDecoder {
             if block[p.i] != b'{' {
                 return Err(Declined);
             }
+            let start = p.i;
             p.i += 1;
             self.root.object_body(&mut p, &mut self.scratch, 1)?;
+            // The raw JSON columns are read a line at a time: a record over several lines is left to that path.
+            if strict && memchr::memchr(b'\n', &block[start..p.i]).is_some() {
+                return Err(Declined);
+            }
             rows += 1;
             // One record per line: anything but whitespace before the line ends is left to arrow-json.
             while p.i < block.len() && matches!(block[p.i], b' ' | b'\t' | b'\r') {
@@ -257,28 +262,37 @@ impl<'a> Parser<'a> {
                     return Err(Declined);
                 }
                 let mut first = true;
-                loop {
-                    match self.next_token()? {
-                        b'}' => return Ok(()),
-                        b',' if !first => {
-                            if self.next_token()? != b'"' {
-                                return Err(Declined);
-                            }
-                        }
-                        b'"' if first => {}
-                        _ => return Err(Declined),
-                    }
+                while self.member(first)? {
                     first = false;
                     self.skip_string(scratch)?;
-                    if self.next_token()? != b':' {
-                        return Err(Declined);
-                    }
-                    let c = self.next_token()?;
+                    let c = self.member_value()?;
                     self.skip_value(c, scratch, depth + 1)?;
                 }
+                Ok(())
             }
             _ => Err(Declined),
         }
+    }
+
+    /// Moves to the next member of an object: `false` at its end, `true` after the opening quote of the name.
+    fn member(&mut self, first: bool) -> Res<bool> {
+        match self.next_token()? {
+            b'}' => Ok(false),
+            b',' if !first => match self.next_token()? {
+                b'"' => Ok(true),
+                _ => Err(Declined),
+            },
+            b'"' if first => Ok(true),
+            _ => Err(Declined),
+        }
+    }
+
+    /// Consumes the colon after a member name; the first byte of the value, consumed.
+    fn member_value(&mut self) -> Res<u8> {
+        if self.next_token()? != b':' {
+            return Err(Declined);
+        }
+        self.next_token()
     }
 
     /// Walks a list whose `[` is consumed, calling `item` with the first byte of each element.
@@ -427,17 +441,7 @@ impl StructCol {
         // Members usually come in the same order in every record: try the field after the last one first.
         let mut guess = 0usize;
         let mut first = true;
-        loop {
-            match p.next_token()? {
-                b'}' => break,
-                b',' if !first => {
-                    if p.next_token()? != b'"' {
-                        return Err(Declined);
-                    }
-                }
-                b'"' if first => {}
-                _ => return Err(Declined),
-            }
+        while p.member(first)? {
             first = false;
             let key = p.key(scratch)?;
             let found = if self.names.get(guess).is_some_and(|n| n.as_slice() == key) {
@@ -445,10 +449,7 @@ impl StructCol {
             } else {
                 self.names.iter().position(|n| n.as_slice() == key)
             };
-            if p.next_token()? != b':' {
-                return Err(Declined);
-            }
-            let c = p.next_token()?;
+            let c = p.member_value()?;
             match found {
                 Some(f) => {
                     if seen & (1 << f) != 0 {
