@@ -92,7 +92,8 @@ pub struct BlockDecoder {
     declines: u32,
 }
 
-/// A source whose blocks the fast JSON decoder keeps declining (say, numbers written as strings) stops trying it.
+/// A source whose blocks the fast JSON decoder keeps declining (say, numbers written as strings) stops trying it;
+/// only whole blocks count, not the lines a block with bad records is re-read by.
 const MAX_DECLINES: u32 = 8;
 
 impl BlockDecoder {
@@ -154,13 +155,6 @@ impl BlockDecoder {
         if block.is_empty() {
             return Ok(None);
         }
-        match self.decode_fast(block) {
-            Ok(b) => Ok(b),
-            Err(_) => self.decode_slow(block, file, base),
-        }
-    }
-
-    fn decode_fast(&mut self, block: &[u8]) -> Result<Option<RecordBatch>, EngineError> {
         if let Some(fast) = self.fast.as_mut() {
             match fast.decode(block) {
                 Ok(batch) => {
@@ -176,6 +170,14 @@ impl BlockDecoder {
                 }
             }
         }
+        match self.decode_fast(block) {
+            Ok(b) => Ok(b),
+            Err(_) => self.decode_slow(block, file, base),
+        }
+    }
+
+    /// The whole block through arrow-json / arrow-csv (also line by line, from [`Self::decode_slow`]).
+    fn decode_fast(&mut self, block: &[u8]) -> Result<Option<RecordBatch>, EngineError> {
         let lines = memchr::memchr_iter(b'\n', block).count() + 1;
         match &self.format {
             TextFormat::Json => {
