@@ -79,6 +79,10 @@ struct KeyRef(u64);
 const MAX_KEY_BYTES: usize = (1 << 24) - 1;
 
 impl KeyRef {
+    fn new(start: usize, len: usize) -> KeyRef {
+        KeyRef((start as u64) << 24 | len as u64)
+    }
+
     fn len(self) -> usize {
         (self.0 & MAX_KEY_BYTES as u64) as usize
     }
@@ -99,7 +103,7 @@ struct KeyArena {
 
 impl KeyArena {
     fn push(&mut self, key: &[u8]) -> Result<KeyRef> {
-        let start = self.bytes.len() as u64;
+        let start = self.bytes.len();
         if key.len() > MAX_KEY_BYTES || start >= 1 << 40 {
             return Err(EngineError::Internal(format!(
                 "dedup key of {} bytes (or {start} bytes of keys) is beyond what one subtask holds",
@@ -107,11 +111,16 @@ impl KeyArena {
             )));
         }
         self.bytes.extend_from_slice(key);
-        Ok(KeyRef(start << 24 | key.len() as u64))
+        Ok(KeyRef::new(start, key.len()))
     }
 
     fn get(&self, key: KeyRef) -> &[u8] {
         &self.bytes[key.range()]
+    }
+
+    /// The table's equality for `key` hashed to `hash`: the stored hash first, the bytes only when it agrees.
+    fn is<'s>(&'s self, hash: u64, key: &'s [u8]) -> impl Fn(&Group) -> bool + 's {
+        move |g| g.hash == hash && self.get(g.key) == key
     }
 
     /// Worth compacting: over 1 MiB dead and over half of the arena.
@@ -125,7 +134,7 @@ fn compact(groups: &mut HashTable<Group>, arena: &mut KeyArena) {
     let mut bytes = Vec::with_capacity(arena.bytes.len() - arena.dead);
     for g in groups.iter_mut() {
         let key = &arena.bytes[g.key.range()];
-        g.key = KeyRef((bytes.len() as u64) << 24 | key.len() as u64);
+        g.key = KeyRef::new(bytes.len(), key.len());
         bytes.extend_from_slice(key);
     }
     *arena = KeyArena { bytes, dead: 0 };
@@ -332,8 +341,7 @@ impl DedupOperator {
             let key = &self.scratch;
             let scope = self.scope;
             let covered = |g: &Group| group_start(scope, g.end) <= t && t < g.end;
-            let arena = &self.arena;
-            match self.groups.find_mut(h, |g| g.hash == h && arena.get(g.key) == key.as_slice()) {
+            match self.groups.find_mut(h, self.arena.is(h, key)) {
                 Some(g) if covered(g) => {
                     NodeMetrics::add(&self.ctx.metrics.duplicates, 1);
                     if let Some(last) = g.last.as_mut()
@@ -425,9 +433,8 @@ impl DedupOperator {
             self.sweep_if_full(t);
             let generation = self.next_generation;
             let scratch = &self.scratch;
-            let arena = &self.arena;
             let mut new_group = false;
-            match self.groups.entry(h, |g| g.hash == h && arena.get(g.key) == scratch.as_slice(), |g| g.hash) {
+            match self.groups.entry(h, self.arena.is(h, scratch), |g| g.hash) {
                 Entry::Occupied(mut e) => {
                     let g = e.get_mut();
                     if t < g.end {
@@ -723,8 +730,7 @@ impl Operator for DedupOperator {
                     if end.saturating_sub(1) <= self.watermark {
                         continue;
                     }
-                    let arena = &self.arena;
-                    match self.groups.entry(h, |g| g.hash == h && arena.get(g.key) == key, |g| g.hash) {
+                    match self.groups.entry(h, self.arena.is(h, key), |g| g.hash) {
                         Entry::Occupied(mut e) => e.get_mut().end = e.get().end.max(end),
                         Entry::Vacant(v) => {
                             let key = self.arena.push(key)?;
