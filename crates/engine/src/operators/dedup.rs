@@ -39,6 +39,9 @@ use crate::operator::{Operator, PartKind, StatePart, take_part};
 struct Pending {
     batch: RecordBatch,
     keys: KeyColumns,
+    /// The keys' hashes, taken on arrival while the batch is still in cache: by the time the watermark passes the
+    /// rows it usually is not, and the table probe would wait for the key bytes first.
+    hashes: Vec<u64>,
     times: Vec<i64>,
     min_t: i64,
     max_t: i64,
@@ -131,7 +134,10 @@ impl KeyArena {
 
 /// Copies the keys of the live groups into a fresh arena.
 fn compact(groups: &mut HashTable<Group>, arena: &mut KeyArena) {
-    let mut bytes = Vec::with_capacity(arena.bytes.len() - arena.dead);
+    // Room to grow back (up to the old capacity, at most 4x the live keys): with exactly the live bytes, the first
+    // push after a compaction would copy them all again into fresh, page-faulted memory.
+    let live = arena.bytes.len() - arena.dead;
+    let mut bytes = Vec::with_capacity(arena.bytes.capacity().min(4 * live).max(live));
     for g in groups.iter_mut() {
         let key = &arena.bytes[g.key.range()];
         g.key = KeyRef::new(bytes.len(), key.len());
@@ -330,14 +336,29 @@ impl DedupOperator {
         Ok(RecordBatch::try_new(self.out_schema.clone(), cols)?)
     }
 
-    fn handle_late(&mut self, batch: &RecordBatch, times: &[i64], late_rows: &[u32]) -> Result<()> {
-        let keys = self.key_columns(batch)?;
+    /// The hash of every row's key, as the table hashes it.
+    fn hash_keys(&mut self, keys: &KeyColumns, rows: usize) -> Vec<u64> {
+        (0..rows)
+            .map(|r| {
+                keys.encode_into(r, &mut self.scratch);
+                self.hasher.hash_one(&self.scratch[..])
+            })
+            .collect()
+    }
+
+    fn handle_late(
+        &mut self,
+        batch: &RecordBatch,
+        (keys, hashes): (&KeyColumns, &[u64]),
+        times: &[i64],
+        late_rows: &[u32],
+    ) -> Result<()> {
         let mut truly_late = Vec::new();
         let mut stored_rows: Option<Rows> = None;
         for &r in late_rows {
             let t = times[r as usize];
             keys.encode_into(r as usize, &mut self.scratch);
-            let h = self.hasher.hash_one(&self.scratch[..]);
+            let h = hashes[r as usize];
             let key = &self.scratch;
             let scope = self.scope;
             let covered = |g: &Group| group_start(scope, g.end) <= t && t < g.end;
@@ -427,8 +448,9 @@ impl DedupOperator {
         let mut touched: Vec<(u64, u64)> = Vec::new();
         let keep_last = self.keep == Keep::Last;
         for &(t, b, r) in &ready {
-            self.pending[b].keys.encode_into(r, &mut self.scratch);
-            let h = self.hasher.hash_one(&self.scratch[..]);
+            let pending = &self.pending[b];
+            pending.keys.encode_into(r, &mut self.scratch);
+            let h = pending.hashes[r];
             let (_, end) = self.group_bounds(t);
             self.sweep_if_full(t);
             let generation = self.next_generation;
@@ -570,18 +592,19 @@ impl Operator for DedupOperator {
         }
         let min_t = times.iter().copied().min().unwrap_or(i64::MAX);
         let max_t = times.iter().copied().max().unwrap_or(i64::MIN);
+        let keys = self.key_columns(&batch)?;
+        let hashes = self.hash_keys(&keys, batch.num_rows());
         if min_t <= self.watermark {
             let late_rows: Vec<u32> =
                 times.iter().enumerate().filter(|(_, t)| **t <= self.watermark).map(|(i, _)| i as u32).collect();
-            self.handle_late(&batch, &times, &late_rows)?;
+            self.handle_late(&batch, (&keys, &hashes), &times, &late_rows)?;
             if late_rows.len() == times.len() {
                 return Ok(());
             }
         }
         // Late rows stay in the batch but are never picked: only times after the watermark are processed later.
-        let keys = self.key_columns(&batch)?;
         let min_t = times.iter().copied().filter(|t| *t > self.watermark).min().unwrap_or(i64::MAX);
-        self.pending.push(Pending { batch, keys, times, min_t, max_t });
+        self.pending.push(Pending { batch, keys, hashes, times, min_t, max_t });
         Ok(())
     }
 
@@ -911,6 +934,7 @@ mod tests {
             assert_eq!(again, if keep == Keep::Last { 99 } else { 0 }, "{keep:?}");
             // 15 MB of keys went through; the arena holds the live ones and at most about as many dead bytes.
             assert!(d.arena.bytes.len() < 4 << 20, "{keep:?}: arena of {} bytes", d.arena.bytes.len());
+            assert!(d.arena.bytes.capacity() < 16 << 20, "{keep:?}: arena capacity {}", d.arena.bytes.capacity());
         }
     }
 
