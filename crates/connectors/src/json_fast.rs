@@ -104,6 +104,30 @@ impl FastJsonDecoder {
     }
 }
 
+/// Where a string's text ends: the first `"` or `\` in `s`. Most strings in records are short, so the first 32
+/// bytes are searched eight at a time in a word (a call into memchr's vector search costs more than that); memchr
+/// takes the rest.
+#[inline]
+fn quote_or_backslash(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // The lowest set bit marks the first zero byte of `x` (higher bits may be false positives).
+    let zero_bytes = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut i = 0;
+    while i < 32 {
+        let Some(Ok(word)) = s.get(i..i + 8).map(<[u8; 8]>::try_from) else {
+            return s[i..].iter().position(|c| *c == b'"' || *c == b'\\').map(|at| i + at);
+        };
+        let w = u64::from_le_bytes(word);
+        let hits = zero_bytes(w ^ (ONES * u64::from(b'"'))) | zero_bytes(w ^ (ONES * u64::from(b'\\')));
+        if hits != 0 {
+            return Some(i + (hits.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    memchr::memchr2(b'"', b'\\', &s[i..]).map(|at| i + at)
+}
+
 /// A cursor over a block.
 struct Parser<'a> {
     b: &'a [u8],
@@ -134,7 +158,7 @@ impl<'a> Parser<'a> {
     fn string_into(&mut self, out: &mut Vec<u8>) -> Res<()> {
         loop {
             let rest = &self.b[self.i..];
-            let at = memchr::memchr2(b'"', b'\\', rest).ok_or(Declined)?;
+            let at = quote_or_backslash(rest).ok_or(Declined)?;
             self.check_text(&rest[..at])?;
             out.extend_from_slice(&rest[..at]);
             self.i += at + 1;
@@ -149,7 +173,7 @@ impl<'a> Parser<'a> {
     fn skip_string(&mut self, scratch: &mut Vec<u8>) -> Res<()> {
         loop {
             let rest = &self.b[self.i..];
-            let at = memchr::memchr2(b'"', b'\\', rest).ok_or(Declined)?;
+            let at = quote_or_backslash(rest).ok_or(Declined)?;
             self.check_text(&rest[..at])?;
             self.i += at + 1;
             if rest[at] == b'"' {
@@ -167,7 +191,7 @@ impl<'a> Parser<'a> {
         'a: 's,
     {
         let rest = &self.b[self.i..];
-        let at = memchr::memchr2(b'"', b'\\', rest).ok_or(Declined)?;
+        let at = quote_or_backslash(rest).ok_or(Declined)?;
         if rest[at] == b'"' {
             self.check_text(&rest[..at])?;
             self.i += at + 1;
@@ -594,7 +618,7 @@ impl Col {
                 if !strict_number(s, true) {
                     return Err(Declined);
                 }
-                let v: i64 = std::str::from_utf8(s).ok().and_then(|s| s.parse().ok()).ok_or(Declined)?;
+                let v: i64 = lexical_core::parse(s).map_err(|_| Declined)?;
                 if v < range.0 || v > range.1 {
                     return Err(Declined);
                 }
@@ -607,7 +631,7 @@ impl Col {
                 if !strict_number(s, true) || s.first() == Some(&b'-') {
                     return Err(Declined);
                 }
-                let v: u64 = std::str::from_utf8(s).ok().and_then(|s| s.parse().ok()).ok_or(Declined)?;
+                let v: u64 = lexical_core::parse(s).map_err(|_| Declined)?;
                 if v > *max {
                     return Err(Declined);
                 }
@@ -642,11 +666,16 @@ impl Col {
                 }
                 scratch.clear();
                 p.string_into(scratch)?;
-                let s = std::str::from_utf8(scratch).map_err(|_| Declined)?;
-                let v = match zone {
-                    Zone::Utc => in_unit(&string_to_datetime(&Utc, s).map_err(|_| Declined)?, *unit),
-                    Zone::Named(tz) => in_unit(&string_to_datetime(tz, s).map_err(|_| Declined)?, *unit),
-                }?;
+                let v = match rfc3339_with_offset(scratch, *unit) {
+                    Some(v) => v,
+                    None => {
+                        let s = std::str::from_utf8(scratch).map_err(|_| Declined)?;
+                        match zone {
+                            Zone::Utc => in_unit(&string_to_datetime(&Utc, s).map_err(|_| Declined)?, *unit),
+                            Zone::Named(tz) => in_unit(&string_to_datetime(tz, s).map_err(|_| Declined)?, *unit),
+                        }?
+                    }
+                };
                 values.push(v);
                 nulls.append_non_null();
             }
@@ -731,8 +760,8 @@ impl Col {
     }
 }
 
-/// A float column's value: strict JSON number syntax, parsed correctly rounded (as arrow-json's parser does).
-fn float<T: std::str::FromStr>(c: u8, p: &mut Parser<'_>) -> Res<T> {
+/// A float column's value: strict JSON number syntax, parsed by arrow-json's own parser (lexical, correctly rounded).
+fn float<T: lexical_core::FromLexical>(c: u8, p: &mut Parser<'_>) -> Res<T> {
     if !matches!(c, b'-' | b'0'..=b'9') {
         return Err(Declined);
     }
@@ -741,7 +770,7 @@ fn float<T: std::str::FromStr>(c: u8, p: &mut Parser<'_>) -> Res<T> {
     if !strict_number(s, false) {
         return Err(Declined);
     }
-    std::str::from_utf8(s).ok().and_then(|s| s.parse().ok()).ok_or(Declined)
+    lexical_core::parse(s).map_err(|_| Declined)
 }
 
 fn in_unit<Z: TimeZone>(t: &DateTime<Z>, unit: TimeUnit) -> Res<i64> {
@@ -751,6 +780,63 @@ fn in_unit<Z: TimeZone>(t: &DateTime<Z>, unit: TimeUnit) -> Res<i64> {
         TimeUnit::Microsecond => t.timestamp_micros(),
         TimeUnit::Nanosecond => t.timestamp_nanos_opt().ok_or(Declined)?,
     })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.f{1,9}](Z|±HH:MM)` in `unit`, without chrono: most event streams stamp every record this
+/// way (EventBridge's `time`), and a string with its own offset is the same instant in any column zone. Anything
+/// else, or out of range, is `None` and goes to arrow's parser.
+fn rfc3339_with_offset(s: &[u8], unit: TimeUnit) -> Option<i64> {
+    fn digits(s: &[u8]) -> Option<i64> {
+        s.iter().try_fold(0i64, |n, c| c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0')))
+    }
+    if s.len() < 20 || s[4] != b'-' || s[7] != b'-' || s[10] != b'T' || s[13] != b':' || s[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (digits(&s[0..4])?, digits(&s[5..7])?, digits(&s[8..10])?);
+    let (hour, minute, second) = (digits(&s[11..13])?, digits(&s[14..16])?, digits(&s[17..19])?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&month) || day < 1 || day > month_days[(month - 1) as usize] {
+        return None;
+    }
+    if hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut nanos = 0i64;
+    if let Some(fraction) = rest.strip_prefix(b".") {
+        let n = fraction.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 || n > 9 {
+            return None;
+        }
+        nanos = digits(&fraction[..n])? * 10i64.pow(9 - n as u32);
+        rest = &fraction[n..];
+    }
+    let offset = match rest {
+        b"Z" => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let (h, m) = (digits(&[*h1, *h2])?, digits(&[*m1, *m2])?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let offset = h * 3600 + m * 60;
+            if *sign == b'-' { -offset } else { offset }
+        }
+        _ => return None,
+    };
+    // Days since 1970-01-01 in the proleptic Gregorian calendar (H. Hinnant's `days_from_civil`).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
+    match unit {
+        TimeUnit::Second => Some(secs),
+        TimeUnit::Millisecond => Some(secs * 1000 + nanos / 1_000_000),
+        TimeUnit::Microsecond => Some(secs * 1_000_000 + nanos / 1000),
+        TimeUnit::Nanosecond => secs.checked_mul(1_000_000_000)?.checked_add(nanos),
+    }
 }
 
 fn timestamps<T: arrow::datatypes::ArrowTimestampType>(
@@ -768,4 +854,68 @@ fn narrow<T: arrow::datatypes::ArrowPrimitiveType, V>(
     f: impl Fn(V) -> T::Native,
 ) -> ArrayRef {
     Arc::new(PrimitiveArray::<T>::new(values.into_iter().map(f).collect::<Vec<_>>().into(), nulls))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The word-at-a-time search finds the first quote or backslash wherever it is, or none.
+    #[test]
+    fn quote_or_backslash_finds_the_first() {
+        for len in 0..80 {
+            for at in 0..=len {
+                for (first, second) in [(b'"', b'\\'), (b'\\', b'"'), (b'"', b'"')] {
+                    let mut s: Vec<u8> = (0..len).map(|i| b"a\x80\x7f\x00!#[]\xff"[i % 9]).collect();
+                    if at < len {
+                        s[at] = first;
+                        if at + 1 < len {
+                            s[at + 1] = second;
+                        }
+                    }
+                    let expected = s.iter().position(|c| *c == b'"' || *c == b'\\');
+                    assert_eq!(quote_or_backslash(&s), expected, "{s:?}");
+                }
+            }
+        }
+    }
+
+    /// The chrono-free timestamp path gives what arrow's parser gives, and leaves it what it does not handle.
+    #[test]
+    fn rfc3339_fast_path_agrees_with_arrow() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let units = [TimeUnit::Second, TimeUnit::Millisecond, TimeUnit::Microsecond, TimeUnit::Nanosecond];
+        let mut fast = 0;
+        for i in 0..50_000 {
+            let year = [1969, 1970, 2000, 2024, 2100, 1900, 1600, 2262, 9999, 0][next(10) as usize];
+            let fraction = match next(4) {
+                0 => String::new(),
+                _ => format!(".{}", &"123456789012"[..1 + next(11) as usize]),
+            };
+            let offset = ["Z", "+00:00", "-05:30", "+14:00", "z", "+0100", "-23:59", ""][next(8) as usize];
+            let s = format!(
+                "{year:04}-{:02}-{:02}{}{:02}:{:02}:{:02}{fraction}{offset}",
+                next(14),
+                next(32),
+                if next(10) == 0 { ' ' } else { 'T' },
+                next(25),
+                next(61),
+                next(62),
+            );
+            let unit = units[i % 4];
+            let expected = string_to_datetime(&Utc, &s).ok().and_then(|t| in_unit(&t, unit).ok());
+            if let Some(v) = rfc3339_with_offset(s.as_bytes(), unit) {
+                fast += 1;
+                assert_eq!(Some(v), expected, "{s} in {unit:?}");
+            }
+        }
+        assert!(fast > 5_000, "the fast path took only {fast} strings");
+        assert_eq!(rfc3339_with_offset(b"2026-01-01T00:32:33.260Z", TimeUnit::Millisecond), Some(1_767_227_553_260));
+    }
 }
