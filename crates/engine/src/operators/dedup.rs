@@ -349,7 +349,8 @@ impl DedupOperator {
     fn handle_late(
         &mut self,
         batch: &RecordBatch,
-        (keys, hashes): (&KeyColumns, &[u64]),
+        keys: &KeyColumns,
+        hashes: &[u64],
         times: &[i64],
         late_rows: &[u32],
     ) -> Result<()> {
@@ -597,7 +598,7 @@ impl Operator for DedupOperator {
         if min_t <= self.watermark {
             let late_rows: Vec<u32> =
                 times.iter().enumerate().filter(|(_, t)| **t <= self.watermark).map(|(i, _)| i as u32).collect();
-            self.handle_late(&batch, (&keys, &hashes), &times, &late_rows)?;
+            self.handle_late(&batch, &keys, &hashes, &times, &late_rows)?;
             if late_rows.len() == times.len() {
                 return Ok(());
             }
