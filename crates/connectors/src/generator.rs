@@ -292,7 +292,6 @@ pub struct GeneratorSource {
     config: EventStreamConfig,
     lanes: Vec<Lane>,
     lanes_total: u64,
-    next_lane: usize,
     /// Events per second per lane.
     rate: f64,
     lines: u64,
@@ -348,7 +347,6 @@ impl GeneratorSource {
             config,
             lanes: vec![lane],
             lanes_total: p,
-            next_lane: 0,
             rate: rate / p as f64,
             lines: 0,
             decoder,
@@ -420,20 +418,15 @@ impl Source for GeneratorSource {
         if self.lanes.iter().all(|l| l.remaining == Some(0)) {
             return Ok(SourceEvent::End);
         }
-        // The next lane (round robin) that has events left and is due; otherwise wait for the first one due.
+        // What each lane may emit now: its events left, and (paced) what is due; otherwise wait for the first due.
         let mut wait: Option<Duration> = None;
-        let mut pick = None;
-        for k in 0..self.lanes.len() {
-            let i = (self.next_lane + k) % self.lanes.len();
-            let lane = &self.lanes[i];
+        let mut budget = vec![0usize; self.lanes.len()];
+        for (i, lane) in self.lanes.iter().enumerate() {
             let mut n = self.batch_size;
             if let Some(r) = lane.remaining {
-                if r == 0 {
-                    continue;
-                }
                 n = n.min(r as usize);
             }
-            if self.rate > 0.0 {
+            if n > 0 && self.rate > 0.0 {
                 // Pace: never ahead of the rate, in batches of about a tenth of a second.
                 let due = (lane.started.elapsed().as_secs_f64() * self.rate) as u64;
                 if due <= lane.emitted {
@@ -444,19 +437,28 @@ impl Source for GeneratorSource {
                 }
                 n = n.min((due - lane.emitted) as usize).min(((self.rate / 10.0) as usize).max(1));
             }
-            pick = Some((i, n));
-            break;
+            budget[i] = n;
         }
-        let Some((i, n)) = pick else { return Ok(SourceEvent::Idle(wait.unwrap_or(Duration::from_millis(1)))) };
-        self.next_lane = (i + 1) % self.lanes.len();
-        let lane = &mut self.lanes[i];
+        let n = budget.iter().sum::<usize>().min(self.batch_size);
+        if n == 0 {
+            return Ok(SourceEvent::Idle(wait.unwrap_or(Duration::from_millis(1))));
+        }
+        // Lanes are merged in sequence order (= event-time order): after a rescale put several lanes on this
+        // subtask, none runs ahead of the others and pushes the watermark past events still to come.
         self.text.clear();
         for _ in 0..n {
+            let Some(i) =
+                (0..self.lanes.len()).filter(|i| budget[*i] > 0).min_by_key(|i| self.lanes[*i].stream.next_seq)
+            else {
+                break;
+            };
+            budget[i] -= 1;
+            let lane = &mut self.lanes[i];
             lane.stream.next_line(&mut self.text);
-        }
-        lane.emitted += n as u64;
-        if let Some(r) = lane.remaining.as_mut() {
-            *r -= n as u64;
+            lane.emitted += 1;
+            if let Some(r) = lane.remaining.as_mut() {
+                *r -= 1;
+            }
         }
         self.lines += n as u64;
         match self.decoder.decode(self.text.as_bytes(), &self.origin, LineBase::Line(self.lines - n as u64 + 1))? {

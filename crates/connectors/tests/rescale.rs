@@ -102,3 +102,65 @@ async fn a_generator_hands_its_lanes_on() {
                CREATE TABLE o WITH (connector = 'stdout');\nINSERT INTO o SELECT id FROM t;\n";
     rescale_reads_everything_once(sql, 5000).await;
 }
+
+/// Reads everything left; returns column `col` of every row as text, in the order read.
+async fn read_column(source: &mut Box<dyn Source>, col: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        match source.next().await.unwrap() {
+            SourceEvent::Batch(b) => {
+                let c = b.column(col);
+                if let Some(s) = c.as_any().downcast_ref::<StringArray>() {
+                    out.extend((0..s.len()).map(|i| s.value(i).to_string()));
+                } else {
+                    // Timestamps as zero-padded numbers, so that text order is time order.
+                    let n = arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).unwrap();
+                    let n = n.as_any().downcast_ref::<arrow::array::Int64Array>().unwrap();
+                    out.extend((0..n.len()).map(|i| format!("{:020}", n.value(i))));
+                }
+            }
+            SourceEvent::Idle(_) => {}
+            SourceEvent::End => return out,
+        }
+    }
+}
+
+/// 2 -> 1 after subtask 0 read five batches and subtask 1 one: the merged subtask reads what is left in the input's
+/// order (sortable column `col`), not one old subtask's rest after the other's.
+async fn a_merge_keeps_input_order(sql: &str, col: usize) {
+    let (spec, schema) = source_spec(sql, 2).await;
+    let mut positions = Vec::new();
+    for (s, batches) in [(0, 5), (1, 1)] {
+        let mut src = open(&spec, &schema, s, 2, None);
+        read(&mut src, Some(batches), &mut Vec::new()).await;
+        positions.push(Some(src.snapshot_position(CheckpointId(1)).unwrap()));
+    }
+    let restore = SourceRestore { positions };
+    let (spec1, schema1) = source_spec(sql, 1).await;
+    let mut src = open(&spec1, &schema1, 0, 1, Some(&restore));
+    let values = read_column(&mut src, col).await;
+    assert!(values.len() > 1000, "read {}", values.len());
+    let back = values.windows(2).filter(|w| w[1] < w[0]).count();
+    assert_eq!(back, 0, "the merged subtask went back in input order {back} times");
+}
+
+#[tokio::test]
+async fn a_merged_filesystem_source_reads_splits_in_file_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: String = (0..4000).map(|n| format!("{{\"id\":\"{n:06}\"}}\n")).collect();
+    std::fs::write(dir.path().join("events.jsonl"), lines).unwrap();
+    // About 17 bytes a line: 4 KiB splits give each subtask many.
+    let sql = format!(
+        "CREATE TABLE t (id TEXT) WITH (connector = 'filesystem', path = '{}/events.jsonl', format = 'json', \
+         split_size = '4KiB');\nCREATE TABLE o WITH (connector = 'stdout');\nINSERT INTO o SELECT id FROM t;\n",
+        dir.path().display()
+    );
+    a_merge_keeps_input_order(&sql, 0).await;
+}
+
+#[tokio::test]
+async fn a_merged_generator_interleaves_its_lanes_in_sequence_order() {
+    let sql = "CREATE TABLE t (id TEXT, time TIMESTAMP) WITH (connector = 'generator', count = '5000', seed = '3');\n\
+               CREATE TABLE o WITH (connector = 'stdout');\nINSERT INTO o SELECT id, time FROM t;\n";
+    a_merge_keeps_input_order(sql, 1).await;
+}

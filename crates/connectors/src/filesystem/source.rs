@@ -461,6 +461,9 @@ impl FileSource {
         for p in mine {
             splits.extend(parse(p)?.splits);
         }
+        // In the input's own order, whichever old subtask had each split: read one old subtask's rest after
+        // another's, event time would jump back and those rows would fall behind the watermark.
+        splits.sort_by(|a, b| (&a.path, a.start).cmp(&(&b.path, b.start)));
         self.splits = splits.into();
         if let Some(w) = self.watch.as_mut() {
             w.seen.clear();
