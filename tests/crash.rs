@@ -344,3 +344,162 @@ fn dedup_state_is_incremental_and_a_damaged_chain_is_not_silently_dropped() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("no usable checkpoint") && stderr.contains("--from-scratch"), "{stderr}");
 }
+
+/// Out-of-order input through keep-first and keep-last dedup with a two-hour TTL. `order` gives the arrival order
+/// of the deliveries (index into `originals`, one entry per delivery).
+fn write_deliveries(dir: &Path, originals: &[Event], order: &[usize]) {
+    let text: Vec<String> = order
+        .iter()
+        .map(|i| {
+            let e = &originals[*i];
+            let t = chrono::DateTime::from_timestamp_millis(BASE_MS + e.t_ms)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            format!("{{\"id\":\"{}\",\"time\":\"{t}\",\"tenant\":{},\"cents\":{}}}\n", e.id, e.tenant, e.cents)
+        })
+        .collect();
+    let half = text.len() / 2;
+    std::fs::write(dir.join("part-0.jsonl"), text[..half].concat()).unwrap();
+    std::fs::write(dir.join("part-1.jsonl"), text[half..].concat()).unwrap();
+}
+
+const OUT_OF_ORDER: &str = r#"
+SET parallelism = 2;
+SET batch_size = 250;
+SET dedup_ttl = '2 hours';
+SET checkpoint_interval = '100ms';
+CREATE TABLE events (
+  id TEXT, time TIMESTAMP, tenant BIGINT, cents BIGINT,
+  WATERMARK FOR time AS time - INTERVAL '5' SECOND
+) WITH (connector = 'filesystem', path = '${IN}/*', split_size = '200KB');
+CREATE TABLE kept_first WITH (connector = 'filesystem', path = '${OUT}/first', format = 'json', rollover_rows = 3000);
+CREATE TABLE kept_last WITH (connector = 'filesystem', path = '${OUT}/last', format = 'json', rollover_rows = 3000);
+INSERT INTO kept_first
+SELECT id, time, tenant, cents FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM events) WHERE rn = 1;
+INSERT INTO kept_last
+SELECT id, time, tenant, cents FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time DESC) AS rn FROM events) WHERE rn = 1;
+"#;
+
+/// Checks that `out/first` and `out/last` hold every original exactly once.
+fn assert_every_original_once(dir: &Path, originals: &[Event], what: &str) {
+    let want: BTreeSet<(String, i64, i64, i64)> =
+        originals.iter().map(|e| (e.id.clone(), e.t_ms, e.tenant, e.cents)).collect();
+    for sink in ["first", "last"] {
+        let rows = read_json_rows(&dir.join("out").join(sink));
+        let got: BTreeSet<(String, i64, i64, i64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_string(),
+                    ts_ms(&r["time"]),
+                    r["tenant"].as_i64().unwrap(),
+                    r["cents"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        let missing = want.difference(&got).count();
+        assert_eq!(missing, 0, "{what}, keep-{sink}: {missing} of {} ids missing", want.len());
+        assert_eq!(rows.len(), want.len(), "{what}, keep-{sink}: an id written twice");
+    }
+}
+
+/// Runs the out-of-order pipeline over `order` without checkpoints, then with checkpoints while SIGKILLing it
+/// `kills` times; both must write every original exactly once.
+fn out_of_order_exactly_once(originals: &[Event], order: &[usize], kills_wanted: usize, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("in")).unwrap();
+    write_deliveries(&dir.path().join("in"), originals, order);
+    std::fs::write(dir.path().join("pipeline.sql"), OUT_OF_ORDER).unwrap();
+
+    // Without checkpoints.
+    let out = Command::new(env!("CARGO_BIN_EXE_nagare"))
+        .arg("run")
+        .arg(dir.path().join("pipeline.sql"))
+        .arg("--quiet")
+        .args(["--var", &format!("IN={}", dir.path().join("in").display())])
+        .args(["--var", &format!("OUT={}", dir.path().join("out").display())])
+        .env("NAGARE_LOG", "error")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run without checkpoints failed: {err}");
+    assert!(err.contains(" 0 late,"), "a dedup dropped rows as late: {err}");
+    assert_every_original_once(dir.path(), originals, "without checkpoints");
+    std::fs::remove_dir_all(dir.path().join("out")).unwrap();
+
+    // With checkpoints, killed at random moments.
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut kills = 0;
+    let mut finished = false;
+    for round in 0..30 {
+        match run_or_kill(nagare(dir.path(), &[]), Duration::from_millis(rng.u64(300..2_000))) {
+            (RunEnd::Exited(status), err) => {
+                assert!(status.success(), "run {round} failed: {err}");
+                finished = true;
+                if kills >= kills_wanted {
+                    break;
+                }
+                std::fs::remove_dir_all(dir.path().join("ckpt")).unwrap();
+                std::fs::remove_dir_all(dir.path().join("out")).unwrap();
+                finished = false;
+            }
+            (RunEnd::Killed, _) => kills += 1,
+        }
+        if kills >= kills_wanted {
+            break;
+        }
+    }
+    assert!(kills >= kills_wanted, "only {kills} kills landed");
+    if !finished {
+        let out = nagare(dir.path(), &[]).output().unwrap();
+        assert!(out.status.success(), "final run failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_every_original_once(dir.path(), originals, &format!("after {kills} SIGKILLs"));
+}
+
+/// Originals 100 ms apart (about 67 minutes of event time) and a 10 % share delivered twice.
+fn out_of_order_events(n: usize, rng: &mut fastrand::Rng) -> (Vec<Event>, Vec<(i64, usize)>) {
+    let originals: Vec<Event> = (0..n)
+        .map(|i| Event {
+            id: format!("e{i:07}"),
+            t_ms: i as i64 * 100,
+            tenant: rng.i64(1..=25),
+            cents: rng.i64(1..10_000),
+        })
+        .collect();
+    // (arrival, original): in event-time order, copies up to 30 s after their original.
+    let mut deliveries: Vec<(i64, usize)> = (0..n).map(|i| (i as i64 * 100, i)).collect();
+    for i in 0..n {
+        if rng.f64() < 0.1 {
+            deliveries.push((i as i64 * 100 + rng.i64(0..30_000), i));
+        }
+    }
+    deliveries.sort();
+    (originals, deliveries)
+}
+
+#[test]
+fn input_whose_first_part_comes_last_is_deduplicated_exactly_once_under_sigkill() {
+    // The issue's case 1: the first 15 % of the input arrives after the rest, far behind the watermark.
+    let mut rng = fastrand::Rng::with_seed(11);
+    let (originals, deliveries) = out_of_order_events(40_000, &mut rng);
+    let mut order: Vec<usize> = deliveries.iter().map(|d| d.1).collect();
+    let moved = order.len() * 15 / 100;
+    order.rotate_left(moved);
+    out_of_order_exactly_once(&originals, &order, 8, 12);
+}
+
+#[test]
+fn deliveries_up_to_an_hour_late_are_deduplicated_exactly_once_under_sigkill() {
+    // As an SQS queue delivers: 10 % of deliveries (originals or copies) arrive up to an hour late.
+    let mut rng = fastrand::Rng::with_seed(21);
+    let (originals, mut deliveries) = out_of_order_events(40_000, &mut rng);
+    for d in deliveries.iter_mut() {
+        if rng.f64() < 0.1 {
+            d.0 += rng.i64(0..3_600_000);
+        }
+    }
+    deliveries.sort();
+    let order: Vec<usize> = deliveries.iter().map(|d| d.1).collect();
+    out_of_order_exactly_once(&originals, &order, 8, 22);
+}

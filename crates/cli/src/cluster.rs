@@ -522,6 +522,10 @@ fn print_job(j: &pb::Job, json: bool) {
             o.workers.join(",")
         );
     }
+    let late: u64 = j.operators.iter().map(|o| o.late_rows).sum();
+    if let Some(advice) = crate::progress::late_rows_advice(late, None) {
+        println!("  {advice}");
+    }
 }
 
 /// How the leader schedules, and how it reaches workers.

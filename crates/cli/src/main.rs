@@ -313,7 +313,7 @@ async fn run(
         api.finish(&handles, &result).await;
     }
     let summary = result.map_err(|e| anyhow!("{e}"))?;
-    progress::print_summary(&summary, &metrics);
+    progress::print_summary(&summary, &metrics, pipeline.settings.late_rows);
     Ok(summary)
 }
 

@@ -95,7 +95,7 @@ pub fn clear_line() {
 }
 
 /// The final summary, on stderr.
-pub fn print_summary(s: &JobSummary, metrics: &JobMetrics) {
+pub fn print_summary(s: &JobSummary, metrics: &JobMetrics, late_policy: nagare_sql::LateRowPolicy) {
     let secs = s.elapsed.as_secs_f64().max(1e-6);
     eprintln!(
         "done in {secs:.2}s: read {} rows ({}/s), wrote {} rows; {} duplicates dropped, {} late, {} bad records",
@@ -106,6 +106,9 @@ pub fn print_summary(s: &JobSummary, metrics: &JobMetrics) {
         s.late_rows,
         s.bad_records
     );
+    if let Some(advice) = late_rows_advice(s.late_rows, Some(late_policy)) {
+        eprintln!("{advice}");
+    }
     let c = &s.checkpoints;
     if c.completed > 0 || c.aborted > 0 {
         let last = c
@@ -162,4 +165,23 @@ pub async fn serve_metrics(addr: &str, render: impl Fn() -> String + Send + 'sta
         }
     });
     Ok(())
+}
+
+/// What a run or job that had late rows tells its user: how many, what became of them, and how to keep them.
+/// `policy` is `None` where it is not known (a job's status); late rows are counted only by windows, since a dedup
+/// keeps the rows it receives late.
+pub fn late_rows_advice(late_rows: u64, policy: Option<nagare_sql::LateRowPolicy>) -> Option<String> {
+    if late_rows == 0 {
+        return None;
+    }
+    let fate = match policy {
+        Some(nagare_sql::LateRowPolicy::Drop) => "they were dropped",
+        Some(nagare_sql::LateRowPolicy::DeadLetter) => "they were written to the dead-letter files",
+        None => "they were dropped, or dead-lettered with late_rows = 'dead_letter'",
+    };
+    Some(format!(
+        "warning: {late_rows} late rows arrived after their windows had closed and are not in any window's result; \
+         {fate}. To keep them, SET late_rows = 'dead_letter' (with dead_letter_path), or give WATERMARK FOR a longer \
+         delay (e.g. time - INTERVAL '1' MINUTE)"
+    ))
 }

@@ -25,6 +25,8 @@ pub struct NodeMetrics {
     pub late_rows: AtomicU64,
     /// Rows dropped as duplicates by a dedup.
     pub duplicates: AtomicU64,
+    /// Rows a dedup received behind the watermark and kept as first occurrences (lateness is not loss).
+    pub late_kept: AtomicU64,
     /// Malformed input records.
     pub bad_records: AtomicU64,
     /// Keys or windows held in state right now.
@@ -46,6 +48,7 @@ impl NodeMetrics {
             bytes: AtomicU64::new(0),
             late_rows: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            late_kept: AtomicU64::new(0),
             bad_records: AtomicU64::new(0),
             state_entries: AtomicI64::new(0),
             backpressure_us: AtomicU64::new(0),
@@ -122,7 +125,7 @@ impl JobMetrics {
 /// The counters of several jobs (a worker's) in Prometheus text exposition format, each metric family once.
 pub fn prometheus(jobs: &[(&str, &JobMetrics)]) -> String {
     let mut out = String::new();
-    let counters: [Counter; 7] = [
+    let counters: [Counter; 8] = [
         ("nagare_rows_in_total", "Rows received by the operator.", |m| NodeMetrics::get(&m.rows_in)),
         ("nagare_rows_out_total", "Rows emitted (sinks: written) by the operator.", |m| NodeMetrics::get(&m.rows_out)),
         ("nagare_bytes_total", "Bytes read (sources) or written (sinks).", |m| NodeMetrics::get(&m.bytes)),
@@ -130,6 +133,9 @@ pub fn prometheus(jobs: &[(&str, &JobMetrics)]) -> String {
             NodeMetrics::get(&m.late_rows)
         }),
         ("nagare_duplicates_total", "Rows dropped as duplicates.", |m| NodeMetrics::get(&m.duplicates)),
+        ("nagare_late_kept_total", "Rows a dedup received behind the watermark and kept as first occurrences.", |m| {
+            NodeMetrics::get(&m.late_kept)
+        }),
         ("nagare_bad_records_total", "Malformed input records.", |m| NodeMetrics::get(&m.bad_records)),
         ("nagare_backpressure_seconds_total", "Time blocked on full output channels.", |m| {
             NodeMetrics::get(&m.backpressure_us) / 1_000_000
