@@ -544,3 +544,145 @@ fn with_rebalance_a_job_spreads_onto_a_worker_that_joins_exactly_once() {
     assert_eq!(rows.len(), ids.len(), "no event twice across the move");
     assert_eq!(ids, expected, "every event the reference run kept, and no other");
 }
+
+/// Events 10 ms apart in one file (with re-deliveries a few rows later), for a filesystem source with many splits
+/// per subtask; returns the distinct ids.
+fn many_splits_input(path: &Path, n: usize) -> std::collections::BTreeSet<String> {
+    use std::io::Write as _;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut again: Vec<(usize, usize)> = Vec::new();
+    let line = |i: usize| {
+        let t = chrono::DateTime::from_timestamp_millis(1_767_225_600_000 + i as i64 * 10)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        format!("{{\"id\":\"e{i:07}\",\"time\":\"{t}\",\"tenant\":{},\"pad\":\"{}\"}}\n", i % 7, "x".repeat(40))
+    };
+    for i in 0..n {
+        f.write_all(line(i).as_bytes()).unwrap();
+        if i % 10 == 3 {
+            again.push((i + 5, i));
+        }
+        while again.first().is_some_and(|(at, _)| *at <= i) {
+            f.write_all(line(again.remove(0).1).as_bytes()).unwrap();
+        }
+    }
+    for (_, i) in again {
+        f.write_all(line(i).as_bytes()).unwrap();
+    }
+    f.flush().unwrap();
+    (0..n).map(|i| format!("e{i:07}")).collect()
+}
+
+/// Dedup by id into `${OUT}/ids`, and events per tenant per minute after the dedup into `${OUT}/windows`.
+fn many_splits_sql(input: &Path) -> String {
+    format!(
+        "SET parallelism = 2;\nSET checkpoint_interval = '300ms';\nSET dedup_ttl = '1 minute';\n\
+         CREATE TABLE events (id TEXT, time TIMESTAMP, tenant BIGINT, WATERMARK FOR time AS time - INTERVAL '2' SECOND)\n\
+         WITH (connector = 'filesystem', path = '{}', format = 'json', split_size = '512KiB');\n\
+         CREATE TABLE ids WITH (connector = 'filesystem', path = '${{OUT}}/ids', format = 'json');\n\
+         CREATE TABLE windows WITH (connector = 'filesystem', path = '${{OUT}}/windows', format = 'json');\n\
+         INSERT INTO ids SELECT id FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM events) WHERE rn = 1;\n\
+         INSERT INTO windows SELECT tenant, TUMBLE_START(time, INTERVAL '1' MINUTE) AS minute, COUNT(*) AS n\n\
+         FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM events) WHERE rn = 1\n\
+         GROUP BY tenant, TUMBLE(time, INTERVAL '1' MINUTE);\n",
+        input.display()
+    )
+}
+
+/// The rows of the `windows` output as (tenant, minute, count), sorted.
+fn window_counts(out: &Path) -> Vec<(i64, String, i64)> {
+    let mut v: Vec<(i64, String, i64)> = common::read_json_rows(&out.join("windows"))
+        .iter()
+        .map(|r| (r["tenant"].as_i64().unwrap(), r["minute"].as_str().unwrap().to_string(), r["n"].as_i64().unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn rescaling_down_a_job_over_many_splits_keeps_every_row_and_every_window() {
+    const N: usize = 400_000;
+    let etcd = etcd()["ETCD_ENDPOINTS"].clone();
+    let prefix = format!("/nagare-rescale-down-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("checkpoints");
+    let port = free_port();
+    let api = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let coordinator = spawn(
+        dir.path(),
+        "c",
+        &["coordinator", "--etcd", &etcd, "--etcd-prefix", &prefix, "--listen", &listen, "--insecure"]
+            .iter()
+            .copied()
+            .chain(["--checkpoint-url", ckpt.to_str().unwrap(), "--token", TOKEN])
+            .collect::<Vec<_>>(),
+    );
+    let _workers: Vec<Proc> = ["w1", "w2", "w3"]
+        .iter()
+        .map(|id| {
+            spawn(
+                dir.path(),
+                id,
+                &["worker", "--etcd", &etcd, "--etcd-prefix", &prefix, "--slots", "2", "--id", id, "--insecure"],
+            )
+        })
+        .collect();
+    wait_for(
+        "the coordinator and three workers",
+        Duration::from_secs(30),
+        || cli(&api, Some(TOKEN), &["workers"]).1.lines().count() == 4,
+        &|| coordinator.log(),
+    );
+    // About 40 MB in 512 KiB splits: some 40 splits per subtask at parallelism 2.
+    let input = dir.path().join("events.jsonl");
+    let all_ids = many_splits_input(&input, N);
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, many_splits_sql(&input)).unwrap();
+    // The reference: the same pipeline run alone, never rescaled.
+    let reference = dir.path().join("reference");
+    let run = Command::new(env!("CARGO_BIN_EXE_nagare"))
+        .arg("run")
+        .arg(&sql)
+        .args(["-q", "--var"])
+        .arg(format!("OUT={}", reference.display()))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success() && said.contains(" 0 late,"), "reference run: {said}");
+    let expected_windows = window_counts(&reference);
+    assert_eq!(expected_windows.iter().map(|w| w.2).sum::<i64>(), N as i64, "the reference counts every event");
+
+    for from in [2u64, 3] {
+        let out = dir.path().join(format!("out-{from}"));
+        let job = submit(&api, &sql, &format!("down-from-{from}"), 0, &out, &["--parallelism", &from.to_string()]);
+        let logs = || format!("{}\n{}", coordinator.log(), status(&api, &job));
+        wait_for(
+            "the job to run with a checkpoint",
+            Duration::from_secs(60),
+            || {
+                let s = status(&api, &job);
+                s["state"] == "running"
+                    && s["parallelism"].as_u64() == Some(from)
+                    && s["last_checkpoint"].as_u64() > Some(0)
+            },
+            &logs,
+        );
+        let (ok, _, err) = cli(&api, Some(TOKEN), &["rescale", &job, "1"]);
+        assert!(ok, "{err}");
+        let s = status(&api, &job);
+        assert!(s["rows_in"].as_u64() < Some(N as u64), "rescaled while it ran: {s}");
+        wait_for("the job to finish", Duration::from_secs(180), || status(&api, &job)["state"] == "finished", &logs);
+        let s = status(&api, &job);
+        assert_eq!(s["parallelism"], 1, "{s}");
+        assert!(s["attempt"].as_u64() >= Some(2), "restarted at parallelism 1: {s}");
+        let late: u64 = s["operators"].as_array().unwrap().iter().map(|o| o["late_rows"].as_u64().unwrap()).sum();
+        assert_eq!(late, 0, "a rescale must not make rows late: {s}");
+        let rows = common::read_json_rows(&out.join("ids"));
+        let ids: std::collections::BTreeSet<String> =
+            rows.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+        assert_eq!(rows.len(), ids.len(), "{from} -> 1: no id twice");
+        assert_eq!(ids.len(), all_ids.len(), "{from} -> 1: every id ({} missing)", all_ids.difference(&ids).count());
+        assert_eq!(window_counts(&out), expected_windows, "{from} -> 1: windows as in the run never rescaled");
+    }
+}
