@@ -486,7 +486,7 @@ fn input_whose_first_part_comes_last_is_deduplicated_exactly_once_under_sigkill(
     let mut order: Vec<usize> = deliveries.iter().map(|d| d.1).collect();
     let moved = order.len() * 15 / 100;
     order.rotate_left(moved);
-    out_of_order_exactly_once(&originals, &order, 8, 12);
+    out_of_order_exactly_once(&originals, &order, 10, 12);
 }
 
 #[test]
@@ -501,5 +501,5 @@ fn deliveries_up_to_an_hour_late_are_deduplicated_exactly_once_under_sigkill() {
     }
     deliveries.sort();
     let order: Vec<usize> = deliveries.iter().map(|d| d.1).collect();
-    out_of_order_exactly_once(&originals, &order, 8, 22);
+    out_of_order_exactly_once(&originals, &order, 10, 22);
 }
