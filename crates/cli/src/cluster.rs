@@ -549,27 +549,16 @@ async fn coordinator(
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<pb::job_service_server::JobServiceServer<nagare_coordinator::service::Jobs>>().await;
     let stop = CancellationToken::new();
-    let leading = {
-        let (store, stop, id) = (store.clone(), stop.clone(), id.clone());
-        tokio::spawn(async move {
-            let workers = scheduling.workers;
-            while !stop.is_cancelled() {
-                if let Err(e) = nagare_coordinator::leader::lead(
-                    &store,
-                    &id,
-                    workers.clone(),
-                    Duration::from_millis(500),
-                    scheduling.policy,
-                    stop.clone(),
-                )
-                .await
-                {
-                    tracing::warn!(error = %e, "election failed; campaigning again");
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        })
-    };
+    let leading = tokio::spawn(nagare_coordinator::leader::run(
+        store,
+        id.clone(),
+        nagare_coordinator::leader::Scheduling {
+            workers: scheduling.workers,
+            period: Duration::from_millis(500),
+            policy: scheduling.policy,
+        },
+        stop.clone(),
+    ));
     let scheme = if tls.is_some() { "https" } else { "http" };
     eprintln!("coordinator {id} serving JobService on {scheme}://{local}");
     let service = pb::job_service_server::JobServiceServer::with_interceptor(
