@@ -615,7 +615,7 @@ async fn run_worker(
     let stop = CancellationToken::new();
     let registration = {
         let (w, stop) = (worker.clone(), stop.clone());
-        tokio::spawn(nagare_worker::keep_registered(store, record, lease_ttl, stop, move || w.abort_all()))
+        tokio::spawn(nagare_worker::keep_registered(store, record, lease_ttl, stop, w))
     };
     let shutdown = stop.clone();
     // Wide HTTP/2 windows: job data between workers streams through this server.
