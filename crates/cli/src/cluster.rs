@@ -286,7 +286,7 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
             let workers =
                 nagare_coordinator::scheduler::GrpcWorkers::with_tls(client_tls(cluster_ca.as_deref(), identity)?);
             let store = connect_etcd(&etcd, &etcd_prefix).await?;
-            let policy = nagare_coordinator::scheduler::Policy { rebalance };
+            let policy = nagare_coordinator::scheduler::Policy { rebalance, ..Default::default() };
             coordinator(
                 store,
                 &listen,
