@@ -115,12 +115,7 @@ impl Worker {
         nagare_engine::metrics::prometheus(&jobs)
     }
 
-    /// Takes jobs again: the worker holds a (new) lease, so the leader's view of it is current.
-    pub fn registered(&self) {
-        self.registered.store(true, Ordering::SeqCst);
-    }
-
-    /// Stops every job part at once and takes no new one until [`Worker::registered`]: the worker's lease is gone
+    /// Stops every job part at once and takes no new one until it registers again: the worker's lease is gone
     /// (or may be), so the leader may already have given its parts to other workers, and two copies must never
     /// write. Each part is reported failed and retriable, so that the leader restarts its job from the last
     /// checkpoint instead of taking it for stopped.
@@ -371,7 +366,7 @@ pub async fn keep_registered(
                 // Its registration must not outlive it, should etcd still hold it (a renewal may have been queued).
                 let _ = client.lease_revoke(old).await;
             }
-            register(&mut client, &key, &value, ttl).await
+            register(&mut client, &key, &value, ttl, &worker).await
         };
         let lease = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -403,7 +398,6 @@ pub async fn keep_registered(
             ),
             None => tracing::info!(worker = record.id, address = record.address, "registered"),
         }
-        worker.registered();
         let ttl_d = Duration::from_secs(ttl as u64);
         let holding = Holding { ttl: ttl_d, give_up_after: ttl_d };
         let meanwhile = "its job parts go on";
@@ -421,13 +415,84 @@ pub async fn keep_registered(
     }
 }
 
+/// Grants a lease and puts the registration under it. The worker takes jobs from just before the leader can see it
+/// (a deploy may follow the put at once), and not if the put fails.
 async fn register(
     client: &mut etcd_client::Client,
     key: &str,
     value: &[u8],
     lease_ttl: i64,
+    worker: &Worker,
 ) -> Result<i64, StoreError> {
     let lease = client.lease_grant(lease_ttl, None).await?.id();
-    client.put(key, value.to_vec(), Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+    worker.registered.store(true, Ordering::SeqCst);
+    if let Err(e) = client.put(key, value.to_vec(), Some(etcd_client::PutOptions::new().with_lease(lease))).await {
+        worker.registered.store(false, Ordering::SeqCst);
+        return Err(e.into());
+    }
     Ok(lease)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn deploy_request(attempt: u32, dir: &std::path::Path) -> pb::DeployRequest {
+        pb::DeployRequest {
+            job_id: "j".into(),
+            // Unbounded and slow: still running when the worker is fenced.
+            sql: format!(
+                "CREATE TABLE e (id TEXT) WITH (connector = 'generator', rate = '100', seed = '1');\n\
+                 CREATE TABLE o WITH (connector = 'filesystem', path = '{}', format = 'json');\n\
+                 INSERT INTO o SELECT id FROM e;\n",
+                dir.join("out").display()
+            ),
+            parallelism: 1,
+            checkpoint_url: dir.join("checkpoints").display().to_string(),
+            attempt,
+            ..Default::default()
+        }
+    }
+
+    async fn task(worker: &Worker) -> pb::TaskStatus {
+        let tasks = worker.list_tasks(Request::new(pb::ListTasksRequest {})).await.unwrap().into_inner().tasks;
+        tasks.into_iter().find(|t| t.job_id == "j").unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_fenced_worker_stops_its_parts_as_retriable_and_takes_none_until_registered_again() {
+        let dir = std::env::temp_dir().join(format!("nagare-worker-fence-{}", std::process::id()));
+        let worker = Worker::new(nagare_exchange::Exchange::new());
+        // Not registered yet: nobody may give it work.
+        let refused = worker.deploy(Request::new(deploy_request(1, &dir))).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        worker.registered.store(true, Ordering::SeqCst);
+        worker.deploy(Request::new(deploy_request(1, &dir))).await.unwrap();
+        let since = std::time::Instant::now();
+        while task(&worker).await.rows_in == 0 {
+            assert!(since.elapsed() < Duration::from_secs(60), "the job never ran: {:?}", task(&worker).await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        worker.fence("the lease expired (test)");
+        let t = task(&worker).await;
+        assert_eq!(t.state, pb::TaskState::Failed as i32, "{t:?}");
+        assert!(t.retriable && t.error.contains("lost its lease"), "{t:?}");
+        // The job itself was aborted, not left running: it reads nothing more.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let read = task(&worker).await.rows_in;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(task(&worker).await.rows_in, read, "the fenced part still reads");
+        let refused = worker.deploy(Request::new(deploy_request(2, &dir))).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        // Registered again: the next attempt is taken. Fenced while it starts, it never runs.
+        worker.registered.store(true, Ordering::SeqCst);
+        worker.deploy(Request::new(deploy_request(2, &dir))).await.unwrap();
+        worker.fence("the lease expired again (test)");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = task(&worker).await;
+        assert_eq!((t.attempt, t.state, t.rows_in), (2, pb::TaskState::Failed as i32, 0), "{t:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
