@@ -471,6 +471,10 @@ async fn until_ctrl_c(stop: CancellationToken) {
 }
 
 fn rfc3339_ms(ms: i64) -> String {
+    // A finished input's final watermark is the largest µs value (as ms, i64::MAX / 1000): no instant to print.
+    if ms >= i64::MAX / 1000 {
+        return "end of input".into();
+    }
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_else(|| ms.to_string())
