@@ -9,9 +9,11 @@
 
 mod common;
 
+use common::procs::{Proc, free_port, insecure_coordinator, insecure_worker};
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "test-token-e15";
@@ -88,42 +90,6 @@ impl Drop for Etcd {
     }
 }
 
-/// A child process killed (SIGKILL) when dropped.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn spawn(dir: &Path, name: &str, args: &[&str]) -> Proc {
-    let log = dir.join(format!("{name}.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_nagare"))
-        .args(args)
-        .env("NAGARE_LOG", "info")
-        .env("NAGARE_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Proc { child, log }
-}
-
 /// Runs a client command against `api`; returns (success, stdout, stderr).
 fn cli(api: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_nagare"))
@@ -159,18 +125,8 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool, logs: &dyn
     start.elapsed()
 }
 
-/// Generated events with 20 % re-deliveries, deduplicated by id (keyed state that must survive the restarts),
-/// exactly once into JSON files under `${OUT}`, at `${RATE}` events/s.
 fn dedup_sql(events: usize) -> String {
-    format!(
-        "SET parallelism = 2;\nSET checkpoint_interval = '500ms';\nSET dedup_ttl = '1 minute';\n\
-         CREATE TABLE events (id TEXT, time TIMESTAMP, WATERMARK FOR time AS time - INTERVAL '5' SECOND)\n\
-         WITH (connector = 'generator', count = '{events}', rate = '${{RATE}}', duplicate_rate = '0.2', seed = '7',\n\
-               start_time = '2026-01-01T00:00:00Z');\n\
-         CREATE TABLE out WITH (connector = 'filesystem', path = '${{OUT}}', format = 'json');\n\
-         INSERT INTO out SELECT id, time\n\
-         FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM events) WHERE rn = 1;\n"
-    )
+    common::generated_dedup_sql(events, 7)
 }
 
 /// The ids written under `out`, checking that none was written twice.
@@ -192,24 +148,12 @@ fn the_cluster_recovers_from_etcd_outages_longer_than_every_lease() {
     let pause = Duration::from_secs(2 * WORKER_LEASE.max(LEADER_LEASE));
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("checkpoints");
-    let ckpt = ckpt.to_str().unwrap();
     let prefix = "/nagare-outage";
-    let coordinator = |name: &str| {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let args = ["coordinator", "--etcd", &etcd.endpoints, "--etcd-prefix", prefix, "--listen", &listen];
-        let args: Vec<&str> = args.into_iter().chain(["--checkpoint-url", ckpt, "--insecure", "--id", name]).collect();
-        (spawn(dir.path(), name, &args), format!("http://{listen}"))
-    };
-    let (c1, api1) = coordinator("c1");
+    let coordinator = |name: &str| insecure_coordinator(dir.path(), &etcd.endpoints, prefix, TOKEN, name, &[]);
+    let (_, c1) = coordinator("c1");
     wait_for("c1 to lead", Duration::from_secs(30), || c1.log().contains("leading"), &|| c1.log());
-    let (c2, api) = coordinator("c2");
-    let _ = api1;
-    let worker = |id: &str| {
-        let args = ["worker", "--etcd", &etcd.endpoints, "--etcd-prefix", prefix, "--slots", "2", "--id", id];
-        spawn(dir.path(), id, &args.into_iter().chain(["--insecure"]).collect::<Vec<_>>())
-    };
+    let (api, c2) = coordinator("c2");
+    let worker = |id: &str| insecure_worker(dir.path(), &etcd.endpoints, prefix, TOKEN, id);
     let ws: Vec<Proc> = ["w1", "w2", "w3"].into_iter().map(worker).collect();
     let all: BTreeSet<String> = ["w1", "w2", "w3"].into_iter().map(str::to_string).collect();
     let procs: Vec<(String, PathBuf)> = [&c1, &c2]
