@@ -690,6 +690,9 @@ async fn flush_buffered(spec: &SinkSpec, handles: &[CommitHandle]) -> Result<(),
     for b in &streams {
         client.flush_rows(&b.name, b.rows - 1).await?;
     }
+    if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_BQ_FLUSHED_MS").ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     tracing::debug!(streams = streams.len(), "flushed BUFFERED streams");
     Ok(())
 }

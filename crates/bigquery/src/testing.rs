@@ -343,12 +343,17 @@ impl BigQueryWrite for Fake {
     }
 }
 
-/// Forwards every call to a Storage Write endpoint (bqemulator) unchanged, except `FlushRows`, whose offset it
-/// raises by one: bqemulator reads the offset as exclusive, Google documents it as inclusive (see
-/// scripts/services/README.md). Tests put it in front of the emulator so the product speaks Google's semantics.
+/// Forwards every call to a Storage Write endpoint (bqemulator) unchanged, except `FlushRows`, which it gives
+/// Google's documented semantics: bqemulator reads the offset as exclusive (Google: inclusive, see
+/// scripts/services/README.md), so the offset goes up by one; and bqemulator refuses a flush at or behind the
+/// flushed offset, or on a finalized stream, with OUT_OF_RANGE (Google: a flush behind the flushed offset is a
+/// no-op), so such a flush is answered here without reaching it. Tests put it in front of the emulator so the
+/// product speaks Google's semantics; it outlives the nagare processes a crash test kills.
 #[derive(Clone)]
 pub struct InclusiveFlushProxy {
     upstream: pb::big_query_write_client::BigQueryWriteClient<tonic::transport::Channel>,
+    /// The highest (inclusive) offset flushed through this proxy, per stream.
+    flushed: Arc<Mutex<HashMap<String, i64>>>,
 }
 
 impl InclusiveFlushProxy {
@@ -359,6 +364,7 @@ impl InclusiveFlushProxy {
             upstream: pb::big_query_write_client::BigQueryWriteClient::new(channel)
                 .max_encoding_message_size(64 * 1024 * 1024)
                 .max_decoding_message_size(64 * 1024 * 1024),
+            flushed: Arc::default(),
         }
     }
 
@@ -424,10 +430,23 @@ impl BigQueryWrite for InclusiveFlushProxy {
         request: Request<pb::FlushRowsRequest>,
     ) -> Result<Response<pb::FlushRowsResponse>, Status> {
         let mut req = request.into_inner();
-        req.offset = req.offset.map(|o| o + 1);
-        let mut r = self.upstream.clone().flush_rows(req).await?;
-        r.get_mut().offset -= 1;
-        Ok(r)
+        let stream = req.write_stream.clone();
+        let Some(offset) = req.offset else { return Err(Status::invalid_argument("offset is required")) };
+        if self.flushed.lock().unwrap().get(&stream).is_some_and(|f| *f >= offset) {
+            return Ok(Response::new(pb::FlushRowsResponse { offset }));
+        }
+        req.offset = Some(offset + 1);
+        // In a task of its own: a client killed mid-call must not leave a flush done upstream but not recorded.
+        let (mut upstream, flushed) = (self.upstream.clone(), self.flushed.clone());
+        tokio::spawn(async move {
+            upstream.flush_rows(req).await?;
+            let mut flushed = flushed.lock().unwrap();
+            let f = flushed.entry(stream).or_insert(offset);
+            *f = (*f).max(offset);
+            Ok(Response::new(pb::FlushRowsResponse { offset }))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
     }
 }
 
