@@ -292,6 +292,21 @@ fn per_subtask_creates_streams_per_subtask_and_age_not_per_checkpoint() {
     assert!(created >= 10, "a PENDING stream per subtask per checkpoint: {created}");
     assert_eq!(flushes, 0);
     drop(rt);
+
+    // Refused before anything runs, pointing at the option.
+    for (opts, says) in [
+        (", commit = 'sometimes'", "commit"),
+        (
+            ", write_mode = 'load', staging_uri = 'gs://b/p', commit = 'per_subtask'",
+            "only used with write_mode = 'append'",
+        ),
+        (", stream_max_age = '10ms'", "at least 1s"),
+    ] {
+        std::fs::write(&sql, pipeline_via("http://127.0.0.1:9", 10, opts)).unwrap();
+        let (status, err) = finish(nagare(&sql, &dataset, "refused", &[]));
+        assert!(!status.success());
+        assert!(err.contains(says) && err.contains("p.sql:"), "{opts}: {err}");
+    }
 }
 
 #[test]

@@ -602,6 +602,10 @@ pub struct BufferedStream {
     pub checkpoint: u64,
     /// Whether the subtask has moved on to another stream (this one takes no more rows).
     pub retired: bool,
+    /// Rows an earlier completed checkpoint already flushed: a stream with nothing new is not flushed again (each
+    /// FlushRows is a call, and a flush is needed only when the offset moves).
+    #[serde(default)]
+    pub flushed: i64,
 }
 
 /// A finalized PENDING stream.
@@ -639,6 +643,7 @@ pub fn is_load(spec: &SinkSpec) -> bool {
 /// Commits what every subtask recorded in a checkpoint: write streams (one `BatchCommitWriteStreams` per table, so
 /// the checkpoint's rows appear together), or sealed staged files (one load job). Idempotent.
 pub async fn commit_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
+    tracing::debug!(sink = %spec.table.name, "committing a completed checkpoint's bigquery writes");
     if is_load(spec) {
         return crate::load::commit(spec, handles).await;
     }
@@ -679,7 +684,8 @@ fn parse_handles(handles: &[serde_json::Value]) -> Result<Vec<CommitHandle>, BqE
 /// Makes the rows each handle's BUFFERED streams were checkpointed with visible. Idempotent: a flush at or behind
 /// an earlier one changes nothing.
 async fn flush_buffered(spec: &SinkSpec, handles: &[CommitHandle]) -> Result<(), BqError> {
-    let streams: Vec<&BufferedStream> = handles.iter().flat_map(|h| &h.buffered).filter(|b| b.rows > 0).collect();
+    let streams: Vec<&BufferedStream> =
+        handles.iter().flat_map(|h| &h.buffered).filter(|b| b.rows > b.flushed.max(0)).collect();
     if streams.is_empty() {
         return Ok(());
     }
@@ -903,6 +909,7 @@ impl BigQuerySink {
                 rows,
                 checkpoint: checkpoint.0,
                 retired: retire,
+                flushed: 0,
             }),
         }
         if retire && let Some(mut a) = self.current.take() {
@@ -917,15 +924,23 @@ impl BigQuerySink {
         dead_letter(&self.ctx, &self.name, "BigQuery rejected", rejected)
     }
 
+    /// Counts a `CreateWriteStream` in the node's metrics (`nagare_write_streams_created_total`).
+    fn stream_created(&self, stream: &str) {
+        nagare_engine::metrics::NodeMetrics::add(&self.ctx.metrics.streams_created, 1);
+        tracing::debug!(stream, subtask = self.ctx.subtask, "created write stream");
+    }
+
     async fn appender(&mut self) -> Result<&mut Appender, BqError> {
         if self.current.is_none() {
             let table = self.target.stream_table().path();
             let a = if self.buffered {
                 let stream = self.client.create_buffered_stream(&table).await?;
+                self.stream_created(&stream);
                 self.opened = Some(std::time::Instant::now());
                 self.client.appender(stream, &self.wire, self.target.max_request_bytes)?
             } else if self.ctx.exactly_once {
                 let stream = self.client.create_pending_stream(&table).await?;
+                self.stream_created(&stream);
                 self.client.appender(stream, &self.wire, self.target.max_request_bytes)?
             } else {
                 self.client.default_stream_appender(&table, &self.wire, self.target.max_request_bytes)?
@@ -991,8 +1006,11 @@ impl Sink for BigQuerySink {
     /// `per_subtask`: retired streams flushed by it are finalized and leave the handle.
     async fn commit(&mut self, checkpoint: CheckpointId) -> Result<(), EngineError> {
         self.uncommitted.retain(|s| s.checkpoint > checkpoint.0);
-        let (done, keep): (Vec<_>, Vec<_>) =
+        let (done, mut keep): (Vec<_>, Vec<_>) =
             self.unflushed.drain(..).partition(|b| b.retired && b.checkpoint <= checkpoint.0);
+        for b in keep.iter_mut().filter(|b| b.checkpoint <= checkpoint.0) {
+            b.flushed = b.rows;
+        }
         self.unflushed = keep;
         for b in done {
             self.client.finalize(&b.name).await?;
@@ -1016,5 +1034,53 @@ impl Sink for BigQuerySink {
             self.dead_letter(rejected)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quota_estimate_follows_the_commit_mode() {
+        let second = Duration::from_secs(1);
+        // atomic: a stream per subtask per checkpoint; 1 s at parallelism 4 is over BigQuery's 10,000 an hour.
+        assert_eq!(streams_per_hour(4, second, None), 14_400.0);
+        // per_subtask: a stream per subtask per stream_max_age.
+        assert_eq!(streams_per_hour(8, second, Some(Duration::from_secs(3600))), 8.0);
+        // A stream is replaced at a checkpoint, so never more often than checkpoints come.
+        assert_eq!(streams_per_hour(2, Duration::from_secs(60), Some(second)), 120.0);
+    }
+
+    #[test]
+    fn auto_picks_long_lived_streams_under_a_minute() {
+        let target = |commit: &str| Target {
+            table: TableRef { project: "p".into(), dataset: "d".into(), table: "t".into() },
+            auth: Auth::None,
+            endpoint: String::new(),
+            rest_endpoint: String::new(),
+            max_request_bytes: 1,
+            merge: None,
+            commit: commit.into(),
+            stream_max_age: Duration::from_secs(3600),
+        };
+        let every = |s: u64| Some(Duration::from_secs(s));
+        assert!(target("auto").buffered(every(1)));
+        assert!(target("auto").buffered(every(59)));
+        assert!(!target("auto").buffered(every(60)));
+        assert!(!target("atomic").buffered(every(1)));
+        assert!(target("per_subtask").buffered(every(600)));
+        let mut merge = target("per_subtask");
+        merge.merge = Some(MergeTarget { staging: merge.table.clone(), key: vec!["id".into()] });
+        assert!(!merge.buffered(every(1)), "merge reads its staging streams by name: always PENDING");
+    }
+
+    #[test]
+    fn handles_of_earlier_versions_still_read() {
+        let old = serde_json::json!({"table": "projects/p/datasets/d/tables/t", "streams": [
+            {"name": "s1", "rows": 3, "checkpoint": 7}]});
+        let h: CommitHandle = serde_json::from_value(old).unwrap();
+        assert!(h.buffered.is_empty());
+        assert_eq!(h.streams.len(), 1);
     }
 }
