@@ -647,7 +647,7 @@ pub async fn commit_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Res
     if is_load(spec) {
         return crate::load::commit(spec, handles).await;
     }
-    commit_streams(spec, handles).await
+    commit_streams(spec, handles, false).await
 }
 
 /// After a crash, before the job starts: commits what the restored checkpoint recorded (streams, or every staged
@@ -657,12 +657,15 @@ pub async fn recover_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Re
         return crate::load::recover(spec, handles).await;
     }
     // Streams of later epochs were never committed: BigQuery drops them.
-    commit_streams(spec, handles).await?;
+    commit_streams(spec, handles, true).await?;
     // BUFFERED streams now show exactly the checkpoint's rows; rows appended after it may sit in their buffers.
     // Finalizing ends them (no flush past the checkpoint can follow, no zombie writer can append): the new run
     // writes to new streams.
     let buffered: Vec<BufferedStream> = parse_handles(handles)?.into_iter().flat_map(|h| h.buffered).collect();
     if !buffered.is_empty() {
+        // `commit_streams` flushed them above: a stream named here that is already finalized was finalized only
+        // after being flushed to this checkpoint's offset (by an earlier recovery, or by its subtask after the
+        // flush that retired it), so the flush is done either way.
         let client = Target::from_spec(spec)?.write_client()?;
         for b in &buffered {
             client.finalize(&b.name).await?;
@@ -683,7 +686,7 @@ fn parse_handles(handles: &[serde_json::Value]) -> Result<Vec<CommitHandle>, BqE
 
 /// Makes the rows each handle's BUFFERED streams were checkpointed with visible. Idempotent: a flush at or behind
 /// an earlier one changes nothing.
-async fn flush_buffered(spec: &SinkSpec, handles: &[CommitHandle]) -> Result<(), BqError> {
+async fn flush_buffered(spec: &SinkSpec, handles: &[CommitHandle], recovering: bool) -> Result<(), BqError> {
     let streams: Vec<&BufferedStream> =
         handles.iter().flat_map(|h| &h.buffered).filter(|b| b.rows > b.flushed.max(0)).collect();
     if streams.is_empty() {
@@ -694,7 +697,15 @@ async fn flush_buffered(spec: &SinkSpec, handles: &[CommitHandle]) -> Result<(),
     }
     let client = Target::from_spec(spec)?.write_client()?;
     for b in &streams {
-        client.flush_rows(&b.name, b.rows - 1).await?;
+        match client.flush_rows(&b.name, b.rows - 1).await {
+            Ok(()) => {}
+            // Recovering, a stream already finalized was flushed to this offset before (see `recover_table`);
+            // Google's Beam connector reads INVALID_ARGUMENT on FlushRows as "already finalized" too.
+            Err(BqError::Grpc { code: tonic::Code::InvalidArgument, message, .. }) if recovering => {
+                tracing::debug!(stream = %b.name, error = %message, "FlushRows on a finalized stream: already flushed");
+            }
+            Err(e) => return Err(e),
+        }
     }
     if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_BQ_FLUSHED_MS").ok().and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -714,9 +725,9 @@ pub fn create(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Bo
     Ok(Box::new(BigQuerySink::new(spec, schema, ctx)?))
 }
 
-async fn commit_streams(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
+async fn commit_streams(spec: &SinkSpec, handles: &[serde_json::Value], recovering: bool) -> Result<(), BqError> {
     let handles = parse_handles(handles)?;
-    flush_buffered(spec, &handles).await?;
+    flush_buffered(spec, &handles, recovering).await?;
     let mut by_table: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
     for h in &handles {
         by_table.entry(&h.table).or_default().extend(h.streams.iter().map(|s| s.name.clone()));

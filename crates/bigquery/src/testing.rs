@@ -64,6 +64,9 @@ pub struct State {
     pub streams_created: usize,
     /// `FlushRows` calls answered.
     pub flushes: usize,
+    /// Answer a flush at or behind the flushed offset ALREADY_EXISTS and a flush of a finalized stream
+    /// INVALID_ARGUMENT, as Google's Beam connector expects of BigQuery (the default is the documented no-op).
+    pub strict_flush: bool,
     next_id: u64,
 }
 
@@ -327,11 +330,18 @@ impl BigQueryWrite for Fake {
         let req = request.into_inner();
         let mut st = self.state.lock().unwrap();
         st.flushes += 1;
+        let st_strict = st.strict_flush;
         let s = st.streams.get_mut(&req.write_stream).ok_or_else(|| Status::not_found(req.write_stream.clone()))?;
         if !s.buffered {
             return Err(Status::invalid_argument("FlushRows is for BUFFERED streams"));
         }
         let offset = req.offset.ok_or_else(|| Status::invalid_argument("offset is required"))?;
+        if st_strict && s.finalized {
+            return Err(Status::invalid_argument("stream is finalized"));
+        }
+        if st_strict && offset < s.flushed {
+            return Err(Status::already_exists(format!("offset {offset} is already flushed")));
+        }
         if offset < 0 || offset >= s.row_count {
             return Err(Status::out_of_range(format!(
                 "offset {offset} is not a row of the stream ({} rows)",
@@ -551,7 +561,7 @@ mod tests {
         let stream = buffered_with(&client, 0..10).await;
         let visible = || fake.visible_keys(TABLE).iter().map(|k| k.parse::<i64>().unwrap()).collect::<Vec<_>>();
         assert!(visible().is_empty(), "appended rows of a BUFFERED stream are not visible before a flush");
-        assert_eq!(client.flush_rows(&stream, 3).await.unwrap(), 3);
+        client.flush_rows(&stream, 3).await.unwrap();
         assert_eq!(visible(), (0..4).collect::<Vec<_>>(), "offset 3 is included");
         // Behind or at the flushed offset: nothing changes, no error (so recovery may flush again).
         client.flush_rows(&stream, 1).await.unwrap();
@@ -563,6 +573,22 @@ mod tests {
         assert_eq!(visible(), (0..4).collect::<Vec<_>>());
         client.flush_rows(&stream, 9).await.unwrap();
         assert_eq!(visible(), (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn flushing_again_is_done_whether_the_server_says_ok_or_already_exists() {
+        let fake = Fake::default();
+        fake.state.lock().unwrap().strict_flush = true;
+        let client = WriteClient::new(&fake.serve().await, Auth::None).unwrap();
+        let stream = buffered_with(&client, 0..10).await;
+        client.flush_rows(&stream, 4).await.unwrap();
+        client.flush_rows(&stream, 4).await.unwrap();
+        client.flush_rows(&stream, 2).await.unwrap();
+        assert_eq!(fake.visible_keys(TABLE).len(), 5);
+        client.finalize(&stream).await.unwrap();
+        // Flushing a finalized stream is an error for the client; only recovery reads it as done.
+        let err = client.flush_rows(&stream, 4).await.unwrap_err().to_string();
+        assert!(err.contains("finalized"), "{err}");
     }
 
     #[tokio::test]

@@ -39,9 +39,6 @@ fn routing_value(s: &str) -> String {
     out
 }
 
-/// `CreateWriteStream` calls this process has made (any table), for the quota figures in logs and metrics.
-pub static STREAMS_CREATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// A Storage Write API client; cheap to clone (one HTTP/2 connection underneath).
 #[derive(Clone)]
 pub struct WriteClient {
@@ -101,7 +98,6 @@ impl WriteClient {
     }
 
     async fn create_stream(&self, table: &str, kind: pb::write_stream::Type) -> Result<String> {
-        STREAMS_CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         with_retries("CreateWriteStream", || async {
             let msg = pb::CreateWriteStreamRequest {
                 parent: table.to_string(),
@@ -134,16 +130,25 @@ impl WriteClient {
         .await
     }
 
-    /// Makes the rows of a BUFFERED stream up to `offset` (inclusive, as Google documents) visible; returns the
-    /// offset the server reports as flushed. Idempotent: flushing at or behind an earlier flush changes nothing.
-    pub async fn flush_rows(&self, stream: &str, offset: i64) -> Result<i64> {
-        with_retries("FlushRows", || async {
+    /// Makes the rows of a BUFFERED stream up to `offset` (inclusive, as Google documents) visible. Idempotent:
+    /// a flush at or behind an earlier one changes nothing, whether the server answers OK or ALREADY_EXISTS (which
+    /// Google's own Beam connector reads as "already flushed up to here").
+    pub async fn flush_rows(&self, stream: &str, offset: i64) -> Result<()> {
+        let r = with_retries("FlushRows", || async {
             let msg = pb::FlushRowsRequest { write_stream: stream.to_string(), offset: Some(offset) };
             let req = self.request(msg, "write_stream", stream).await?;
             let r = self.client.clone().flush_rows(req).await.map_err(|e| BqError::grpc("FlushRows", &e))?;
             Ok(r.into_inner().offset)
         })
-        .await
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(BqError::Grpc { code: tonic::Code::AlreadyExists, .. }) => {
+                tracing::debug!(stream, offset, "FlushRows: already flushed to this offset");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads a stream's state (commit time, type).
