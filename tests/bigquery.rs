@@ -279,17 +279,21 @@ fn per_subtask_creates_streams_per_subtask_and_age_not_per_checkpoint() {
         assert_eq!(double_count(&fake, &dataset, table), (N as i64, N as i64), "{opts}");
         let st = fake.state.lock().unwrap();
         let open = st.streams.values().filter(|s| !s.finalized).count();
-        (st.streams_created, st.flushes, open)
+        // The quota warning, from the mode's own creation rate.
+        let warned = err.contains("CreateWriteStream quota");
+        (st.streams_created, st.flushes, open, warned)
     };
-    let (created, flushes, open) = run("", "long_lived");
+    let (created, flushes, open, warned) = run("", "long_lived");
+    assert!(!warned, "2 streams an hour per stream_max_age are far under the quota");
     assert_eq!(created, 2, "one BUFFERED stream per sink subtask for the whole run");
     assert!(flushes >= 10, "a flush per subtask per checkpoint: {flushes}");
     assert_eq!(open, 0, "streams are finalized when the job ends");
-    let (created, _, open) = run(", stream_max_age = '1s'", "rotated");
+    let (created, _, open, _) = run(", stream_max_age = '1s'", "rotated");
     assert!((4..40).contains(&created), "streams replaced about every second: {created}");
     assert_eq!(open, 0, "retired streams are finalized once flushed");
-    let (created, flushes, _) = run(", commit = 'atomic'", "atomic");
+    let (created, flushes, _, warned) = run(", commit = 'atomic'", "atomic");
     assert!(created >= 10, "a PENDING stream per subtask per checkpoint: {created}");
+    assert!(warned, "2 x 3600 / 0.3 s = 24,000 streams an hour is over BigQuery's 10,000");
     assert_eq!(flushes, 0);
     drop(rt);
 
