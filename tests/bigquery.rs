@@ -143,12 +143,14 @@ fn crash_loop(sql: &std::path::Path, dataset: &str, prefix: &str, ckpt: &std::pa
     let ckpt_arg = ckpt.to_string_lossy().to_string();
     let args = ["--checkpoint-dir", ckpt_arg.as_str()];
     let mut rng = fastrand::Rng::with_seed(seed);
-    let faults: [&[(&str, &str)]; 3] = [
+    let faults: [&[(&str, &str)]; 4] = [
         &[],
-        // Between the checkpoint's metadata and the commit: recovery must commit the streams.
+        // Between the checkpoint's metadata and the commit: recovery must commit (flush) the streams.
         &[("NAGARE_FAULT_DELAY_COMMIT_MS", "400")],
         // In the middle of the table's commit.
         &[("NAGARE_FAULT_DELAY_BQ_COMMIT_MS", "200")],
+        // commit = 'per_subtask': after the flush, while the subtasks append the next checkpoint's rows.
+        &[("NAGARE_FAULT_DELAY_BQ_FLUSHED_MS", "300")],
     ];
     let (mut kills, mut resumed) = (0, 0);
     let mut generation = 0;
@@ -156,7 +158,7 @@ fn crash_loop(sql: &std::path::Path, dataset: &str, prefix: &str, ckpt: &std::pa
     let mut finished = false;
     for round in 0..60 {
         let mut c = nagare(sql, dataset, &table(generation), &args);
-        for (k, v) in faults[round % 3] {
+        for (k, v) in faults[round % faults.len()] {
             c.env(k, v);
         }
         match run_or_kill(c, Duration::from_millis(rng.u64(300..2_500))) {
@@ -190,16 +192,125 @@ fn crash_loop(sql: &std::path::Path, dataset: &str, prefix: &str, ckpt: &std::pa
 }
 
 #[test]
-fn append_is_exactly_once_across_sigkills() {
+fn append_atomic_is_exactly_once_across_sigkills() {
     const N: usize = 40_000;
     let dataset = format!("crash_{}", std::process::id());
     bq_dataset(&dataset);
     let dir = tempfile::tempdir().unwrap();
     let sql = dir.path().join("p.sql");
-    std::fs::write(&sql, pipeline(N, 4_000, "SET checkpoint_interval = '300ms';")).unwrap();
+    let text = pipeline_with(N, 4_000, "SET checkpoint_interval = '300ms';", "0", "", ", commit = 'atomic'");
+    std::fs::write(&sql, text).unwrap();
     let table = crash_loop(&sql, &dataset, "events", &dir.path().join("ckpt"), 77);
     // Every generated event exactly once (the generator emits N distinct ids).
     assert_eq!(count(&dataset, &table), (N as i64, N as i64));
+}
+
+/// [`pipeline`] writing through the Storage Write endpoint `grpc` instead of the emulator's (REST stays the
+/// emulator's: tables are created and counted there).
+fn pipeline_via(grpc: &str, count: usize, sink_opts: &str) -> String {
+    pipeline_with(count, 4_000, "SET checkpoint_interval = '300ms';", "0", "", sink_opts).replace("${GRPC}", grpc)
+}
+
+/// `(rows, distinct ids)` a reader of the double's table sees.
+fn double_count(fake: &nagare_bigquery::testing::Fake, dataset: &str, table: &str) -> (i64, i64) {
+    let path = format!("projects/{}/datasets/{dataset}/tables/{table}", bigquery()["BIGQUERY_PROJECT"]);
+    let keys = fake.visible_keys(&path);
+    let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+    (keys.len() as i64, distinct.len() as i64)
+}
+
+#[test]
+fn append_per_subtask_is_exactly_once_across_sigkills_on_the_emulator() {
+    const N: usize = 40_000;
+    // The checkpoint interval (300 ms) makes commit = 'auto' choose per_subtask; the proxy adapts the emulator's
+    // FlushRows to Google's semantics (its offset is exclusive there).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = bigquery()["BIGQUERY_GRPC_ENDPOINT"].clone();
+    let grpc = rt.block_on(async { nagare_bigquery::testing::InclusiveFlushProxy::new(&upstream).serve().await });
+    let dataset = format!("buffered_{}", std::process::id());
+    bq_dataset(&dataset);
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, pipeline_via(&grpc, N, "")).unwrap();
+    let table = crash_loop(&sql, &dataset, "events", &dir.path().join("ckpt"), 81);
+    assert_eq!(count(&dataset, &table), (N as i64, N as i64));
+    drop(rt);
+}
+
+#[test]
+fn append_per_subtask_is_exactly_once_across_sigkills_on_the_double() {
+    const N: usize = 40_000;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = nagare_bigquery::testing::Fake::default();
+    let grpc = rt.block_on(fake.serve());
+    let dataset = format!("bufdouble_{}", std::process::id());
+    bq_dataset(&dataset);
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, pipeline_via(&grpc, N, ", commit = 'per_subtask'")).unwrap();
+    let table = crash_loop(&sql, &dataset, "events", &dir.path().join("ckpt"), 82);
+    assert_eq!(double_count(&fake, &dataset, &table), (N as i64, N as i64));
+    let st = fake.state.lock().unwrap();
+    let finalized = st.streams.values().filter(|s| s.buffered && s.finalized).count();
+    assert!(finalized >= 10, "recoveries finalized the restored streams: {finalized}");
+    drop(st);
+    drop(rt);
+}
+
+#[test]
+fn per_subtask_creates_streams_per_subtask_and_age_not_per_checkpoint() {
+    const N: usize = 16_000;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dataset = format!("rate_{}", std::process::id());
+    bq_dataset(&dataset);
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("p.sql");
+    let ckpt = dir.path().join("ckpt");
+    let ckpt_arg = ckpt.to_string_lossy().to_string();
+    // (commit option, table) -> (streams created, flushes) on a fresh double; ~4 s of input, checkpoints every
+    // 300 ms, parallelism 2.
+    let run = |opts: &str, table: &str| {
+        let fake = nagare_bigquery::testing::Fake::default();
+        let grpc = rt.block_on(fake.serve());
+        std::fs::write(&sql, pipeline_via(&grpc, N, opts)).unwrap();
+        let (status, err) = finish(nagare(&sql, &dataset, table, &["--checkpoint-dir", &ckpt_arg]));
+        assert!(status.success(), "{err}");
+        std::fs::remove_dir_all(&ckpt).unwrap();
+        assert_eq!(double_count(&fake, &dataset, table), (N as i64, N as i64), "{opts}");
+        let st = fake.state.lock().unwrap();
+        let open = st.streams.values().filter(|s| !s.finalized).count();
+        // The quota warning, from the mode's own creation rate.
+        let warned = err.contains("CreateWriteStream quota");
+        (st.streams_created, st.flushes, open, warned)
+    };
+    let (created, flushes, open, warned) = run("", "long_lived");
+    assert!(!warned, "2 streams an hour per stream_max_age are far under the quota");
+    assert_eq!(created, 2, "one BUFFERED stream per sink subtask for the whole run");
+    assert!(flushes >= 10, "a flush per subtask per checkpoint: {flushes}");
+    assert_eq!(open, 0, "streams are finalized when the job ends");
+    let (created, _, open, _) = run(", stream_max_age = '1s'", "rotated");
+    assert!((4..40).contains(&created), "streams replaced about every second: {created}");
+    assert_eq!(open, 0, "retired streams are finalized once flushed");
+    let (created, flushes, _, warned) = run(", commit = 'atomic'", "atomic");
+    assert!(created >= 10, "a PENDING stream per subtask per checkpoint: {created}");
+    assert!(warned, "2 x 3600 / 0.3 s = 24,000 streams an hour is over BigQuery's 10,000");
+    assert_eq!(flushes, 0);
+    drop(rt);
+
+    // Refused before anything runs, pointing at the option.
+    for (opts, says) in [
+        (", commit = 'sometimes'", "commit"),
+        (
+            ", write_mode = 'load', staging_uri = 'gs://b/p', commit = 'per_subtask'",
+            "only used with write_mode = 'append'",
+        ),
+        (", stream_max_age = '10ms'", "at least 1s"),
+    ] {
+        std::fs::write(&sql, pipeline_via("http://127.0.0.1:9", 10, opts)).unwrap();
+        let (status, err) = finish(nagare(&sql, &dataset, "refused", &[]));
+        assert!(!status.success());
+        assert!(err.contains(says) && err.contains("p.sql:"), "{opts}: {err}");
+    }
 }
 
 #[test]

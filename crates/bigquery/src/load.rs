@@ -339,6 +339,8 @@ mod tests {
             rest_endpoint: String::new(),
             max_request_bytes: 1,
             merge: None,
+            commit: "auto".into(),
+            stream_max_age: std::time::Duration::from_secs(3600),
         };
         let t = spec_target("t");
         assert_eq!(job_id(&t, &["a", "b"]), job_id(&t, &["b", "a"]));

@@ -1,6 +1,16 @@
 //! `connector = 'bigquery'`: the sink, its options, and recovery.
 //!
-//! `append` with checkpoints is exactly once: each sink subtask writes an epoch's rows to its own PENDING write
+//! `append` with checkpoints is exactly once, in one of two ways (`commit`).
+//!
+//! `commit = 'per_subtask'`: each sink subtask appends to one BUFFERED write stream that lives across many
+//! checkpoints, with explicit offsets. At the barrier it waits for every acknowledgement and puts
+//! `{stream, rows appended}` in the checkpoint; when the checkpoint completes the committer calls `FlushRows` up to
+//! that offset (inclusive: rows - 1), which makes exactly those rows visible. Flushing is idempotent, so recovery
+//! flushes the restored checkpoint's offsets again, then finalizes those streams (rows appended after the
+//! checkpoint stay in their buffers, never visible) and the new run writes to new streams. A stream is replaced
+//! after `stream_max_age`. Streams are created about once per subtask per `stream_max_age`, not per checkpoint.
+//!
+//! `commit = 'atomic'`: each sink subtask writes an epoch's rows to its own PENDING write
 //! stream; at the checkpoint barrier it waits for every acknowledgement, finalizes the stream, checks the row count
 //! and puts `{table, streams}` in the checkpoint; when the checkpoint completes the coordinator commits every
 //! subtask's streams with one `BatchCommitWriteStreams` per table, so the checkpoint's rows appear together. After a crash, the restored checkpoint's streams are committed again (a stream already
@@ -45,6 +55,23 @@ pub const OPTIONS: &[OptionSpec] = &[
          MERGE into the table by its PRIMARY KEY when the checkpoint completes; load: Parquet files staged at \
          staging_uri, loaded by load jobs every load_interval; upsert: BigQuery CDC, each row the new image of its \
          PRIMARY KEY (or its deletion), ordered by sequence_by",
+    ),
+    OptionSpec::optional(
+        "commit",
+        OptionKind::Enum(&["auto", "per_subtask", "atomic"]),
+        Some("auto"),
+        "append mode with checkpoints: per_subtask: one BUFFERED stream per sink subtask kept across checkpoints, \
+         flushed when a checkpoint completes (each subtask's rows appear on their own; one CreateWriteStream per \
+         subtask per stream_max_age); atomic: a PENDING stream per subtask per checkpoint, all committed together \
+         (a checkpoint's rows appear at once; one CreateWriteStream per subtask per checkpoint); auto: per_subtask \
+         when checkpoint_interval is under a minute, else atomic",
+    ),
+    OptionSpec::optional(
+        "stream_max_age",
+        OptionKind::Duration,
+        Some("1h"),
+        "commit = 'per_subtask': a subtask's write stream is replaced by a new one at the first checkpoint after \
+         this age",
     ),
     OptionSpec::optional(
         "sequence_by",
@@ -279,6 +306,19 @@ impl ConnectorSpec for BigQuerySpec {
                 return Err(o.error(name, "only used with write_mode = 'load'"));
             }
         }
+        for name in ["commit", "stream_max_age"] {
+            if o.is_set(name) && mode != "append" {
+                return Err(o.error(
+                    name,
+                    format!("only used with write_mode = 'append' (write_mode = '{mode}' commits its own way)"),
+                ));
+            }
+        }
+        if let Some(age) = o.get_duration("stream_max_age")
+            && age < Duration::from_secs(1)
+        {
+            return Err(o.error("stream_max_age", "must be at least 1s"));
+        }
         for name in ["sequence_by", "change_type_column"] {
             if o.is_set(name) && mode != "upsert" {
                 return Err(o.error(name, "only used with write_mode = 'upsert'"));
@@ -360,6 +400,10 @@ pub struct Target {
     pub max_request_bytes: usize,
     /// Merge mode: the staging table and the key.
     pub merge: Option<MergeTarget>,
+    /// The `commit` option (`auto`, `per_subtask`, `atomic`).
+    pub commit: String,
+    /// `stream_max_age`.
+    pub stream_max_age: Duration,
 }
 
 /// Where the merge mode stages rows, and what it matches on.
@@ -385,6 +429,8 @@ impl Target {
             key: spec.table.primary_key.clone(),
         });
         Ok(Target {
+            commit: o.get_str("commit").unwrap_or_else(|| "auto".into()),
+            stream_max_age: o.get_duration("stream_max_age").unwrap_or(Duration::from_secs(3600)),
             merge,
             table,
             auth: Auth::from_option(&get("credentials"))?,
@@ -397,6 +443,20 @@ impl Target {
     /// The table write streams go to: the staging table in merge mode.
     pub fn stream_table(&self) -> &TableRef {
         self.merge.as_ref().map_or(&self.table, |m| &m.staging)
+    }
+
+    /// Whether append-mode checkpoints write long-lived BUFFERED streams (else a PENDING stream per checkpoint),
+    /// given the job's checkpoint interval: `auto` picks them under a minute, where per-checkpoint streams would
+    /// meet BigQuery's `CreateWriteStream` quota.
+    pub fn buffered(&self, checkpoint_interval: Option<Duration>) -> bool {
+        if self.merge.is_some() {
+            return false;
+        }
+        match self.commit.as_str() {
+            "per_subtask" => true,
+            "atomic" => false,
+            _ => checkpoint_interval.is_some_and(|i| i < Duration::from_secs(60)),
+        }
     }
 
     /// A Storage Write client.
@@ -519,13 +579,33 @@ async fn prepare_target(spec: &SinkSpec, schema: &SchemaRef, target: &Target) ->
     Ok(())
 }
 
-/// What a checkpoint records for a sink subtask: finalized streams to commit.
+/// What a checkpoint records for a sink subtask: finalized streams to commit, or BUFFERED streams to flush.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CommitHandle {
     /// `projects/p/datasets/d/tables/t`.
     pub table: String,
     /// Finalized streams not yet known to be committed, oldest first.
     pub streams: Vec<PendingStream>,
+    /// `commit = 'per_subtask'`: BUFFERED streams and how many of their rows the checkpoint covers, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buffered: Vec<BufferedStream>,
+}
+
+/// A BUFFERED stream and the rows of it a checkpoint makes visible.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BufferedStream {
+    /// Stream name.
+    pub name: String,
+    /// Rows `0..rows` are covered: the flush offset is `rows - 1` (FlushRows' offset is inclusive).
+    pub rows: i64,
+    /// The checkpoint that last recorded it.
+    pub checkpoint: u64,
+    /// Whether the subtask has moved on to another stream (this one takes no more rows).
+    pub retired: bool,
+    /// Rows an earlier completed checkpoint already flushed: a stream with nothing new is not flushed again (each
+    /// FlushRows is a call, and a flush is needed only when the offset moves).
+    #[serde(default)]
+    pub flushed: i64,
 }
 
 /// A finalized PENDING stream.
@@ -537,6 +617,17 @@ pub struct PendingStream {
     pub rows: i64,
     /// The checkpoint it was finalized for.
     pub checkpoint: u64,
+}
+
+/// `CreateWriteStream` calls per hour of an append sink with checkpoints: one per subtask per checkpoint for
+/// PENDING streams, one per subtask per `max_age` for BUFFERED ones (`Some(max_age)`), the planner's quota check.
+pub fn streams_per_hour(parallelism: usize, checkpoint_interval: Duration, buffered_max_age: Option<Duration>) -> f64 {
+    let every = match buffered_max_age {
+        // A stream is replaced at the first checkpoint after its age.
+        Some(age) => age.max(checkpoint_interval),
+        None => checkpoint_interval,
+    };
+    parallelism as f64 * 3600.0 / every.as_secs_f64().max(0.001)
 }
 
 /// Whether the sink writes CDC changes.
@@ -552,10 +643,11 @@ pub fn is_load(spec: &SinkSpec) -> bool {
 /// Commits what every subtask recorded in a checkpoint: write streams (one `BatchCommitWriteStreams` per table, so
 /// the checkpoint's rows appear together), or sealed staged files (one load job). Idempotent.
 pub async fn commit_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
+    tracing::debug!(sink = %spec.table.name, "committing a completed checkpoint's bigquery writes");
     if is_load(spec) {
         return crate::load::commit(spec, handles).await;
     }
-    commit_streams(spec, handles).await
+    commit_streams(spec, handles, false).await
 }
 
 /// After a crash, before the job starts: commits what the restored checkpoint recorded (streams, or every staged
@@ -565,7 +657,61 @@ pub async fn recover_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Re
         return crate::load::recover(spec, handles).await;
     }
     // Streams of later epochs were never committed: BigQuery drops them.
-    commit_streams(spec, handles).await
+    commit_streams(spec, handles, true).await?;
+    // BUFFERED streams now show exactly the checkpoint's rows; rows appended after it may sit in their buffers.
+    // Finalizing ends them (no flush past the checkpoint can follow, no zombie writer can append): the new run
+    // writes to new streams.
+    let buffered: Vec<BufferedStream> = parse_handles(handles)?.into_iter().flat_map(|h| h.buffered).collect();
+    if !buffered.is_empty() {
+        // `commit_streams` flushed them above: a stream named here that is already finalized was finalized only
+        // after being flushed to this checkpoint's offset (by an earlier recovery, or by its subtask after the
+        // flush that retired it), so the flush is done either way.
+        let client = Target::from_spec(spec)?.write_client()?;
+        for b in &buffered {
+            client.finalize(&b.name).await?;
+        }
+        tracing::info!(streams = buffered.len(), "recovery flushed and finalized the checkpoint's BUFFERED streams");
+    }
+    Ok(())
+}
+
+fn parse_handles(handles: &[serde_json::Value]) -> Result<Vec<CommitHandle>, BqError> {
+    handles
+        .iter()
+        .filter(|h| !h.is_null())
+        .map(|h| serde_json::from_value(h.clone()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| BqError::Protocol(format!("checkpoint has a bigquery handle that is not understood: {e}")))
+}
+
+/// Makes the rows each handle's BUFFERED streams were checkpointed with visible. Idempotent: a flush at or behind
+/// an earlier one changes nothing.
+async fn flush_buffered(spec: &SinkSpec, handles: &[CommitHandle], recovering: bool) -> Result<(), BqError> {
+    let streams: Vec<&BufferedStream> =
+        handles.iter().flat_map(|h| &h.buffered).filter(|b| b.rows > b.flushed.max(0)).collect();
+    if streams.is_empty() {
+        return Ok(());
+    }
+    if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let client = Target::from_spec(spec)?.write_client()?;
+    for b in &streams {
+        match client.flush_rows(&b.name, b.rows - 1).await {
+            Ok(()) => {}
+            // Recovering, a stream already finalized was flushed to this offset before (see `recover_table`);
+            // Google's Beam connector reads INVALID_ARGUMENT on FlushRows as "already finalized" too.
+            Err(BqError::Grpc { code: tonic::Code::InvalidArgument, message, .. }) if recovering => {
+                tracing::debug!(stream = %b.name, error = %message, "FlushRows on a finalized stream: already flushed");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_BQ_FLUSHED_MS").ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    tracing::debug!(streams = streams.len(), "flushed BUFFERED streams");
+    Ok(())
 }
 
 /// A sink subtask for the sink's write mode.
@@ -579,13 +725,9 @@ pub fn create(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Bo
     Ok(Box::new(BigQuerySink::new(spec, schema, ctx)?))
 }
 
-async fn commit_streams(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
-    let handles: Vec<CommitHandle> = handles
-        .iter()
-        .filter(|h| !h.is_null())
-        .map(|h| serde_json::from_value(h.clone()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| BqError::Protocol(format!("checkpoint has a bigquery handle that is not understood: {e}")))?;
+async fn commit_streams(spec: &SinkSpec, handles: &[serde_json::Value], recovering: bool) -> Result<(), BqError> {
+    let handles = parse_handles(handles)?;
+    flush_buffered(spec, &handles, recovering).await?;
     let mut by_table: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
     for h in &handles {
         by_table.entry(&h.table).or_default().extend(h.streams.iter().map(|s| s.name.clone()));
@@ -698,6 +840,13 @@ pub struct BigQuerySink {
     current: Option<Appender>,
     /// Finalized streams waiting for their checkpoint to complete.
     uncommitted: Vec<PendingStream>,
+    /// `commit = 'per_subtask'`: the current stream is BUFFERED and outlives checkpoints.
+    buffered: bool,
+    /// When the current BUFFERED stream was created (it is replaced at a checkpoint after `stream_max_age`).
+    opened: Option<std::time::Instant>,
+    /// BUFFERED streams whose checkpointed rows are not yet known to be flushed, oldest first (the current one
+    /// last).
+    unflushed: Vec<BufferedStream>,
     name: String,
 }
 
@@ -705,19 +854,21 @@ impl BigQuerySink {
     /// A sink subtask writing rows of `schema`.
     pub fn new(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Self, BqError> {
         let target = Target::from_spec(spec)?;
+        let buffered = ctx.exactly_once && target.buffered(ctx.checkpoint_interval);
         if let Some(interval) = ctx.checkpoint_interval
             && ctx.subtask == 0
         {
-            // One stream per subtask per checkpoint with data.
-            let per_hour = ctx.parallelism as f64 * 3600.0 / interval.as_secs_f64().max(0.001);
+            let per_hour = streams_per_hour(ctx.parallelism, interval, buffered.then_some(target.stream_max_age));
+            tracing::debug!(table = %target.table, streams_per_hour = per_hour as u64, buffered, "write stream rate");
             if per_hour > STREAMS_PER_HOUR_QUOTA / 2.0 {
                 tracing::warn!(
                     table = %target.table,
                     streams_per_hour = per_hour as u64,
                     quota = STREAMS_PER_HOUR_QUOTA,
-                    "this sink may create write streams near BigQuery's CreateWriteStream quota \
-                     (parallelism x 3600 / checkpoint_interval per hour): use a longer checkpoint_interval or fewer \
-                     sink subtasks"
+                    "this sink may create write streams near BigQuery's CreateWriteStream quota: with commit = \
+                     'atomic' a stream per subtask per checkpoint (use commit = 'per_subtask', a longer \
+                     checkpoint_interval or fewer sink subtasks); with 'per_subtask' one per subtask per \
+                     stream_max_age (raise it)"
                 );
             }
         }
@@ -736,22 +887,71 @@ impl BigQuerySink {
             ctx,
             current: None,
             uncommitted: Vec::new(),
+            buffered,
+            opened: None,
+            unflushed: Vec::new(),
         })
     }
 
     fn handle(&self) -> CommitHandle {
-        CommitHandle { table: self.target.stream_table().path(), streams: self.uncommitted.clone() }
+        CommitHandle {
+            table: self.target.stream_table().path(),
+            streams: self.uncommitted.clone(),
+            buffered: self.unflushed.iter().filter(|b| b.rows > 0).cloned().collect(),
+        }
+    }
+
+    /// `per_subtask` at the barrier: everything sent is acknowledged, the current stream's row count goes in the
+    /// checkpoint, and a stream past `stream_max_age` is retired (its last rows flush with this checkpoint).
+    async fn pre_commit_buffered(&mut self, checkpoint: CheckpointId) -> Result<(), EngineError> {
+        let Some(a) = self.current.as_mut() else { return Ok(()) };
+        let rejected = a.flush().await?;
+        let (stream, rows) = (a.stream().to_string(), a.rows_sent());
+        self.dead_letter(rejected)?;
+        let retire = self.opened.is_some_and(|t| t.elapsed() >= self.target.stream_max_age);
+        match self.unflushed.iter_mut().find(|b| b.name == stream) {
+            Some(b) => {
+                b.rows = rows;
+                b.checkpoint = checkpoint.0;
+                b.retired = retire;
+            }
+            None => self.unflushed.push(BufferedStream {
+                name: stream.clone(),
+                rows,
+                checkpoint: checkpoint.0,
+                retired: retire,
+                flushed: 0,
+            }),
+        }
+        if retire && let Some(mut a) = self.current.take() {
+            a.close();
+            self.opened = None;
+            tracing::debug!(stream, rows, "write stream reached stream_max_age: the next rows go to a new one");
+        }
+        Ok(())
     }
 
     fn dead_letter(&self, rejected: Vec<Rejected>) -> Result<(), EngineError> {
         dead_letter(&self.ctx, &self.name, "BigQuery rejected", rejected)
     }
 
+    /// Counts a `CreateWriteStream` in the node's metrics (`nagare_write_streams_created_total`).
+    fn stream_created(&self, stream: &str) {
+        nagare_engine::metrics::NodeMetrics::add(&self.ctx.metrics.streams_created, 1);
+        tracing::debug!(stream, subtask = self.ctx.subtask, "created write stream");
+    }
+
     async fn appender(&mut self) -> Result<&mut Appender, BqError> {
         if self.current.is_none() {
             let table = self.target.stream_table().path();
-            let a = if self.ctx.exactly_once {
+            let a = if self.buffered {
+                let stream = self.client.create_buffered_stream(&table).await?;
+                self.stream_created(&stream);
+                self.opened = Some(std::time::Instant::now());
+                self.client.appender(stream, &self.wire, self.target.max_request_bytes)?
+            } else if self.ctx.exactly_once {
                 let stream = self.client.create_pending_stream(&table).await?;
+                self.stream_created(&stream);
                 self.client.appender(stream, &self.wire, self.target.max_request_bytes)?
             } else {
                 self.client.default_stream_appender(&table, &self.wire, self.target.max_request_bytes)?
@@ -790,7 +990,9 @@ impl Sink for BigQuerySink {
     }
 
     async fn pre_commit(&mut self, checkpoint: CheckpointId, _last: bool) -> Result<serde_json::Value, EngineError> {
-        if let Some(mut a) = self.current.take() {
+        if self.buffered {
+            self.pre_commit_buffered(checkpoint).await?;
+        } else if let Some(mut a) = self.current.take() {
             let rejected = a.flush().await?;
             self.dead_letter(rejected)?;
             a.close();
@@ -812,12 +1014,30 @@ impl Sink for BigQuerySink {
 
     /// The table's committer (`commit_table`, run by the checkpoint coordinator) has committed every subtask's
     /// streams of checkpoints up to `checkpoint`: they leave the list carried in later handles.
+    /// `per_subtask`: retired streams flushed by it are finalized and leave the handle.
     async fn commit(&mut self, checkpoint: CheckpointId) -> Result<(), EngineError> {
         self.uncommitted.retain(|s| s.checkpoint > checkpoint.0);
+        let (done, mut keep): (Vec<_>, Vec<_>) =
+            self.unflushed.drain(..).partition(|b| b.retired && b.checkpoint <= checkpoint.0);
+        for b in keep.iter_mut().filter(|b| b.checkpoint <= checkpoint.0) {
+            b.flushed = b.rows;
+        }
+        self.unflushed = keep;
+        for b in done {
+            self.client.finalize(&b.name).await?;
+        }
         Ok(())
     }
 
     async fn finish(&mut self) -> Result<(), EngineError> {
+        if self.buffered {
+            // Everything was flushed by the final checkpoint: the stream is ended.
+            if let Some(mut a) = self.current.take() {
+                a.close();
+                self.client.finalize(a.stream()).await?;
+            }
+            return Ok(());
+        }
         if !self.ctx.exactly_once
             && let Some(mut a) = self.current.take()
         {
@@ -825,5 +1045,53 @@ impl Sink for BigQuerySink {
             self.dead_letter(rejected)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quota_estimate_follows_the_commit_mode() {
+        let second = Duration::from_secs(1);
+        // atomic: a stream per subtask per checkpoint; 1 s at parallelism 4 is over BigQuery's 10,000 an hour.
+        assert_eq!(streams_per_hour(4, second, None), 14_400.0);
+        // per_subtask: a stream per subtask per stream_max_age.
+        assert_eq!(streams_per_hour(8, second, Some(Duration::from_secs(3600))), 8.0);
+        // A stream is replaced at a checkpoint, so never more often than checkpoints come.
+        assert_eq!(streams_per_hour(2, Duration::from_secs(60), Some(second)), 120.0);
+    }
+
+    #[test]
+    fn auto_picks_long_lived_streams_under_a_minute() {
+        let target = |commit: &str| Target {
+            table: TableRef { project: "p".into(), dataset: "d".into(), table: "t".into() },
+            auth: Auth::None,
+            endpoint: String::new(),
+            rest_endpoint: String::new(),
+            max_request_bytes: 1,
+            merge: None,
+            commit: commit.into(),
+            stream_max_age: Duration::from_secs(3600),
+        };
+        let every = |s: u64| Some(Duration::from_secs(s));
+        assert!(target("auto").buffered(every(1)));
+        assert!(target("auto").buffered(every(59)));
+        assert!(!target("auto").buffered(every(60)));
+        assert!(!target("atomic").buffered(every(1)));
+        assert!(target("per_subtask").buffered(every(600)));
+        let mut merge = target("per_subtask");
+        merge.merge = Some(MergeTarget { staging: merge.table.clone(), key: vec!["id".into()] });
+        assert!(!merge.buffered(every(1)), "merge reads its staging streams by name: always PENDING");
+    }
+
+    #[test]
+    fn handles_of_earlier_versions_still_read() {
+        let old = serde_json::json!({"table": "projects/p/datasets/d/tables/t", "streams": [
+            {"name": "s1", "rows": 3, "checkpoint": 7}]});
+        let h: CommitHandle = serde_json::from_value(old).unwrap();
+        assert!(h.buffered.is_empty());
+        assert_eq!(h.streams.len(), 1);
     }
 }

@@ -1,5 +1,6 @@
 //! An in-process test double of the Storage Write API (BigQueryWrite) with the semantics Google documents for
-//! PENDING streams and offsets, and faults to inject: dropped connections, lost acknowledgements, OUT_OF_RANGE and
+//! PENDING and BUFFERED streams, offsets and `FlushRows` (the offset is inclusive; a flush at or behind the flushed
+//! offset changes nothing; a finalized stream takes no appends), and faults to inject: dropped connections, lost acknowledgements, OUT_OF_RANGE and
 //! row errors, which bqemulator never produces. Test code only.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, dead_code)]
 
@@ -35,6 +36,21 @@ pub struct StreamState {
     pub row_count: i64,
     pub finalized: bool,
     pub committed: bool,
+    /// BUFFERED (else PENDING).
+    pub buffered: bool,
+    /// BUFFERED: rows `0..flushed` are visible.
+    pub flushed: i64,
+}
+
+impl StreamState {
+    /// Rows a reader of the table sees: a committed PENDING stream's, a BUFFERED stream's up to its flush.
+    fn visible(&self) -> i64 {
+        match (self.buffered, self.committed) {
+            (true, _) => self.flushed,
+            (false, true) => self.row_count,
+            (false, false) => 0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -44,6 +60,13 @@ pub struct State {
     /// Rows whose first (INT64) column holds this value are refused with a row error.
     pub reject: Option<i64>,
     pub append_requests: usize,
+    /// `CreateWriteStream` calls answered.
+    pub streams_created: usize,
+    /// `FlushRows` calls answered.
+    pub flushes: usize,
+    /// Answer a flush at or behind the flushed offset ALREADY_EXISTS and a flush of a finalized stream
+    /// INVALID_ARGUMENT, as Google's Beam connector expects of BigQuery (the default is the documented no-op).
+    pub strict_flush: bool,
     next_id: u64,
 }
 
@@ -96,6 +119,31 @@ impl Fake {
         let s = &st.streams[stream];
         s.rows.iter().flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec()).collect()
     }
+
+    /// The first column of every row a reader of `table` sees (committed or flushed), as text, in stream-creation
+    /// and offset order.
+    pub fn visible_keys(&self, table: &str) -> Vec<String> {
+        let st = self.state.lock().unwrap();
+        let prefix = format!("{table}/streams/");
+        let mut names: Vec<(&String, &StreamState)> =
+            st.streams.iter().filter(|(n, _)| n.starts_with(&prefix)).collect();
+        names.sort_by_key(|(n, _)| n[prefix.len() + 1..].parse::<u64>().unwrap_or(0));
+        let mut out = Vec::new();
+        for (_, s) in names {
+            let mut left = s.visible();
+            for b in &s.rows {
+                if left <= 0 {
+                    break;
+                }
+                let take = (b.num_rows() as i64).min(left);
+                let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+                let col = col.as_string::<i32>();
+                out.extend((0..take as usize).map(|i| col.value(i).to_string()));
+                left -= take;
+            }
+        }
+        out
+    }
 }
 
 type AppendStream = Pin<Box<dyn Stream<Item = Result<pb::AppendRowsResponse, Status>> + Send + 'static>>;
@@ -107,15 +155,17 @@ impl BigQueryWrite for Fake {
         request: Request<pb::CreateWriteStreamRequest>,
     ) -> Result<Response<pb::WriteStream>, Status> {
         let req = request.into_inner();
+        let kind = req.write_stream.map_or(pb::write_stream::Type::Pending as i32, |w| w.r#type);
+        let buffered = kind == pb::write_stream::Type::Buffered as i32;
+        if !buffered && kind != pb::write_stream::Type::Pending as i32 {
+            return Err(Status::invalid_argument("the double has PENDING and BUFFERED streams only"));
+        }
         let mut st = self.state.lock().unwrap();
         st.next_id += 1;
+        st.streams_created += 1;
         let name = format!("{}/streams/s{}", req.parent, st.next_id);
-        st.streams.insert(name.clone(), StreamState::default());
-        Ok(Response::new(pb::WriteStream {
-            name,
-            r#type: pb::write_stream::Type::Pending as i32,
-            ..Default::default()
-        }))
+        st.streams.insert(name.clone(), StreamState { buffered, ..Default::default() });
+        Ok(Response::new(pb::WriteStream { name, r#type: kind, ..Default::default() }))
     }
 
     type AppendRowsStream = AppendStream;
@@ -158,9 +208,9 @@ impl BigQueryWrite for Fake {
                         return Err(Status::not_found("stream"));
                     };
                     let offset = req.offset.unwrap_or(stream.row_count);
-                    let ids = batch.column(0).as_primitive::<Int64Type>().clone();
-                    let bad: Vec<pb::RowError> = (0..ids.len())
-                        .filter(|i| ids.is_valid(*i) && Some(ids.value(*i)) == reject)
+                    let ids = batch.column(0).as_primitive_opt::<Int64Type>().cloned();
+                    let bad: Vec<pb::RowError> = (0..batch.num_rows())
+                        .filter(|i| ids.as_ref().is_some_and(|ids| ids.is_valid(*i) && Some(ids.value(*i)) == reject))
                         .map(|i| pb::RowError {
                             index: i as i64,
                             code: pb::row_error::RowErrorCode::FieldsError as i32,
@@ -244,6 +294,7 @@ impl BigQueryWrite for Fake {
         for name in &req.write_streams {
             let error = match st.streams.get(name) {
                 None => Some((C::StreamNotFound, "not found")),
+                Some(s) if s.buffered => Some((C::InvalidStreamType, "not a PENDING stream")),
                 Some(s) if s.committed => Some((C::StreamAlreadyCommitted, "already committed")),
                 Some(s) if !s.finalized => Some((C::InvalidStreamState, "not finalized")),
                 Some(_) => None,
@@ -270,11 +321,142 @@ impl BigQueryWrite for Fake {
         }))
     }
 
+    /// Google's semantics: rows up to `offset` *inclusive* become visible; an offset at or behind the flushed one
+    /// changes nothing; an offset past the appended rows is OUT_OF_RANGE; only BUFFERED streams flush.
     async fn flush_rows(
         &self,
-        _request: Request<pb::FlushRowsRequest>,
+        request: Request<pb::FlushRowsRequest>,
     ) -> Result<Response<pb::FlushRowsResponse>, Status> {
-        Err(Status::unimplemented("FlushRows is for BUFFERED streams, which nagare does not use"))
+        let req = request.into_inner();
+        let mut st = self.state.lock().unwrap();
+        st.flushes += 1;
+        let st_strict = st.strict_flush;
+        let s = st.streams.get_mut(&req.write_stream).ok_or_else(|| Status::not_found(req.write_stream.clone()))?;
+        if !s.buffered {
+            return Err(Status::invalid_argument("FlushRows is for BUFFERED streams"));
+        }
+        let offset = req.offset.ok_or_else(|| Status::invalid_argument("offset is required"))?;
+        if st_strict && s.finalized {
+            return Err(Status::invalid_argument("stream is finalized"));
+        }
+        if st_strict && offset < s.flushed {
+            return Err(Status::already_exists(format!("offset {offset} is already flushed")));
+        }
+        if offset < 0 || offset >= s.row_count {
+            return Err(Status::out_of_range(format!(
+                "offset {offset} is not a row of the stream ({} rows)",
+                s.row_count
+            )));
+        }
+        s.flushed = s.flushed.max(offset + 1);
+        Ok(Response::new(pb::FlushRowsResponse { offset }))
+    }
+}
+
+/// Forwards every call to a Storage Write endpoint (bqemulator) unchanged, except `FlushRows`, which it gives
+/// Google's documented semantics: bqemulator reads the offset as exclusive (Google: inclusive, see
+/// scripts/services/README.md), so the offset goes up by one; and bqemulator refuses a flush at or behind the
+/// flushed offset, or on a finalized stream, with OUT_OF_RANGE (Google: a flush behind the flushed offset is a
+/// no-op), so such a flush is answered here without reaching it. Tests put it in front of the emulator so the
+/// product speaks Google's semantics; it outlives the nagare processes a crash test kills.
+#[derive(Clone)]
+pub struct InclusiveFlushProxy {
+    upstream: pb::big_query_write_client::BigQueryWriteClient<tonic::transport::Channel>,
+    /// The highest (inclusive) offset flushed through this proxy, per stream.
+    flushed: Arc<Mutex<HashMap<String, i64>>>,
+}
+
+impl InclusiveFlushProxy {
+    /// A proxy for `endpoint` (`http://host:port`).
+    pub fn new(endpoint: &str) -> Self {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string()).unwrap().connect_lazy();
+        InclusiveFlushProxy {
+            upstream: pb::big_query_write_client::BigQueryWriteClient::new(channel)
+                .max_encoding_message_size(64 * 1024 * 1024)
+                .max_decoding_message_size(64 * 1024 * 1024),
+            flushed: Arc::default(),
+        }
+    }
+
+    /// Serves on a free loopback port; returns its `http://` endpoint.
+    pub async fn serve(&self) -> String {
+        serve_write(self.clone()).await
+    }
+}
+
+#[tonic::async_trait]
+impl BigQueryWrite for InclusiveFlushProxy {
+    async fn create_write_stream(
+        &self,
+        request: Request<pb::CreateWriteStreamRequest>,
+    ) -> Result<Response<pb::WriteStream>, Status> {
+        self.upstream.clone().create_write_stream(request.into_inner()).await
+    }
+
+    type AppendRowsStream = AppendStream;
+
+    async fn append_rows(
+        &self,
+        request: Request<Streaming<pb::AppendRowsRequest>>,
+    ) -> Result<Response<Self::AppendRowsStream>, Status> {
+        // Requests go up until the client's side ends or breaks; responses (and errors) come back as they are.
+        let mut from_client = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Ok(Some(r)) = from_client.message().await {
+                if tx.send(r).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let inbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let responses = self.upstream.clone().append_rows(inbound).await?.into_inner();
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn get_write_stream(
+        &self,
+        request: Request<pb::GetWriteStreamRequest>,
+    ) -> Result<Response<pb::WriteStream>, Status> {
+        self.upstream.clone().get_write_stream(request.into_inner()).await
+    }
+
+    async fn finalize_write_stream(
+        &self,
+        request: Request<pb::FinalizeWriteStreamRequest>,
+    ) -> Result<Response<pb::FinalizeWriteStreamResponse>, Status> {
+        self.upstream.clone().finalize_write_stream(request.into_inner()).await
+    }
+
+    async fn batch_commit_write_streams(
+        &self,
+        request: Request<pb::BatchCommitWriteStreamsRequest>,
+    ) -> Result<Response<pb::BatchCommitWriteStreamsResponse>, Status> {
+        self.upstream.clone().batch_commit_write_streams(request.into_inner()).await
+    }
+
+    async fn flush_rows(
+        &self,
+        request: Request<pb::FlushRowsRequest>,
+    ) -> Result<Response<pb::FlushRowsResponse>, Status> {
+        let mut req = request.into_inner();
+        let stream = req.write_stream.clone();
+        let Some(offset) = req.offset else { return Err(Status::invalid_argument("offset is required")) };
+        if self.flushed.lock().unwrap().get(&stream).is_some_and(|f| *f >= offset) {
+            return Ok(Response::new(pb::FlushRowsResponse { offset }));
+        }
+        req.offset = Some(offset + 1);
+        // In a task of its own: a client killed mid-call must not leave a flush done upstream but not recorded.
+        let (mut upstream, flushed) = (self.upstream.clone(), self.flushed.clone());
+        tokio::spawn(async move {
+            upstream.flush_rows(req).await?;
+            let mut flushed = flushed.lock().unwrap();
+            let f = flushed.entry(stream).or_insert(offset);
+            *f = (*f).max(offset);
+            Ok(Response::new(pb::FlushRowsResponse { offset }))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
     }
 }
 
@@ -361,5 +543,72 @@ mod tests {
         let open = client.create_pending_stream(TABLE).await.unwrap();
         let err = client.commit_streams(TABLE, &[open]).await.unwrap_err().to_string();
         assert!(err.contains("not finalized"), "{err}");
+    }
+
+    /// Appends `ids` to a new BUFFERED stream.
+    async fn buffered_with(client: &WriteClient, ids: std::ops::Range<i64>) -> String {
+        let stream = client.create_buffered_stream(TABLE).await.unwrap();
+        let mut a = client.appender(stream.clone(), &batch(0..0).schema(), 1024 * 1024).unwrap();
+        a.append(&batch(ids)).await.unwrap();
+        assert!(a.flush().await.unwrap().is_empty());
+        stream
+    }
+
+    #[tokio::test]
+    async fn buffered_rows_are_visible_up_to_the_inclusive_flush_offset_only() {
+        let fake = Fake::default();
+        let client = WriteClient::new(&fake.serve().await, Auth::None).unwrap();
+        let stream = buffered_with(&client, 0..10).await;
+        let visible = || fake.visible_keys(TABLE).iter().map(|k| k.parse::<i64>().unwrap()).collect::<Vec<_>>();
+        assert!(visible().is_empty(), "appended rows of a BUFFERED stream are not visible before a flush");
+        client.flush_rows(&stream, 3).await.unwrap();
+        assert_eq!(visible(), (0..4).collect::<Vec<_>>(), "offset 3 is included");
+        // Behind or at the flushed offset: nothing changes, no error (so recovery may flush again).
+        client.flush_rows(&stream, 1).await.unwrap();
+        client.flush_rows(&stream, 3).await.unwrap();
+        assert_eq!(visible(), (0..4).collect::<Vec<_>>());
+        // Past the rows appended: OUT_OF_RANGE, nothing changes.
+        let err = client.flush_rows(&stream, 10).await.unwrap_err().to_string();
+        assert!(err.contains("OutOfRange") || err.contains("out of range") || err.contains("not a row"), "{err}");
+        assert_eq!(visible(), (0..4).collect::<Vec<_>>());
+        client.flush_rows(&stream, 9).await.unwrap();
+        assert_eq!(visible(), (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn flushing_again_is_done_whether_the_server_says_ok_or_already_exists() {
+        let fake = Fake::default();
+        fake.state.lock().unwrap().strict_flush = true;
+        let client = WriteClient::new(&fake.serve().await, Auth::None).unwrap();
+        let stream = buffered_with(&client, 0..10).await;
+        client.flush_rows(&stream, 4).await.unwrap();
+        client.flush_rows(&stream, 4).await.unwrap();
+        client.flush_rows(&stream, 2).await.unwrap();
+        assert_eq!(fake.visible_keys(TABLE).len(), 5);
+        client.finalize(&stream).await.unwrap();
+        // Flushing a finalized stream is an error for the client; only recovery reads it as done.
+        let err = client.flush_rows(&stream, 4).await.unwrap_err().to_string();
+        assert!(err.contains("finalized"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_finalized_buffered_stream_refuses_appends_and_keeps_unflushed_rows_invisible() {
+        let fake = Fake::default();
+        let client = WriteClient::new(&fake.serve().await, Auth::None).unwrap();
+        let stream = buffered_with(&client, 0..10).await;
+        client.flush_rows(&stream, 4).await.unwrap();
+        assert_eq!(client.finalize(&stream).await.unwrap(), 10);
+        // Flushing what the checkpoint covered again after finalizing (recovery's order) is still fine.
+        client.flush_rows(&stream, 4).await.unwrap();
+        let mut a = client.appender(stream.clone(), &batch(0..0).schema(), 1024 * 1024).unwrap();
+        let err = match a.append(&batch(10..12)).await {
+            Err(e) => e,
+            Ok(_) => a.flush().await.unwrap_err(),
+        };
+        assert!(err.to_string().contains("finalized"), "{err}");
+        assert_eq!(fake.visible_keys(TABLE).len(), 5, "rows 5..10 were never flushed and never become visible");
+        // A BUFFERED stream cannot be committed like a PENDING one.
+        let err = client.commit_streams(TABLE, std::slice::from_ref(&stream)).await.unwrap_err().to_string();
+        assert!(err.contains("not a PENDING stream"), "{err}");
     }
 }

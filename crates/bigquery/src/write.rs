@@ -88,13 +88,20 @@ impl WriteClient {
     /// Creates a PENDING stream on `table` (`projects/p/datasets/d/tables/t`): rows become visible only when it is
     /// committed.
     pub async fn create_pending_stream(&self, table: &str) -> Result<String> {
+        self.create_stream(table, pb::write_stream::Type::Pending).await
+    }
+
+    /// Creates a BUFFERED stream on `table`: rows become visible only up to the offset of a `FlushRows`, so one
+    /// stream can serve many checkpoints.
+    pub async fn create_buffered_stream(&self, table: &str) -> Result<String> {
+        self.create_stream(table, pb::write_stream::Type::Buffered).await
+    }
+
+    async fn create_stream(&self, table: &str, kind: pb::write_stream::Type) -> Result<String> {
         with_retries("CreateWriteStream", || async {
             let msg = pb::CreateWriteStreamRequest {
                 parent: table.to_string(),
-                write_stream: Some(pb::WriteStream {
-                    r#type: pb::write_stream::Type::Pending as i32,
-                    ..Default::default()
-                }),
+                write_stream: Some(pb::WriteStream { r#type: kind as i32, ..Default::default() }),
             };
             let req = self.request(msg, "parent", table).await?;
             let s = self
@@ -121,6 +128,27 @@ impl WriteClient {
             Ok(r.into_inner().row_count)
         })
         .await
+    }
+
+    /// Makes the rows of a BUFFERED stream up to `offset` (inclusive, as Google documents) visible. Idempotent:
+    /// a flush at or behind an earlier one changes nothing, whether the server answers OK or ALREADY_EXISTS (which
+    /// Google's own Beam connector reads as "already flushed up to here").
+    pub async fn flush_rows(&self, stream: &str, offset: i64) -> Result<()> {
+        let r = with_retries("FlushRows", || async {
+            let msg = pb::FlushRowsRequest { write_stream: stream.to_string(), offset: Some(offset) };
+            let req = self.request(msg, "write_stream", stream).await?;
+            let r = self.client.clone().flush_rows(req).await.map_err(|e| BqError::grpc("FlushRows", &e))?;
+            Ok(r.into_inner().offset)
+        })
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(BqError::Grpc { code: tonic::Code::AlreadyExists, .. }) => {
+                tracing::debug!(stream, offset, "FlushRows: already flushed to this offset");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads a stream's state (commit time, type).

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit};
@@ -106,6 +106,17 @@ pub enum BenchCommand {
         /// Checkpoint interval of every run.
         #[arg(long, default_value = "10s")]
         checkpoint_interval: String,
+        /// Instead: commit→visible and source→visible latency of `commit = 'per_subtask'` and `'atomic'` side by
+        /// side, at checkpoint intervals of 1 s, 2 s and 10 s (generated rows carrying their creation time; the
+        /// table polled with `jobs.query`).
+        #[arg(long)]
+        latency: bool,
+        /// Latency runs: seconds of input per run.
+        #[arg(long, default_value_t = 30)]
+        latency_seconds: u64,
+        /// Latency runs: rows per second.
+        #[arg(long, default_value_t = 500)]
+        latency_rate: u64,
     },
     /// Shuffle-heavy W1 (dedup by id, then a per-tenant window) in one process, in one worker process and split
     /// over two worker processes exchanging rows over Arrow Flight; then the exchange alone vs the in-process
@@ -624,6 +635,196 @@ async fn bench_bigquery(
     Ok(())
 }
 
+/// Where the BigQuery benchmarks write.
+struct BqTarget {
+    endpoint: String,
+    rest_endpoint: String,
+    project: String,
+    credentials: String,
+}
+
+/// The `q` quantile (0..=1) of sorted values (nearest rank).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Microseconds since the Unix epoch, now.
+fn unix_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Times (µs since the epoch) of nagare's log lines containing `needle` (tracing's default format starts each line
+/// with an RFC 3339 time, possibly inside ANSI colour codes).
+fn log_times(log: &str, needle: &str) -> Vec<i64> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| {
+            // Drop ANSI escape sequences (ESC '[' ... 'm'), then read the first word.
+            let mut plain = String::with_capacity(l.len());
+            let mut chars = l.chars();
+            while let Some(c) = chars.next() {
+                if c == '\u{1b}' {
+                    for e in chars.by_ref() {
+                        if e == 'm' {
+                            break;
+                        }
+                    }
+                } else {
+                    plain.push(c);
+                }
+            }
+            let first = plain.split_whitespace().next()?;
+            chrono::DateTime::parse_from_rfc3339(first).ok().map(|t| t.timestamp_micros())
+        })
+        .collect()
+}
+
+/// One latency run: a generator paced at `rate` rows/s for `seconds` into `table` with `commit = mode`, checkpoints
+/// every `interval`; the table is polled until every row is seen. Returns (source→visible ms, commit→visible ms,
+/// write streams created, checkpoints committed, rows never seen).
+#[allow(clippy::too_many_arguments)]
+async fn latency_run(
+    dir: &Path,
+    bq: &BqTarget,
+    rest: &nagare_bigquery::rest::RestClient,
+    p: usize,
+    seconds: u64,
+    rate: u64,
+    interval: &str,
+    mode: &str,
+) -> Result<(Vec<f64>, Vec<f64>, usize, usize, u64)> {
+    let BqTarget { endpoint, rest_endpoint, project, credentials } = bq;
+    let dataset = "nagare_bench";
+    let table = format!("latency_{mode}_{interval}_{}", std::process::id());
+    let count = rate * seconds;
+    let sql = format!(
+        "CREATE TABLE events (id TEXT, time TIMESTAMP) WITH (connector = 'generator', count = '{count}', \
+         rate = '{rate}');\n\
+         CREATE TABLE bq (id TEXT NOT NULL, created TIMESTAMP) WITH (connector = 'bigquery', project = '{project}', \
+         dataset = '{dataset}', table = '{table}', credentials = '{credentials}', endpoint = '{endpoint}', \
+         rest_endpoint = '{rest_endpoint}', create_table = 'if_not_exists', commit = '{mode}');\n\
+         INSERT INTO bq SELECT id, time FROM events;\n"
+    );
+    let sql_path = dir.join(format!("latency-{mode}-{interval}.sql"));
+    std::fs::write(&sql_path, sql)?;
+    let ckpt = dir.join(format!("latency-ckpt-{mode}-{interval}"));
+    let _ = std::fs::remove_dir_all(&ckpt);
+    let log_path = dir.join(format!("latency-{mode}-{interval}.log"));
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let exe = std::env::current_exe().context("locating the nagare binary")?;
+    let started = Instant::now();
+    let mut child = Command::new(&exe)
+        .args(["run", &s(&sql_path), "--quiet", "--parallelism", &p.to_string(), "--threads", &p.to_string()])
+        .args(["--checkpoint-dir", &s(&ckpt), "--checkpoint-interval", interval])
+        .env("NAGARE_LOG", "warn,nagare_bigquery=debug")
+        .stderr(std::fs::File::create(&log_path)?)
+        .spawn()?;
+    // Rows visible per 10 ms of creation time: a poll's answer stays small (a query answers at most 10,000 rows
+    // without paging) and a bucket's count going up by k is k rows becoming visible.
+    const BUCKET_US: i64 = 10_000;
+    let q = format!(
+        "SELECT DIV(UNIX_MICROS(created), {BUCKET_US}) AS b, COUNT(*) FROM `{project}.{dataset}.{table}` GROUP BY b"
+    );
+    let mut counted: std::collections::HashMap<i64, u64> = std::collections::HashMap::new();
+    // (created, first seen), µs since the epoch; created is its bucket's middle.
+    let mut seen: Vec<(i64, i64)> = Vec::new();
+    let mut ran = None;
+    loop {
+        let status = child.try_wait()?;
+        if let Some(st) = status {
+            anyhow::ensure!(st.success(), "{mode} at {interval} failed ({st}); log: {}", log_path.display());
+            ran.get_or_insert(started.elapsed().as_secs_f64());
+        }
+        if let Ok(rows) = rest.query(project, &q, None).await {
+            let now = unix_micros();
+            let cell = |r: &Vec<serde_json::Value>, i: usize| r.get(i).and_then(|v| v.as_str()?.parse::<i64>().ok());
+            for r in rows {
+                let (Some(bucket), Some(n)) = (cell(&r, 0), cell(&r, 1)) else { continue };
+                let had = counted.entry(bucket).or_insert(0);
+                let n = n.max(0) as u64;
+                for _ in *had..n {
+                    seen.push((bucket * BUCKET_US + BUCKET_US / 2, now));
+                }
+                *had = (*had).max(n);
+            }
+        }
+        if seen.len() as u64 >= count {
+            break;
+        }
+        let since_end = started.elapsed().as_secs_f64() - ran.unwrap_or(f64::INFINITY);
+        // bqemulator reads FlushRows' offset as exclusive (Google: inclusive), so each BUFFERED stream's last
+        // flushed row stays invisible there: per_subtask may fall short by one row per stream created.
+        if mode == "per_subtask" && since_end > 3.0 {
+            let log = std::fs::read_to_string(&log_path)?;
+            let streams = log.lines().filter(|l| l.contains("created write stream")).count() as u64;
+            if count.saturating_sub(seen.len() as u64) <= streams {
+                break;
+            }
+        }
+        if since_end > 30.0 {
+            anyhow::bail!("{mode} at {interval}: {} of {count} rows visible 30 s after the job ended", seen.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = child.wait()?;
+    anyhow::ensure!(status.success(), "{mode} at {interval} failed ({status}); log: {}", log_path.display());
+    let log = std::fs::read_to_string(&log_path)?;
+    let mut commits = log_times(&log, "committing a completed checkpoint's bigquery writes");
+    commits.sort_unstable();
+    let created = log.lines().filter(|l| l.contains("created write stream")).count();
+    let mut source = Vec::new();
+    let mut commit = Vec::new();
+    for (created_us, visible_us) in &seen {
+        source.push((visible_us - created_us) as f64 / 1e3);
+        // The last commit that began before the row was seen is the one that made it visible.
+        if let Some(c) = commits.iter().rev().find(|c| **c <= *visible_us) {
+            commit.push((visible_us - c) as f64 / 1e3);
+        }
+    }
+    source.sort_by(f64::total_cmp);
+    commit.sort_by(f64::total_cmp);
+    Ok((source, commit, created, commits.len(), count.saturating_sub(seen.len() as u64)))
+}
+
+/// `nagare bench bigquery --latency`.
+async fn bench_bigquery_latency(dir: &Path, bq: &BqTarget, p: usize, seconds: u64, rate: u64) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let auth = nagare_bigquery::auth::Auth::from_option(&bq.credentials)?;
+    let rest = nagare_bigquery::rest::RestClient::new(&bq.rest_endpoint, auth)?;
+    rest.create_dataset(&bq.project, "nagare_bench").await?;
+    println!(
+        "latency: {rate} rows/s for {seconds} s per run, parallelism {p}; the table polled every 100 ms (a row's \
+         visible time is when the first poll that returns it came back)"
+    );
+    println!(
+        "{:<11} {:<12} {:>7} {:>7} {:>24} {:>24} {:>16}",
+        "checkpoint", "commit", "rows", "unseen", "source→visible p50/p99", "commit→visible p50/p99", "streams/commits"
+    );
+    println!(
+        "(unseen: rows never visible; on bqemulator per_subtask leaves one per stream, the last row its exclusive \
+         FlushRows offset leaves out, and delays the last row of each flush by one checkpoint)"
+    );
+    for interval in ["1s", "2s", "10s"] {
+        for mode in ["per_subtask", "atomic"] {
+            let (source, commit, created, commits, unseen) =
+                latency_run(dir, bq, &rest, p, seconds, rate, interval, mode).await?;
+            let ms = |v: &[f64]| format!("{:.0} / {:.0} ms", quantile(v, 0.5), quantile(v, 0.99));
+            println!(
+                "{interval:<11} {mode:<12} {:>7} {unseen:>7} {:>24} {:>24} {:>16}",
+                source.len(),
+                ms(&source),
+                ms(&commit),
+                format!("{created}/{commits}")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs a benchmark command.
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
@@ -636,7 +837,14 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             credentials,
             parallelism,
             checkpoint_interval,
+            latency,
+            latency_seconds,
+            latency_rate,
         } => {
+            if latency {
+                let target = BqTarget { endpoint, rest_endpoint, project, credentials };
+                return bench_bigquery_latency(&dir, &target, parallelism, latency_seconds, latency_rate).await;
+            }
             bench_bigquery(
                 rows,
                 &dir,

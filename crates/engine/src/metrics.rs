@@ -33,6 +33,8 @@ pub struct NodeMetrics {
     pub state_entries: AtomicI64,
     /// Time spent blocked on full output channels (backpressure), in µs.
     pub backpressure_us: AtomicU64,
+    /// Write streams a sink created (BigQuery `CreateWriteStream`), whose rate a per-hour quota limits.
+    pub streams_created: AtomicU64,
     watermarks: Vec<AtomicI64>,
 }
 
@@ -52,6 +54,7 @@ impl NodeMetrics {
             bad_records: AtomicU64::new(0),
             state_entries: AtomicI64::new(0),
             backpressure_us: AtomicU64::new(0),
+            streams_created: AtomicU64::new(0),
             watermarks: (0..parallelism).map(|_| AtomicI64::new(i64::MIN)).collect(),
         }
     }
@@ -125,7 +128,7 @@ impl JobMetrics {
 /// The counters of several jobs (a worker's) in Prometheus text exposition format, each metric family once.
 pub fn prometheus(jobs: &[(&str, &JobMetrics)]) -> String {
     let mut out = String::new();
-    let counters: [Counter; 8] = [
+    let counters: [Counter; 9] = [
         ("nagare_rows_in_total", "Rows received by the operator.", |m| NodeMetrics::get(&m.rows_in)),
         ("nagare_rows_out_total", "Rows emitted (sinks: written) by the operator.", |m| NodeMetrics::get(&m.rows_out)),
         ("nagare_bytes_total", "Bytes read (sources) or written (sinks).", |m| NodeMetrics::get(&m.bytes)),
@@ -139,6 +142,9 @@ pub fn prometheus(jobs: &[(&str, &JobMetrics)]) -> String {
         ("nagare_bad_records_total", "Malformed input records.", |m| NodeMetrics::get(&m.bad_records)),
         ("nagare_backpressure_seconds_total", "Time blocked on full output channels.", |m| {
             NodeMetrics::get(&m.backpressure_us) / 1_000_000
+        }),
+        ("nagare_write_streams_created_total", "Write streams a sink created (BigQuery: quota per hour).", |m| {
+            NodeMetrics::get(&m.streams_created)
         }),
     ];
     let nodes = || jobs.iter().flat_map(|(job, metrics)| metrics.nodes.iter().map(move |m| (escape(job), m)));
