@@ -2,7 +2,9 @@
 //! etcd-client's build needs as well), and a descriptor set for server reflection.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with env!(): the target directory is shared between clones (see .cargo/config.toml),
+    // and cargo may reuse this script's binary built in another clone, which would then compile that clone's protos.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [root.join("nagare/v1/jobs.proto"), root.join("nagare/v1/worker.proto")];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

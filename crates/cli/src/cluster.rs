@@ -494,6 +494,7 @@ fn print_job(j: &pb::Job, json: bool) {
                 "rows_in": o.rows_in, "rows_out": o.rows_out, "bytes": o.bytes, "backpressure_ms": o.backpressure_ms,
                 "watermark": o.watermark_ms.map(rfc3339_ms), "state_entries": o.state_entries,
                 "late_rows": o.late_rows, "duplicates": o.duplicates, "bad_records": o.bad_records,
+                "late_kept": o.late_kept, "streams_created": o.streams_created,
             })).collect::<Vec<_>>(),
         });
         println!("{v}");
@@ -524,6 +525,16 @@ fn print_job(j: &pb::Job, json: bool) {
             o.backpressure_ms,
             o.watermark_ms.map(rfc3339_ms).unwrap_or_else(|| "-".into()),
             o.workers.join(",")
+        );
+    }
+    for o in j.operators.iter().filter(|o| o.late_kept > 0) {
+        println!("  [{}] kept {} rows that arrived behind the watermark as first occurrences", o.id, o.late_kept);
+    }
+    for o in j.operators.iter().filter(|o| o.streams_created > 0) {
+        println!(
+            "  [{}] write streams created this attempt: {} (BigQuery allows 10,000 CreateWriteStream calls per project \
+             and region per hour)",
+            o.id, o.streams_created
         );
     }
     let late: u64 = j.operators.iter().map(|o| o.late_rows).sum();

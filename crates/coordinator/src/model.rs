@@ -104,6 +104,11 @@ pub struct OperatorStats {
     pub late_rows: u64,
     pub duplicates: u64,
     pub bad_records: u64,
+    /// Records written before this counter existed have none.
+    #[serde(default)]
+    pub late_kept: u64,
+    #[serde(default)]
+    pub streams_created: u64,
 }
 
 impl OperatorStats {
@@ -121,6 +126,8 @@ impl OperatorStats {
         self.late_rows += o.late_rows;
         self.duplicates += o.duplicates;
         self.bad_records += o.bad_records;
+        self.late_kept += o.late_kept;
+        self.streams_created += o.streams_created;
     }
 }
 
@@ -198,6 +205,8 @@ impl JobRecord {
                         duplicates: st.duplicates,
                         bad_records: st.bad_records,
                         workers: self.placement(*p),
+                        late_kept: st.late_kept,
+                        streams_created: st.streams_created,
                     }
                 })
                 .collect(),
@@ -256,4 +265,29 @@ pub async fn list_jobs(store: &dyn MetadataStore) -> Result<Vec<JobRecord>, Stor
 /// Every registered (live) worker.
 pub async fn list_workers(store: &dyn MetadataStore) -> Result<Vec<WorkerRecord>, StoreError> {
     store.list(crate::keys::WORKERS).await?.iter().map(|(k, v)| parse(k, v)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_counters_sum_over_workers_and_old_records_still_load() {
+        let mut st = OperatorStats::default();
+        let report = |late_kept, streams_created| pb::OperatorStatus {
+            late_kept,
+            streams_created,
+            late_rows: 1,
+            watermark_us: Some(5),
+            ..Default::default()
+        };
+        st.add(&report(3, 2));
+        st.add(&report(4, 1));
+        assert_eq!((st.late_kept, st.streams_created, st.late_rows, st.watermark_us), (7, 3, 2, Some(5)));
+        // A record written before late_kept and streams_created existed.
+        let old = r#"{"rows_in":1,"rows_out":1,"bytes":0,"backpressure_us":0,"watermark_us":null,"state_entries":0,
+                      "late_rows":0,"duplicates":0,"bad_records":0}"#;
+        let st: OperatorStats = serde_json::from_str(old).unwrap_or_default();
+        assert_eq!((st.rows_in, st.late_kept, st.streams_created), (1, 0, 0));
+    }
 }

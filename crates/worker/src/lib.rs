@@ -85,6 +85,8 @@ pub fn operator_statuses(m: &nagare_engine::metrics::JobMetrics) -> Vec<pb::Oper
             late_rows: NodeMetrics::get(&n.late_rows),
             duplicates: NodeMetrics::get(&n.duplicates),
             bad_records: NodeMetrics::get(&n.bad_records),
+            late_kept: NodeMetrics::get(&n.late_kept),
+            streams_created: NodeMetrics::get(&n.streams_created),
         })
         .collect()
 }

@@ -192,9 +192,13 @@ enum KeyColumns {
 }
 
 impl KeyColumns {
-    /// Appends the key of `row` to `buf` (cleared first): a null tag, then the bytes.
-    fn encode_into(&self, row: usize, buf: &mut Vec<u8>) {
+    /// Writes the key of `row` to `buf` (cleared first): the window's start when a window bounds the dedup (each
+    /// window of a key is a group of its own), then a null tag and the bytes.
+    fn encode_into(&self, row: usize, window: Option<i64>, buf: &mut Vec<u8>) {
         buf.clear();
+        if let Some(start) = window {
+            buf.extend_from_slice(&start.to_be_bytes());
+        }
         let bytes: &[u8] = match self {
             KeyColumns::Rows(rows) => {
                 buf.extend_from_slice(rows.row(row).as_ref());
@@ -241,6 +245,8 @@ pub struct DedupOperator {
     changes: Option<Changes>,
     /// Snapshots in the current chain (base and deltas) and the rows they hold.
     chain: (usize, usize),
+    /// Restoring window-bounded state written before keys began with their window.
+    legacy_window_keys: bool,
     ctx: OperatorContext,
 }
 
@@ -314,6 +320,7 @@ impl DedupOperator {
             scratch: Vec::with_capacity(64),
             changes: None,
             chain: (0, 0),
+            legacy_window_keys: false,
             ctx,
         })
     }
@@ -337,9 +344,16 @@ impl DedupOperator {
         })
     }
 
-    /// Key groups of keys as stored in the table (tag + bytes, or arrow-row encoding).
+    /// Key groups of keys as stored in the table ([window start,] tag + bytes, or arrow-row encoding).
     fn key_groups_of_encoded(&self, keys: &BinaryArray) -> Result<Vec<u16>> {
         let n = keys.len();
+        let without_window: BinaryArray;
+        let keys = if matches!(self.scope, DedupScope::Window { .. }) {
+            without_window = keys.iter().map(|k| k.map(|k| &k[WINDOW_PREFIX.min(k.len())..])).collect();
+            &without_window
+        } else {
+            keys
+        };
         let cols: Vec<ArrayRef> = match &self.key_converter {
             None => {
                 // Tag byte 0 is NULL; otherwise the value's bytes follow the tag.
@@ -397,10 +411,11 @@ impl DedupOperator {
     }
 
     /// The hash of every row's key, as the table hashes it.
-    fn hash_keys(&mut self, keys: &KeyColumns, rows: usize) -> Vec<u64> {
-        (0..rows)
+    fn hash_keys(&mut self, keys: &KeyColumns, times: &[i64]) -> Vec<u64> {
+        let scope = self.scope;
+        (0..times.len())
             .map(|r| {
-                keys.encode_into(r, &mut self.scratch);
+                keys.encode_into(r, window_of(scope, times[r]), &mut self.scratch);
                 self.hasher.hash_one(&self.scratch[..])
             })
             .collect()
@@ -428,7 +443,7 @@ impl DedupOperator {
         for &r in late_rows {
             let t = times[r as usize];
             let h = hashes[r as usize];
-            keys.encode_into(r as usize, &mut self.scratch);
+            keys.encode_into(r as usize, window_of(self.scope, t), &mut self.scratch);
             let scope = self.scope;
             let grace = self.grace();
             let verdict = match self.groups.find_mut(h, self.arena.is(h, &self.scratch)) {
@@ -611,13 +626,23 @@ impl DedupOperator {
         };
         // One allocation instead of a rehash at every doubling (10 M keys: 7.6 s -> see `bench state`).
         self.groups.reserve(groups.num_rows(), |g| g.hash);
+        let mut with_window = Vec::new();
         for i in 0..groups.num_rows() {
             if !self.ctx.key_groups.contains(u32::from(kg.value(i))) {
                 continue;
             }
-            let key = keys.value(i);
-            let h = self.hasher.hash_one(key);
             let end = ends.value(i);
+            let mut key = keys.value(i);
+            if self.legacy_window_keys
+                && let DedupScope::Window { size_us } = self.scope
+            {
+                // Written before keys began with their window: a group's window ends where the group does.
+                with_window.clear();
+                with_window.extend_from_slice(&end.saturating_sub(size_us).to_be_bytes());
+                with_window.extend_from_slice(key);
+                key = &with_window;
+            }
+            let h = self.hasher.hash_one(key);
             let until = keep_until.value(i).max(end);
             let Some((generation, rows)) = &keep_last else {
                 // Keep-first state may come as a base and deltas: a key's latest group (largest end) wins.
@@ -667,7 +692,12 @@ impl DedupOperator {
     }
 
     fn meta_part(&self) -> Result<StatePart> {
-        meta_part(&[("watermark", self.watermark), ("next_generation", self.next_generation as i64)])
+        // `window_keys`: keys start with their window (state written before that is converted on restore).
+        meta_part(&[
+            ("watermark", self.watermark),
+            ("next_generation", self.next_generation as i64),
+            ("window_keys", i64::from(matches!(self.scope, DedupScope::Window { .. }))),
+        ])
     }
 
     /// Processes held rows with event time in `(previous watermark, watermark]` in event-time order, then closes
@@ -694,7 +724,7 @@ impl DedupOperator {
         let keep_last = self.keep == Keep::Last;
         for &(t, b, r) in &ready {
             let pending = &self.pending[b];
-            pending.keys.encode_into(r, &mut self.scratch);
+            pending.keys.encode_into(r, window_of(self.scope, t), &mut self.scratch);
             let h = pending.hashes[r];
             let (_, end) = self.group_bounds(t);
             self.sweep_if_full(t);
@@ -878,6 +908,17 @@ fn stored_row(
     Ok(rows.row(r).owned())
 }
 
+/// Bytes of the window start that keys of a window-bounded dedup begin with.
+const WINDOW_PREFIX: usize = 8;
+
+/// The window a row at `t` falls in, when a window bounds the dedup: its start.
+fn window_of(scope: DedupScope, t: i64) -> Option<i64> {
+    match scope {
+        DedupScope::Ttl { .. } => None,
+        DedupScope::Window { size_us } => Some(t.saturating_sub(t.rem_euclid(size_us))),
+    }
+}
+
 /// The start (inclusive) of the group of `scope` that ends at `end`.
 fn group_start(scope: DedupScope, end: i64) -> i64 {
     match scope {
@@ -903,7 +944,7 @@ impl Operator for DedupOperator {
         let min_t = times.iter().copied().min().unwrap_or(i64::MAX);
         let max_t = times.iter().copied().max().unwrap_or(i64::MIN);
         let keys = self.key_columns(&batch)?;
-        let hashes = self.hash_keys(&keys, batch.num_rows());
+        let hashes = self.hash_keys(&keys, &times);
         if min_t <= self.watermark {
             let late_rows: Vec<u32> =
                 times.iter().enumerate().filter(|(_, t)| **t <= self.watermark).map(|(i, _)| i as u32).collect();
@@ -1006,6 +1047,8 @@ impl Operator for DedupOperator {
             self.watermark = meta_value(&meta, "watermark")?.unwrap_or(i64::MIN);
             let next = meta.column_by_name("next_generation").and_then(|c| c.as_primitive_opt::<Int64Type>().cloned());
             self.next_generation = next.and_then(|c| arrow::compute::max(&c)).unwrap_or(0).max(0) as u64;
+            self.legacy_window_keys =
+                matches!(self.scope, DedupScope::Window { .. }) && meta.column_by_name("window_keys").is_none();
         }
         let mut expiry = Vec::new();
         if let Some(groups) = take_part(&mut parts, "groups") {
@@ -1248,6 +1291,50 @@ mod tests {
                     .collect();
             assert_eq!(got, expected, "{keep:?}");
         }
+    }
+
+    #[test]
+    fn each_window_of_a_key_is_remembered_on_its_own() {
+        for keep in [Keep::First, Keep::Last] {
+            let (mut d, s, _) = op(keep, DedupScope::Window { size_us: 100 });
+            let mut out = Vec::new();
+            d.process(batch(&s, &[("a", 10, "w0"), ("a", 110, "w1")]), &mut out).unwrap();
+            d.on_watermark(150, &mut out).unwrap();
+            // A late row of a's first window after its second began: still that window's duplicate.
+            d.process(batch(&s, &[("a", 20, "w0 again")]), &mut out).unwrap();
+            d.on_watermark(i64::MAX, &mut out).unwrap();
+            let mut got = rows(&out);
+            got.sort();
+            // Keep-last: "w0 again" came after w0's group had closed and its row was out; it is a duplicate.
+            assert_eq!(got, vec![("a".into(), 10, "w0".into()), ("a".into(), 110, "w1".into())], "{keep:?}");
+        }
+    }
+
+    #[test]
+    fn window_state_written_before_keys_carried_their_window_is_restored() {
+        let (mut d, s, _) = op(Keep::First, DedupScope::Window { size_us: 100 });
+        let mut out = Vec::new();
+        d.process(batch(&s, &[("a", 10, "first")]), &mut out).unwrap();
+        d.on_watermark(50, &mut out).unwrap();
+        // The previous format: keys without their window, no `window_keys` in meta.
+        let mut parts = d.snapshot(true).unwrap();
+        for p in parts.iter_mut() {
+            if p.name == "groups" {
+                let keys = p.batch.column_by_name("key").unwrap().as_binary::<i32>().clone();
+                let old: BinaryArray = keys.iter().map(|k| k.map(|k| &k[WINDOW_PREFIX..])).collect();
+                let mut cols = p.batch.columns().to_vec();
+                cols[0] = Arc::new(old);
+                p.batch = RecordBatch::try_new(p.batch.schema(), cols).unwrap();
+            } else if p.name == "meta" {
+                p.batch = p.batch.project(&[0, 1]).unwrap();
+            }
+        }
+        let (mut restored, _, m) = op(Keep::First, DedupScope::Window { size_us: 100 });
+        restored.restore(parts).unwrap();
+        restored.process(batch(&s, &[("a", 30, "copy")]), &mut out).unwrap();
+        restored.on_watermark(i64::MAX, &mut out).unwrap();
+        assert_eq!(rows(&out), vec![("a".into(), 10, "first".into())]);
+        assert_eq!(NodeMetrics::get(&m.duplicates), 1, "the old key was found under its window");
     }
 
     /// Deterministic pseudo-random numbers (xorshift), enough to shuffle test input.
