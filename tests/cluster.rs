@@ -7,9 +7,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::procs::{Proc, free_port, insecure_coordinator, insecure_worker};
 use common::services::etcd;
 
 const TOKEN: &str = "test-token-7f3a";
@@ -51,44 +52,8 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (p("ca.pem"), p("cert.pem"), p("key.pem"))
 }
 
-/// A child process killed (SIGKILL) when dropped.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn spawn(dir: &Path, name: &str, args: &[&str]) -> Proc {
-    let log = dir.join(format!("{name}.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_nagare"))
-        .args(args)
-        .env("NAGARE_LOG", "info")
-        .env("NAGARE_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Proc { child, log }
+    common::procs::spawn(dir, name, TOKEN, args)
 }
 
 /// Runs a client command against `coordinator`; returns (success, stdout, stderr).
@@ -142,18 +107,8 @@ fn refused_to_start(args: &[&str]) -> String {
     err
 }
 
-/// Generated events with 20 % re-deliveries, deduplicated by id (keyed state that must move with the job), exactly
-/// once into JSON files under `${OUT}`, at `${RATE}` events/s.
 fn dedup_sql(events: usize) -> String {
-    format!(
-        "SET parallelism = 2;\nSET checkpoint_interval = '500ms';\nSET dedup_ttl = '1 minute';\n\
-         CREATE TABLE events (id TEXT, time TIMESTAMP, WATERMARK FOR time AS time - INTERVAL '5' SECOND)\n\
-         WITH (connector = 'generator', count = '{events}', rate = '${{RATE}}', duplicate_rate = '0.2', seed = '5',\n\
-               start_time = '2026-01-01T00:00:00Z');\n\
-         CREATE TABLE out WITH (connector = 'filesystem', path = '${{OUT}}', format = 'json');\n\
-         INSERT INTO out SELECT id, time\n\
-         FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM events) WHERE rn = 1;\n"
-    )
+    common::generated_dedup_sql(events, 5)
 }
 
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool, logs: &dyn Fn() -> String) {
@@ -480,26 +435,8 @@ fn with_rebalance_a_job_spreads_onto_a_worker_that_joins_exactly_once() {
     let etcd = etcd()["ETCD_ENDPOINTS"].clone();
     let prefix = format!("/nagare-rebalance-{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("checkpoints");
-    let port = free_port();
-    let api = format!("http://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
-    let coordinator = spawn(
-        dir.path(),
-        "c",
-        &["coordinator", "--etcd", &etcd, "--etcd-prefix", &prefix, "--listen", &listen, "--insecure", "--rebalance"]
-            .iter()
-            .copied()
-            .chain(["--checkpoint-url", ckpt.to_str().unwrap(), "--token", TOKEN])
-            .collect::<Vec<_>>(),
-    );
-    let worker = |id: &str| {
-        spawn(
-            dir.path(),
-            id,
-            &["worker", "--etcd", &etcd, "--etcd-prefix", &prefix, "--slots", "2", "--id", id, "--insecure"],
-        )
-    };
+    let (api, coordinator) = insecure_coordinator(dir.path(), &etcd, &prefix, TOKEN, "c", &["--rebalance"]);
+    let worker = |id: &str| insecure_worker(dir.path(), &etcd, &prefix, TOKEN, id);
     let _w1 = worker("w1");
     let sql = dir.path().join("p.sql");
     std::fs::write(&sql, dedup_sql(30_000)).unwrap();
@@ -605,29 +542,9 @@ fn rescaling_down_a_job_over_many_splits_keeps_every_row_and_every_window() {
     let etcd = etcd()["ETCD_ENDPOINTS"].clone();
     let prefix = format!("/nagare-rescale-down-{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("checkpoints");
-    let port = free_port();
-    let api = format!("http://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
-    let coordinator = spawn(
-        dir.path(),
-        "c",
-        &["coordinator", "--etcd", &etcd, "--etcd-prefix", &prefix, "--listen", &listen, "--insecure"]
-            .iter()
-            .copied()
-            .chain(["--checkpoint-url", ckpt.to_str().unwrap(), "--token", TOKEN])
-            .collect::<Vec<_>>(),
-    );
-    let _workers: Vec<Proc> = ["w1", "w2", "w3"]
-        .iter()
-        .map(|id| {
-            spawn(
-                dir.path(),
-                id,
-                &["worker", "--etcd", &etcd, "--etcd-prefix", &prefix, "--slots", "2", "--id", id, "--insecure"],
-            )
-        })
-        .collect();
+    let (api, coordinator) = insecure_coordinator(dir.path(), &etcd, &prefix, TOKEN, "c", &[]);
+    let _workers: Vec<Proc> =
+        ["w1", "w2", "w3"].iter().map(|id| insecure_worker(dir.path(), &etcd, &prefix, TOKEN, id)).collect();
     wait_for(
         "the coordinator and three workers",
         Duration::from_secs(30),

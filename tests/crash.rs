@@ -117,6 +117,25 @@ fn ts_ms(v: &serde_json::Value) -> i64 {
     chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap().timestamp_millis() - BASE_MS
 }
 
+/// Events as (id, time, tenant, cents), to compare with what a sink wrote.
+fn event_set(events: &[Event]) -> BTreeSet<(String, i64, i64, i64)> {
+    events.iter().map(|e| (e.id.clone(), e.t_ms, e.tenant, e.cents)).collect()
+}
+
+/// Written rows as (id, time, tenant, cents).
+fn row_set(rows: &[serde_json::Value]) -> BTreeSet<(String, i64, i64, i64)> {
+    rows.iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                ts_ms(&r["time"]),
+                r["tenant"].as_i64().unwrap(),
+                r["cents"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,19 +202,8 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     }
     let dup: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(dup.is_empty(), "duplicated ids after {kills} kills: {dup:?}");
-    let want: BTreeSet<(String, i64, i64, i64)> =
-        originals.iter().map(|e| (e.id.clone(), e.t_ms, e.tenant, e.cents)).collect();
-    let got: BTreeSet<(String, i64, i64, i64)> = rows
-        .iter()
-        .map(|r| {
-            (
-                r["id"].as_str().unwrap().to_string(),
-                ts_ms(&r["time"]),
-                r["tenant"].as_i64().unwrap(),
-                r["cents"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let want = event_set(&originals);
+    let got = row_set(&rows);
     let missing: Vec<_> = want.difference(&got).take(5).collect();
     assert!(
         missing.is_empty(),
@@ -382,21 +390,10 @@ SELECT id, time, tenant, cents FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY i
 
 /// Checks that `out/first` and `out/last` hold every original exactly once.
 fn assert_every_original_once(dir: &Path, originals: &[Event], what: &str) {
-    let want: BTreeSet<(String, i64, i64, i64)> =
-        originals.iter().map(|e| (e.id.clone(), e.t_ms, e.tenant, e.cents)).collect();
+    let want = event_set(originals);
     for sink in ["first", "last"] {
         let rows = read_json_rows(&dir.join("out").join(sink));
-        let got: BTreeSet<(String, i64, i64, i64)> = rows
-            .iter()
-            .map(|r| {
-                (
-                    r["id"].as_str().unwrap().to_string(),
-                    ts_ms(&r["time"]),
-                    r["tenant"].as_i64().unwrap(),
-                    r["cents"].as_i64().unwrap(),
-                )
-            })
-            .collect();
+        let got = row_set(&rows);
         let missing = want.difference(&got).count();
         assert_eq!(missing, 0, "{what}, keep-{sink}: {missing} of {} ids missing", want.len());
         assert_eq!(rows.len(), want.len(), "{what}, keep-{sink}: an id written twice");

@@ -91,6 +91,7 @@ pub fn read_parquet(dir: &Path) -> Vec<RecordBatch> {
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
+pub mod procs;
 pub mod services;
 
 /// How a run that may be killed ended.
@@ -126,4 +127,18 @@ pub fn run_or_kill(mut cmd: std::process::Command, after: std::time::Duration) -
         std::thread::sleep(std::time::Duration::from_millis(5));
     };
     (end, reader.join().unwrap())
+}
+
+/// A cluster test's pipeline: generated events with 20 % re-deliveries (seed `seed`), deduplicated by id (keyed
+/// state that must move with the job), exactly once into JSON files under `${OUT}`, at `${RATE}` events/s.
+pub fn generated_dedup_sql(events: usize, seed: u64) -> String {
+    format!(
+        "SET parallelism = 2;\nSET checkpoint_interval = '500ms';\nSET dedup_ttl = '1 minute';\n\
+         CREATE TABLE events (id TEXT, time TIMESTAMP, WATERMARK FOR time AS time - INTERVAL '5' SECOND)\n\
+         WITH (connector = 'generator', count = '{events}', rate = '${{RATE}}', duplicate_rate = '0.2', seed = '{seed}',\n\
+               start_time = '2026-01-01T00:00:00Z');\n\
+         CREATE TABLE out WITH (connector = 'filesystem', path = '${{OUT}}', format = 'json');\n\
+         INSERT INTO out SELECT id, time\n\
+         FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM events) WHERE rn = 1;\n"
+    )
 }

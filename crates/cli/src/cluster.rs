@@ -286,7 +286,7 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
             let workers =
                 nagare_coordinator::scheduler::GrpcWorkers::with_tls(client_tls(cluster_ca.as_deref(), identity)?);
             let store = connect_etcd(&etcd, &etcd_prefix).await?;
-            let policy = nagare_coordinator::scheduler::Policy { rebalance };
+            let policy = nagare_coordinator::scheduler::Policy { rebalance, ..Default::default() };
             coordinator(
                 store,
                 &listen,
@@ -471,6 +471,10 @@ async fn until_ctrl_c(stop: CancellationToken) {
 }
 
 fn rfc3339_ms(ms: i64) -> String {
+    // A finished input's final watermark is the largest µs value (as ms, i64::MAX / 1000): no instant to print.
+    if ms >= i64::MAX / 1000 {
+        return "end of input".into();
+    }
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_else(|| ms.to_string())
@@ -553,27 +557,16 @@ async fn coordinator(
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<pb::job_service_server::JobServiceServer<nagare_coordinator::service::Jobs>>().await;
     let stop = CancellationToken::new();
-    let leading = {
-        let (store, stop, id) = (store.clone(), stop.clone(), id.clone());
-        tokio::spawn(async move {
-            let workers = scheduling.workers;
-            while !stop.is_cancelled() {
-                if let Err(e) = nagare_coordinator::leader::lead(
-                    &store,
-                    &id,
-                    workers.clone(),
-                    Duration::from_millis(500),
-                    scheduling.policy,
-                    stop.clone(),
-                )
-                .await
-                {
-                    tracing::warn!(error = %e, "election failed; campaigning again");
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        })
-    };
+    let leading = tokio::spawn(nagare_coordinator::leader::run(
+        store,
+        id.clone(),
+        nagare_coordinator::leader::Scheduling {
+            workers: scheduling.workers,
+            period: Duration::from_millis(500),
+            policy: scheduling.policy,
+        },
+        stop.clone(),
+    ));
     let scheme = if tls.is_some() { "https" } else { "http" };
     eprintln!("coordinator {id} serving JobService on {scheme}://{local}");
     let service = pb::job_service_server::JobServiceServer::with_interceptor(
@@ -630,7 +623,7 @@ async fn run_worker(
     let stop = CancellationToken::new();
     let registration = {
         let (w, stop) = (worker.clone(), stop.clone());
-        tokio::spawn(nagare_worker::keep_registered(store, record, lease_ttl, stop, move || w.abort_all()))
+        tokio::spawn(nagare_worker::keep_registered(store, record, lease_ttl, stop, w))
     };
     let shutdown = stop.clone();
     // Wide HTTP/2 windows: job data between workers streams through this server.

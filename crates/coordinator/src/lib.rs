@@ -4,6 +4,7 @@
 //! progress, and restarts a job from its last checkpoint on another worker when its worker's lease expires.
 
 pub mod leader;
+pub mod lease;
 pub mod model;
 pub mod scheduler;
 pub mod service;

@@ -75,6 +75,9 @@ pub struct JobRecord {
     pub rows_out: u64,
     pub last_checkpoint: u64,
     pub last_error: String,
+    /// Since when (ms since the epoch) it has been waiting for free slots; 0 while it is not waiting.
+    #[serde(default)]
+    pub waiting_since_ms: i64,
     pub created_ms: i64,
     pub updated_ms: i64,
     pub checkpoint_url: String,

@@ -87,12 +87,24 @@ impl Workers for GrpcWorkers {
 }
 
 /// How the leader schedules.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Policy {
     /// When a worker with nothing to do has joined and a running job would spread over more workers than it runs
     /// on, rescale the job to its own parallelism (stop with a checkpoint, place it again).
     pub rebalance: bool,
+    /// A job waiting this long for free slots says so in its status, with the workers the leader sees: waiting
+    /// that long is rarely a moment between two jobs.
+    pub slot_wait_warning: Duration,
 }
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { rebalance: false, slot_wait_warning: SLOT_WAIT_WARNING }
+    }
+}
+
+/// How long a job waits for free slots before its status says so with the workers it sees (see [`Policy`]).
+pub const SLOT_WAIT_WARNING: Duration = Duration::from_secs(30);
 
 /// One pass over every job with the default policy. Returns how many job records it changed.
 pub async fn reconcile(store: &dyn MetadataStore, workers: &dyn Workers) -> Result<usize, StoreError> {
@@ -128,7 +140,7 @@ pub async fn reconcile_with(
     let mut may_rebalance = policy.rebalance && !jobs.iter().any(|j| j.state == JobState::Rescaling);
     for job in jobs.iter_mut().filter(|j| !j.state.is_terminal()) {
         let before = job.clone();
-        step(job, &live, &tasks, &mut used, workers).await;
+        step(job, &live, &tasks, &mut used, workers, &policy).await;
         if may_rebalance && rebalance(job, &live, &used) {
             may_rebalance = false;
         }
@@ -241,6 +253,7 @@ async fn step(
     tasks: &HashMap<String, Vec<pb::TaskStatus>>,
     used: &mut HashMap<String, u32>,
     workers: &dyn Workers,
+    policy: &Policy,
 ) {
     match job.state {
         JobState::Scheduling => {
@@ -249,12 +262,7 @@ async fn step(
                 .map(|w| (w.id.clone(), w.slots.saturating_sub(used.get(&w.id).copied().unwrap_or(0))))
                 .collect();
             let Some((parts, slot_parts)) = place(job.parallelism, &free) else {
-                let msg = format!("waiting for {} free slots", job.parallelism);
-                if job.last_error.is_empty() || !job.last_error.starts_with("waiting") {
-                    tracing::info!(job = job.id, "{msg}");
-                }
-                job.last_error = msg;
-                return;
+                return wait_for_slots(job, live, &free, policy);
             };
             let addresses: Vec<String> = parts
                 .iter()
@@ -291,6 +299,7 @@ async fn step(
             job.workers = parts;
             job.slot_parts = slot_parts;
             job.state = JobState::Running;
+            job.waiting_since_ms = 0;
             if job.last_error.starts_with("waiting") || job.last_error.starts_with("deploying") {
                 job.last_error.clear();
             }
@@ -394,6 +403,30 @@ async fn step(
         }
         JobState::Stopped | JobState::Finished | JobState::Failed => {}
     }
+}
+
+/// A job that does not fit in the free slots waits; once it has waited longer than the policy's warning time, its
+/// status names the workers the leader sees and their free slots (none, after an etcd outage that no worker has
+/// registered again from, says where to look).
+fn wait_for_slots(job: &mut JobRecord, live: &[WorkerRecord], free: &[(String, u32)], policy: &Policy) {
+    let now = now_ms();
+    if job.waiting_since_ms == 0 {
+        job.waiting_since_ms = now;
+    }
+    let mut msg = format!("waiting for {} free slots", job.parallelism);
+    let waited = Duration::from_millis(now.saturating_sub(job.waiting_since_ms).max(0) as u64);
+    if waited >= policy.slot_wait_warning {
+        let seen: Vec<String> =
+            live.iter().zip(free).map(|(w, (_, f))| format!("{} ({f} of {} free)", w.id, w.slots)).collect();
+        let seen = if seen.is_empty() { "none".to_string() } else { seen.join(", ") };
+        msg = format!("{msg} for more than {} s; workers seen: {seen}", policy.slot_wait_warning.as_secs());
+        if msg != job.last_error {
+            tracing::warn!(job = job.id, "{msg}");
+        }
+    } else if !job.last_error.starts_with("waiting") {
+        tracing::info!(job = job.id, "{msg}");
+    }
+    job.last_error = msg;
 }
 
 /// Runs passes every `period` until `stop` is cancelled; a failed pass (etcd away) is logged and retried.
@@ -528,6 +561,32 @@ mod tests {
         assert_eq!(get_job(&store, "a").await.unwrap().unwrap().state, JobState::Stopped);
     }
 
+    #[tokio::test]
+    async fn a_job_waiting_for_slots_too_long_says_so_with_the_workers_it_sees() {
+        let store = MemoryStore::default();
+        let workers = FakeWorkers::default();
+        let now = Policy { slot_wait_warning: Duration::ZERO, ..Policy::default() };
+        put_job(&store, &job("a", 3)).await.unwrap();
+        reconcile_with(&store, &workers, now).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!(a.state, JobState::Scheduling);
+        assert!(a.waiting_since_ms > 0);
+        assert!(a.last_error.ends_with("workers seen: none"), "{}", a.last_error);
+        add_worker(&store, "w1", 2).await;
+        reconcile_with(&store, &workers, now).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert!(a.last_error.contains("3 free slots") && a.last_error.contains("w1 (2 of 2 free)"), "{}", a.last_error);
+        // Not yet as long as the default: only what it waits for.
+        put_job(&store, &job("b", 3)).await.unwrap();
+        reconcile(&store, &workers).await.unwrap();
+        assert_eq!(get_job(&store, "b").await.unwrap().unwrap().last_error, "waiting for 3 free slots");
+        // Placed: no longer waiting.
+        add_worker(&store, "w2", 2).await;
+        reconcile_with(&store, &workers, now).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!((a.state, a.waiting_since_ms, a.last_error.as_str()), (JobState::Running, 0, ""));
+    }
+
     #[test]
     fn placement_spreads_slots_and_refuses_what_does_not_fit() {
         let free = vec![("w1".to_string(), 2), ("w2".to_string(), 2)];
@@ -610,7 +669,7 @@ mod tests {
         let workers = FakeWorkers::default();
         add_worker(&store, "w1", 4).await;
         put_job(&store, &job("a", 2)).await.unwrap();
-        let policy = Policy { rebalance: true };
+        let policy = Policy { rebalance: true, ..Policy::default() };
         reconcile_with(&store, &workers, policy).await.unwrap();
         assert_eq!(get_job(&store, "a").await.unwrap().unwrap().workers, vec!["w1".to_string()]);
         // Without --rebalance a new worker changes nothing; with it, the job is rescaled in place to spread.

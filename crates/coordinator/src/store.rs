@@ -37,6 +37,8 @@ pub trait MetadataStore: Send + Sync {
 #[derive(Clone)]
 pub struct EtcdStore {
     client: etcd_client::Client,
+    /// Without a request timeout, for calls that wait by design (a campaign behind the leader).
+    waiting: etcd_client::Client,
     prefix: String,
 }
 
@@ -47,15 +49,19 @@ impl std::fmt::Debug for EtcdStore {
 }
 
 impl EtcdStore {
-    /// Connects to etcd (comma-separated endpoints), with timeouts so a lost etcd fails calls instead of hanging.
+    /// Connects to etcd (comma-separated endpoints), with timeouts so a lost etcd fails calls instead of hanging:
+    /// each request gets 5 s, and HTTP/2 keep-alive pings find a dead connection within 10 s (etcd refuses pings
+    /// more often than every 5 s), after which the next call connects again.
     pub async fn connect(endpoints: &str, prefix: &str) -> Result<Self, StoreError> {
         let endpoints: Vec<&str> = endpoints.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
-        let client = etcd_client::Client::connect(endpoints, Some(options)).await?;
-        Ok(EtcdStore { client, prefix: prefix.trim_end_matches('/').to_string() })
+        let client =
+            etcd_client::Client::connect(&endpoints, Some(options.clone().with_timeout(Duration::from_secs(5))))
+                .await?;
+        let waiting = etcd_client::Client::connect(&endpoints, Some(options)).await?;
+        Ok(EtcdStore { client, waiting, prefix: prefix.trim_end_matches('/').to_string() })
     }
 
     /// The etcd key of a logical key (see [`crate::keys`]).
@@ -66,6 +72,12 @@ impl EtcdStore {
     /// The client, for leases and elections.
     pub fn client(&self) -> etcd_client::Client {
         self.client.clone()
+    }
+
+    /// A client without a request timeout, for calls that wait by design (campaigning behind another leader): a
+    /// dead connection still fails them, by keep-alive.
+    pub fn waiting_client(&self) -> etcd_client::Client {
+        self.waiting.clone()
     }
 }
 

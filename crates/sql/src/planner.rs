@@ -48,11 +48,16 @@ pub const SETTINGS: &[(&str, OptionKind, &str)] = &[
         OptionKind::Int { min: 1, max: 32768 },
         "key groups; fixed for the life of a job's state (default 128)",
     ),
-    ("dedup_ttl", OptionKind::Duration, "how long (event time) a dedup remembers a key when no window bounds it"),
+    (
+        "dedup_ttl",
+        OptionKind::Duration,
+        "how long (event time) a dedup remembers a key when no window bounds it: from its first row, or from the \
+         watermark a late first row arrived at",
+    ),
     (
         "late_rows",
         OptionKind::Enum(&["drop", "dead_letter"]),
-        "what windows and dedup do with rows behind the watermark",
+        "what windows do with rows whose windows have closed (a dedup keeps the late rows it receives)",
     ),
     ("dead_letter_path", OptionKind::String, "directory for dead-letter records (bad input, late rows)"),
     ("batch_size", OptionKind::Int { min: 1, max: 1 << 20 }, "rows per batch sources aim for (default 8192)"),

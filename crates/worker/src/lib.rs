@@ -1,12 +1,15 @@
 //! A worker of a nagare cluster. It registers under `/nagare/workers/<id>` with a lease it keeps alive, serves
 //! `WorkerService` (deploy, cancel, list tasks) and runs each deployed job with the engine, checkpointing to the
-//! job's checkpoint location and resuming from its newest checkpoint. If it cannot renew its lease it stops every
-//! job at once: the coordinator will have given them to another worker, and two copies must never write.
+//! job's checkpoint location and resuming from its newest checkpoint. If it cannot renew its lease before the lease
+//! may have expired, it stops every job part at once (the coordinator may have given them to another worker, and two
+//! copies must never write), takes no new ones, and registers again with a new lease as soon as etcd answers.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nagare_coordinator::lease::{Backoff, Holding, LeaseEnd, hold};
 use nagare_coordinator::model::WorkerRecord;
 use nagare_coordinator::{EtcdStore, StoreError};
 use nagare_engine::distribute::Distribution;
@@ -39,6 +42,8 @@ struct Task {
 pub struct Worker {
     tasks: Arc<Mutex<HashMap<String, Task>>>,
     exchange: Arc<nagare_exchange::Exchange>,
+    /// Whether it holds a lease now: without one it takes no job (the leader may be giving its work elsewhere).
+    registered: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -91,7 +96,7 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Worker {
     /// A worker whose jobs exchange data through `exchange` (built with the cluster's TLS settings, if any).
     pub fn new(exchange: Arc<nagare_exchange::Exchange>) -> Self {
-        Worker { tasks: Default::default(), exchange }
+        Worker { tasks: Default::default(), exchange, registered: Default::default() }
     }
 
     /// The Arrow Flight service through which the parts of a job on different workers exchange data; served
@@ -110,17 +115,24 @@ impl Worker {
         nagare_engine::metrics::prometheus(&jobs)
     }
 
-    /// Stops every job at once (the lease is gone).
-    pub fn abort_all(&self) {
-        for (id, t) in locked(&self.tasks).iter_mut() {
-            if t.state == pb::TaskState::Running {
-                tracing::warn!(job = id, "lease lost: stopping the job at once");
-                if let Some(a) = t.abort.take() {
-                    a.abort();
-                }
-                t.state = pb::TaskState::Cancelled;
-                t.error = "the worker lost its lease".into();
+    /// Stops every job part at once and takes no new one until it registers again: the worker's lease is gone
+    /// (or may be), so the leader may already have given its parts to other workers, and two copies must never
+    /// write. Each part is reported failed and retriable, so that the leader restarts its job from the last
+    /// checkpoint instead of taking it for stopped.
+    pub fn fence(&self, why: &str) {
+        self.registered.store(false, Ordering::SeqCst);
+        let mut tasks = locked(&self.tasks);
+        for (id, t) in tasks.iter_mut().filter(|(_, t)| t.state == pb::TaskState::Running) {
+            tracing::warn!(job = id, attempt = t.attempt, "stopping the job part at once: {why}");
+            match t.abort.take() {
+                Some(a) => a.abort(),
+                // Still starting: ends its wait for the other parts (see `start`).
+                None => t.stop.cancel(),
             }
+            t.state = pb::TaskState::Failed;
+            t.error = format!("the worker lost its lease: {why}");
+            t.retriable = true;
+            self.exchange.forget(&format!("{id}/{}", t.attempt));
         }
     }
 
@@ -182,11 +194,18 @@ impl Worker {
             let result = job.wait().await.map(|_| ()).map_err(|e| Failure::of(&e.error, e.to_string()));
             me.finished(&job_id, attempt, result);
         });
-        if let Some(t) = locked(&self.tasks).get_mut(&id).filter(|t| t.attempt == attempt) {
-            t.stop = stop;
-            t.abort = Some(handle.abort_handle());
-            t.metrics = Some(metrics);
-            t.checkpoints = Some(checkpoints);
+        let mut tasks = locked(&self.tasks);
+        match tasks.get_mut(&id).filter(|t| t.attempt == attempt) {
+            // Fenced or cancelled while it started: it must not run.
+            Some(t) if t.state != pb::TaskState::Running => handle.abort(),
+            Some(t) => {
+                t.stop = stop;
+                t.abort = Some(handle.abort_handle());
+                t.metrics = Some(metrics);
+                t.checkpoints = Some(checkpoints);
+            }
+            // A newer attempt replaced it meanwhile.
+            None => handle.abort(),
         }
         Ok(())
     }
@@ -215,6 +234,11 @@ impl Worker {
 impl WorkerService for Worker {
     async fn deploy(&self, request: Request<pb::DeployRequest>) -> Result<Response<pb::DeployResponse>, Status> {
         let req = request.into_inner();
+        if !self.registered.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(
+                "this worker holds no lease in etcd right now (it lost it and is registering again); it takes no job",
+            ));
+        }
         {
             let mut tasks = locked(&self.tasks);
             if let Some(t) = tasks.get(&req.job_id) {
@@ -314,77 +338,161 @@ impl WorkerService for Worker {
     }
 }
 
-/// Registers `record` under a lease and renews it until `stop`. While etcd cannot be reached the worker's jobs go
-/// on (nobody can reschedule them meanwhile); once etcd answers that the lease has expired, `on_lost` runs (the
-/// coordinator has given the jobs to another worker) and the worker registers again.
+/// Registers `record` under a lease and renews it until `stop`. While etcd cannot be reached the worker's jobs go on
+/// as long as the lease may still hold (nobody can reschedule them meanwhile); once it may have expired — no renewal
+/// answered within its TTL, or etcd says it is gone — the worker is fenced ([`Worker::fence`]: its job parts stop
+/// at once, it takes no new ones) and registers again with a new lease as soon as etcd answers, retrying with
+/// backoff; then it takes jobs again.
 pub async fn keep_registered(
     etcd: EtcdStore,
     record: WorkerRecord,
     lease_ttl: i64,
     stop: CancellationToken,
-    on_lost: impl Fn() + Send + 'static,
+    worker: Worker,
 ) -> Result<(), StoreError> {
     let key = etcd.key(&format!("{}{}", nagare_coordinator::keys::WORKERS, record.id));
-    let value = serde_json::to_vec(&record).unwrap_or_default();
+    let value =
+        serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+    let ttl = lease_ttl.max(2);
     let mut client = etcd.client();
-    while !stop.is_cancelled() {
-        let lease = match register(&mut client, &key, &value, lease_ttl).await {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    // The lease given up last, and when.
+    let mut lost: Option<(i64, std::time::Instant)> = None;
+    let mut failing = false;
+    loop {
+        let asked = tokio::time::Instant::now();
+        let registering = async {
+            if let Some((old, _)) = lost {
+                // Its registration must not outlive it, should etcd still hold it (a renewal may have been queued).
+                let _ = client.lease_revoke(old).await;
+            }
+            register(&mut client, &key, &value, ttl, &worker).await
+        };
+        let lease = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            lease = registering => lease,
+        };
+        let lease = match lease {
             Ok(lease) => lease,
             Err(e) => {
-                tracing::warn!(worker = record.id, error = %e, "cannot register in etcd; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                if failing {
+                    tracing::debug!(worker = record.id, error = %e, "cannot register in etcd yet; retrying");
+                } else {
+                    tracing::warn!(worker = record.id, error = %e, "cannot register in etcd; retrying with backoff");
+                    failing = true;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff.next_wait()) => continue,
+                }
             }
         };
-        tracing::info!(worker = record.id, address = record.address, "registered");
-        let mut unreachable = false;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => {
-                    let _ = client.lease_revoke(lease).await;
-                    return Ok(());
-                }
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        failing = false;
+        backoff.reset();
+        match lost.take() {
+            Some((_, since)) => tracing::info!(
+                worker = record.id,
+                address = record.address,
+                after_ms = since.elapsed().as_millis() as u64,
+                "registered again with a new lease; taking jobs again"
+            ),
+            None => tracing::info!(worker = record.id, address = record.address, "registered"),
+        }
+        let ttl_d = Duration::from_secs(ttl as u64);
+        let holding = Holding { ttl: ttl_d, give_up_after: ttl_d };
+        let meanwhile = "its job parts go on";
+        match hold(&mut client, lease, holding, asked, &stop, &record.id, meanwhile).await {
+            LeaseEnd::Stopped => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+                return Ok(());
             }
-            match tokio::time::timeout(Duration::from_millis(1500), client.lease_keep_alive(lease)).await {
-                Ok(Ok((mut keeper, mut responses))) => {
-                    let renewed = keeper.keep_alive().await.is_ok();
-                    match tokio::time::timeout(Duration::from_millis(1500), responses.message()).await {
-                        Ok(Ok(Some(r))) if renewed && r.ttl() > 0 => {
-                            if unreachable {
-                                tracing::info!(worker = record.id, "etcd reachable again; lease still held");
-                                unreachable = false;
-                            }
-                        }
-                        Ok(Ok(Some(_))) => break, // TTL 0: the lease expired
-                        _ => unreachable = true,
-                    }
-                }
-                Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() == tonic::Code::NotFound => break,
-                _ => {
-                    if !unreachable {
-                        tracing::warn!(
-                            worker = record.id,
-                            "etcd unreachable; jobs go on while the lease may still hold"
-                        );
-                    }
-                    unreachable = true;
-                }
+            LeaseEnd::Lost(why) => {
+                tracing::warn!(worker = record.id, "{why}; stopping this worker's job parts, registering again");
+                worker.fence(&why);
+                lost = Some((lease, std::time::Instant::now()));
             }
         }
-        tracing::warn!(worker = record.id, "lease expired: stopping this worker's jobs, registering again");
-        on_lost();
     }
-    Ok(())
 }
 
+/// Grants a lease and puts the registration under it. The worker takes jobs from just before the leader can see it
+/// (a deploy may follow the put at once), and not if the put fails.
 async fn register(
     client: &mut etcd_client::Client,
     key: &str,
     value: &[u8],
     lease_ttl: i64,
+    worker: &Worker,
 ) -> Result<i64, StoreError> {
-    let lease = client.lease_grant(lease_ttl.max(2), None).await?.id();
-    client.put(key, value.to_vec(), Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+    let lease = client.lease_grant(lease_ttl, None).await?.id();
+    worker.registered.store(true, Ordering::SeqCst);
+    if let Err(e) = client.put(key, value.to_vec(), Some(etcd_client::PutOptions::new().with_lease(lease))).await {
+        worker.registered.store(false, Ordering::SeqCst);
+        return Err(e.into());
+    }
     Ok(lease)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn deploy_request(attempt: u32, dir: &std::path::Path) -> pb::DeployRequest {
+        pb::DeployRequest {
+            job_id: "j".into(),
+            // Unbounded and slow: still running when the worker is fenced.
+            sql: format!(
+                "CREATE TABLE e (id TEXT) WITH (connector = 'generator', rate = '100', seed = '1');\n\
+                 CREATE TABLE o WITH (connector = 'filesystem', path = '{}', format = 'json');\n\
+                 INSERT INTO o SELECT id FROM e;\n",
+                dir.join("out").display()
+            ),
+            parallelism: 1,
+            checkpoint_url: dir.join("checkpoints").display().to_string(),
+            attempt,
+            ..Default::default()
+        }
+    }
+
+    async fn task(worker: &Worker) -> pb::TaskStatus {
+        let tasks = worker.list_tasks(Request::new(pb::ListTasksRequest {})).await.unwrap().into_inner().tasks;
+        tasks.into_iter().find(|t| t.job_id == "j").unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_fenced_worker_stops_its_parts_as_retriable_and_takes_none_until_registered_again() {
+        let dir = std::env::temp_dir().join(format!("nagare-worker-fence-{}", std::process::id()));
+        let worker = Worker::new(nagare_exchange::Exchange::new());
+        // Not registered yet: nobody may give it work.
+        let refused = worker.deploy(Request::new(deploy_request(1, &dir))).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        worker.registered.store(true, Ordering::SeqCst);
+        worker.deploy(Request::new(deploy_request(1, &dir))).await.unwrap();
+        let since = std::time::Instant::now();
+        while task(&worker).await.rows_in == 0 {
+            assert!(since.elapsed() < Duration::from_secs(60), "the job never ran: {:?}", task(&worker).await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        worker.fence("the lease expired (test)");
+        let t = task(&worker).await;
+        assert_eq!(t.state, pb::TaskState::Failed as i32, "{t:?}");
+        assert!(t.retriable && t.error.contains("lost its lease"), "{t:?}");
+        // The job itself was aborted, not left running: it reads nothing more.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let read = task(&worker).await.rows_in;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(task(&worker).await.rows_in, read, "the fenced part still reads");
+        let refused = worker.deploy(Request::new(deploy_request(2, &dir))).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        // Registered again: the next attempt is taken. Fenced while it starts, it never runs.
+        worker.registered.store(true, Ordering::SeqCst);
+        worker.deploy(Request::new(deploy_request(2, &dir))).await.unwrap();
+        worker.fence("the lease expired again (test)");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = task(&worker).await;
+        assert_eq!((t.attempt, t.state, t.rows_in), (2, pb::TaskState::Failed as i32, 0), "{t:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

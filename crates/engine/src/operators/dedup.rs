@@ -449,16 +449,8 @@ impl DedupOperator {
                             && let Some(best) = extra.best.as_mut()
                             && t >= best.0
                         {
-                            let conv = self
-                                .row_converter
-                                .as_ref()
-                                .ok_or_else(|| EngineError::Internal("no row converter".into()))?;
-                            if stored_rows.is_none() {
-                                stored_rows = Some(conv.convert_columns(batch.columns())?);
-                            }
-                            if let Some(rows) = &stored_rows {
-                                *best = (t, Best::Stored(rows.row(r as usize).owned()));
-                            }
+                            let row = stored_row(self.row_converter.as_ref(), &mut stored_rows, batch, r as usize)?;
+                            *best = (t, Best::Stored(row));
                         }
                         LateVerdict::Duplicate
                     }
@@ -482,14 +474,8 @@ impl DedupOperator {
                             emit_now.push(r);
                             None
                         } else {
-                            let conv = self
-                                .row_converter
-                                .as_ref()
-                                .ok_or_else(|| EngineError::Internal("no row converter".into()))?;
-                            if stored_rows.is_none() {
-                                stored_rows = Some(conv.convert_columns(batch.columns())?);
-                            }
-                            stored_rows.as_ref().map(|rows| (t, Best::Stored(rows.row(r as usize).owned())))
+                            let row = stored_row(self.row_converter.as_ref(), &mut stored_rows, batch, r as usize)?;
+                            Some((t, Best::Stored(row)))
                         };
                         self.expiry.push(Reverse((end, h, generation)));
                         Some(Box::new(Extra { generation, best, keep_until }))
@@ -875,6 +861,21 @@ impl GroupColumns {
             Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
         })
     }
+}
+
+/// Row `r` of `batch` as keep-last stores it; `rows` caches the batch's conversion for the other rows of a call.
+fn stored_row(
+    converter: Option<&RowConverter>,
+    rows: &mut Option<Rows>,
+    batch: &RecordBatch,
+    r: usize,
+) -> Result<OwnedRow> {
+    let conv = converter.ok_or_else(|| EngineError::Internal("no row converter".into()))?;
+    let rows = match rows {
+        Some(rows) => rows,
+        None => rows.insert(conv.convert_columns(batch.columns())?),
+    };
+    Ok(rows.row(r).owned())
 }
 
 /// The start (inclusive) of the group of `scope` that ends at `end`.
