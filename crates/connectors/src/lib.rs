@@ -1,7 +1,6 @@
 //! Sources and sinks: one module per connector, each with its option spec (checked at plan time) and its runtime
 //! implementation. [`Connectors`] puts them together for the planner and the runtime.
 
-pub mod blocking;
 pub mod decode;
 pub mod filesystem;
 pub mod generator;

@@ -15,8 +15,6 @@ use nagare_engine::EngineError;
 use nagare_engine::connector::{Sink, SinkContext};
 use nagare_engine::metrics::NodeMetrics;
 use nagare_sql::SinkSpec;
-
-use crate::blocking::OffThread;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -68,49 +66,8 @@ impl OpenFile {
     }
 }
 
-/// One subtask of a filesystem sink. Encoding Parquet, writing and fsyncing block, so they run on tokio's blocking
-/// threads, off the async threads the job's other tasks run on.
-pub struct FileSink(OffThread<FileWriter>);
-
-impl FileSink {
-    /// The sink subtask `ctx.subtask` writing rows of `schema` for `spec`.
-    pub fn new(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Self, EngineError> {
-        Ok(FileSink(OffThread::new(FileWriter::new(spec, schema, ctx)?, "filesystem sink")))
-    }
-}
-
-#[async_trait]
-impl Sink for FileSink {
-    async fn write(&mut self, batch: RecordBatch) -> Result<(), EngineError> {
-        self.0.run(move |w| w.write(batch)).await
-    }
-
-    async fn tick(&mut self) -> Result<(), EngineError> {
-        if self.0.get_mut()?.should_roll() {
-            return self.0.run(FileWriter::close).await;
-        }
-        Ok(())
-    }
-
-    async fn pre_commit(
-        &mut self,
-        checkpoint: nagare_core::CheckpointId,
-        _last: bool,
-    ) -> Result<serde_json::Value, EngineError> {
-        self.0.run(move |w| w.pre_commit(checkpoint)).await
-    }
-
-    async fn commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<(), EngineError> {
-        self.0.run(move |w| w.commit(checkpoint)).await
-    }
-
-    async fn finish(&mut self) -> Result<(), EngineError> {
-        self.0.run(FileWriter::finish).await
-    }
-}
-
-/// A filesystem sink subtask's files: worked on a blocking thread.
-struct FileWriter {
+/// One subtask of a filesystem sink.
+pub struct FileSink {
     dir: PathBuf,
     schema: SchemaRef,
     format: OutFormat,
@@ -151,8 +108,9 @@ impl Pending {
     }
 }
 
-impl FileWriter {
-    fn new(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Self, EngineError> {
+impl FileSink {
+    /// The sink subtask `ctx.subtask` writing rows of `schema` for `spec`.
+    pub fn new(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Self, EngineError> {
         let o = &spec.table.options;
         let dir =
             PathBuf::from(o.get_str("path").ok_or_else(|| EngineError::Config("filesystem sink needs 'path'".into()))?);
@@ -164,7 +122,7 @@ impl FileWriter {
         };
         let default_compression = if format == OutFormat::Parquet { "snappy" } else { "none" };
         let positive = |v: Option<u64>| v.filter(|n| *n > 0);
-        Ok(FileWriter {
+        Ok(FileSink {
             dir,
             schema,
             format,
@@ -258,10 +216,16 @@ impl FileWriter {
             || self.rollover_bytes.is_some_and(|b| f.bytes() >= b)
             || self.rollover_interval.is_some_and(|d| f.opened.elapsed() >= d)
     }
+
+    /// The directory written to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
-impl FileWriter {
-    fn write(&mut self, batch: RecordBatch) -> Result<(), EngineError> {
+#[async_trait]
+impl Sink for FileSink {
+    async fn write(&mut self, batch: RecordBatch) -> Result<(), EngineError> {
         let batch = if batch.schema() == self.schema {
             batch
         } else {
@@ -294,13 +258,24 @@ impl FileWriter {
         Ok(())
     }
 
-    fn pre_commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<serde_json::Value, EngineError> {
+    async fn tick(&mut self) -> Result<(), EngineError> {
+        if self.should_roll() {
+            self.close()?;
+        }
+        Ok(())
+    }
+
+    async fn pre_commit(
+        &mut self,
+        checkpoint: nagare_core::CheckpointId,
+        _last: bool,
+    ) -> Result<serde_json::Value, EngineError> {
         self.close()?;
         self.prepared.insert(checkpoint.0, self.uncommitted.len());
         serde_json::to_value(&self.uncommitted).map_err(|e| EngineError::Internal(e.to_string()))
     }
 
-    fn commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<(), EngineError> {
+    async fn commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<(), EngineError> {
         let covered = self.prepared.range(..=checkpoint.0).map(|(_, n)| *n).max().unwrap_or(0);
         for p in self.uncommitted.drain(..covered) {
             p.commit()?;
@@ -312,7 +287,7 @@ impl FileWriter {
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<(), EngineError> {
+    async fn finish(&mut self) -> Result<(), EngineError> {
         if !self.ctx.exactly_once {
             return self.close();
         }

@@ -19,7 +19,6 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
 use super::listing::{Resume, Split, assign, list_files, owner_of, plan_splits};
-use crate::blocking::OffThread;
 use crate::decode::{BadRecords, BlockDecoder, LineBase, TextFormat};
 
 /// Bytes read from a file at a time.
@@ -204,40 +203,8 @@ struct Watch {
     seen: HashSet<PathBuf>,
 }
 
-/// One subtask of a filesystem source. Reading, decompressing and decoding block, so they run on tokio's blocking
-/// threads: a slow disk or a large gzip member never stalls the other tasks of the runtime.
-pub struct FileSource(OffThread<FileReader>);
-
-impl FileSource {
-    /// The subtask `ctx.subtask` of a source over `spec`, producing `schema`.
-    pub fn new(spec: &SourceSpec, schema: SchemaRef, ctx: SourceContext) -> Result<Self, EngineError> {
-        Ok(FileSource(OffThread::new(FileReader::new(spec, schema, ctx)?, "filesystem source")))
-    }
-
-    /// Resumes from checkpoint positions instead of the listing: the splits left in `mine` (one position, or
-    /// several after a rescale), and every file any subtask had seen (`all`), so a watched file is read once.
-    pub fn restore<'a>(
-        &mut self,
-        mine: &[&serde_json::Value],
-        all: impl Iterator<Item = &'a serde_json::Value>,
-    ) -> Result<(), EngineError> {
-        self.0.get_mut()?.restore(mine, all)
-    }
-}
-
-#[async_trait]
-impl Source for FileSource {
-    fn snapshot_position(&mut self, _checkpoint: nagare_core::CheckpointId) -> Result<serde_json::Value, EngineError> {
-        self.0.get_mut()?.position()
-    }
-
-    async fn next(&mut self) -> Result<SourceEvent, EngineError> {
-        self.0.run(FileReader::next_event).await
-    }
-}
-
-/// What a filesystem source subtask reads, and where it is: worked on a blocking thread.
-struct FileReader {
+/// One subtask of a filesystem source.
+pub struct FileSource {
     schema: SchemaRef,
     format: Format,
     compression: String,
@@ -250,8 +217,9 @@ struct FileReader {
     ctx: SourceContext,
 }
 
-impl FileReader {
-    fn new(spec: &SourceSpec, schema: SchemaRef, ctx: SourceContext) -> Result<Self, EngineError> {
+impl FileSource {
+    /// The subtask `ctx.subtask` of a source over `spec`, producing `schema`.
+    pub fn new(spec: &SourceSpec, schema: SchemaRef, ctx: SourceContext) -> Result<Self, EngineError> {
         let o = &spec.table.options;
         let path = o.get_str("path").ok_or_else(|| EngineError::Config("filesystem source needs 'path'".into()))?;
         let format = Format::parse(&o.get_str("format").unwrap_or_default());
@@ -287,7 +255,7 @@ impl FileReader {
                 )?)
             }
         };
-        Ok(FileReader {
+        Ok(FileSource {
             schema,
             format,
             compression,
@@ -476,8 +444,10 @@ struct Position {
     seen: Option<Vec<PathBuf>>,
 }
 
-impl FileReader {
-    fn restore<'a>(
+impl FileSource {
+    /// Resumes from checkpoint positions instead of the listing: the splits left in `mine` (one position, or
+    /// several after a rescale), and every file any subtask had seen (`all`), so a watched file is read once.
+    pub fn restore<'a>(
         &mut self,
         mine: &[&serde_json::Value],
         all: impl Iterator<Item = &'a serde_json::Value>,
@@ -506,8 +476,9 @@ impl FileReader {
     }
 }
 
-impl FileReader {
-    fn position(&mut self) -> Result<serde_json::Value, EngineError> {
+#[async_trait]
+impl Source for FileSource {
+    fn snapshot_position(&mut self, _checkpoint: nagare_core::CheckpointId) -> Result<serde_json::Value, EngineError> {
         let mut splits = Vec::with_capacity(self.splits.len() + 1);
         match &self.current {
             Some(Reader::Text(r)) if !r.done => {
@@ -531,7 +502,7 @@ impl FileReader {
         serde_json::to_value(Position { splits, seen }).map_err(|e| EngineError::Internal(e.to_string()))
     }
 
-    fn next_event(&mut self) -> Result<SourceEvent, EngineError> {
+    async fn next(&mut self) -> Result<SourceEvent, EngineError> {
         loop {
             if self.current.is_none() {
                 match self.splits.pop_front() {
