@@ -151,7 +151,8 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let faults: [&[(&str, &str)]; 3] =
         [&[], &[("NAGARE_FAULT_DELAY_UPLOAD_MS", "120")], &[("NAGARE_FAULT_DELAY_COMMIT_MS", "150")]];
     for round in 0..40 {
-        let after = Duration::from_millis(rng.u64(200..2_500));
+        // A run takes about a second on a quiet machine: kill within it, so that most kills hit a job with progress.
+        let after = Duration::from_millis(rng.u64(150..1_200));
         match run_or_kill(nagare(dir.path(), faults[round % 3]), after) {
             (RunEnd::Exited(status), err) => {
                 assert!(status.success(), "run {round} failed: {err}");
@@ -428,8 +429,10 @@ fn out_of_order_exactly_once(originals: &[Event], order: &[usize], kills_wanted:
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut kills = 0;
     let mut finished = false;
-    for round in 0..30 {
-        match run_or_kill(nagare(dir.path(), &[]), Duration::from_millis(rng.u64(300..2_000))) {
+    // A run of this input takes well under a second on a quiet machine: kill early and often enough that the kills
+    // land, with 100 ms checkpoints so that most killed runs have made progress.
+    for round in 0..80 {
+        match run_or_kill(nagare(dir.path(), &[]), Duration::from_millis(rng.u64(100..900))) {
             (RunEnd::Exited(status), err) => {
                 assert!(status.success(), "run {round} failed: {err}");
                 finished = true;
