@@ -24,3 +24,24 @@ pub mod write;
 
 pub use error::BqError;
 pub use sink::{BigQuerySink, BigQuerySpec};
+
+/// Reads a sink's commit handles back from a checkpoint (`null`s are subtasks that had nothing to commit).
+pub(crate) fn parse_handles<T: serde::de::DeserializeOwned>(
+    handles: &[serde_json::Value],
+    what: &str,
+) -> Result<Vec<T>, BqError> {
+    handles
+        .iter()
+        .filter(|h| !h.is_null())
+        .map(|h| serde_json::from_value(h.clone()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| BqError::Protocol(format!("checkpoint has a {what} that is not understood: {e}")))
+}
+
+/// Test hook for crash tests: waits as long as environment variable `name` says (ms), to widen a window in which a
+/// kill should land.
+pub(crate) async fn fault_delay(name: &str) {
+    if let Some(ms) = std::env::var(name).ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}

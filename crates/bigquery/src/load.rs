@@ -89,12 +89,7 @@ pub struct LoadHandle {
 }
 
 fn parse_handles(handles: &[serde_json::Value]) -> Result<Vec<LoadHandle>, BqError> {
-    handles
-        .iter()
-        .filter(|h| !h.is_null())
-        .map(|h| serde_json::from_value(h.clone()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| BqError::Protocol(format!("checkpoint has a bigquery load handle that is not understood: {e}")))
+    crate::parse_handles(handles, "bigquery load handle")
 }
 
 /// The load job's id: a digest of the table and the files, so the same load always has the same id.

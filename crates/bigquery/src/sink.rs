@@ -676,12 +676,7 @@ pub async fn recover_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Re
 }
 
 fn parse_handles(handles: &[serde_json::Value]) -> Result<Vec<CommitHandle>, BqError> {
-    handles
-        .iter()
-        .filter(|h| !h.is_null())
-        .map(|h| serde_json::from_value(h.clone()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| BqError::Protocol(format!("checkpoint has a bigquery handle that is not understood: {e}")))
+    crate::parse_handles(handles, "bigquery handle")
 }
 
 /// Makes the rows each handle's BUFFERED streams were checkpointed with visible. Idempotent: a flush at or behind
@@ -692,9 +687,7 @@ async fn flush_buffered(spec: &SinkSpec, handles: &[CommitHandle], recovering: b
     if streams.is_empty() {
         return Ok(());
     }
-    if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").ok().and_then(|v| v.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
+    crate::fault_delay("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").await;
     let client = Target::from_spec(spec)?.write_client()?;
     for b in &streams {
         match client.flush_rows(&b.name, b.rows - 1).await {
@@ -707,9 +700,7 @@ async fn flush_buffered(spec: &SinkSpec, handles: &[CommitHandle], recovering: b
             Err(e) => return Err(e),
         }
     }
-    if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_BQ_FLUSHED_MS").ok().and_then(|v| v.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
+    crate::fault_delay("NAGARE_FAULT_DELAY_BQ_FLUSHED_MS").await;
     tracing::debug!(streams = streams.len(), "flushed BUFFERED streams");
     Ok(())
 }
@@ -736,9 +727,7 @@ async fn commit_streams(spec: &SinkSpec, handles: &[serde_json::Value], recoveri
     if by_table.is_empty() {
         return Ok(());
     }
-    if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").ok().and_then(|v| v.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
+    crate::fault_delay("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").await;
     let target = Target::from_spec(spec)?;
     let client = target.write_client()?;
     for (table, streams) in by_table {

@@ -376,7 +376,7 @@ impl DedupOperator {
         match self.scope {
             DedupScope::Ttl { ttl_us } => (t, t.saturating_add(ttl_us).saturating_add(1)),
             DedupScope::Window { size_us } => {
-                let start = t.saturating_sub(t.rem_euclid(size_us));
+                let start = window_of(self.scope, t).unwrap_or(t);
                 (start, start.saturating_add(size_us))
             }
         }
@@ -440,12 +440,12 @@ impl DedupOperator {
         let mut emit_now: Vec<u32> = Vec::new();
         let mut stored_rows: Option<Rows> = None;
         let mut kept = 0;
+        let grace = self.grace();
         for &r in late_rows {
             let t = times[r as usize];
             let h = hashes[r as usize];
             keys.encode_into(r as usize, window_of(self.scope, t), &mut self.scratch);
             let scope = self.scope;
-            let grace = self.grace();
             let verdict = match self.groups.find_mut(h, self.arena.is(h, &self.scratch)) {
                 None => LateVerdict::NewGroup,
                 // Forgotten (even if not swept yet: what is remembered must not depend on when sweeps ran).
