@@ -380,7 +380,8 @@ fn a_job_survives_lost_workers_and_a_lost_leader_exactly_once() {
     std::fs::write(&sql3, dedup_sql(30_000)).unwrap();
     let expected = reference_ids(&sql3, &dir.path().join("reference3"));
     let rescaled = dir.path().join("rescaled");
-    let job3 = submit(&api, &sql3, "rescales", 2500, &rescaled, &[]);
+    // 30 s of input at 1,000 events a second: time for two rescales before the input ends, on a loaded machine too.
+    let job3 = submit(&api, &sql3, "rescales", 1000, &rescaled, &[]);
     let at = |p: u64, attempt: u64| {
         move |s: &serde_json::Value| {
             running_with_checkpoint(attempt)(s)
@@ -448,7 +449,7 @@ fn with_rebalance_a_job_spreads_onto_a_worker_that_joins_exactly_once() {
         &|| coordinator.log(),
     );
     let out = dir.path().join("out");
-    let job = submit(&api, &sql, "spreads", 2500, &out, &[]);
+    let job = submit(&api, &sql, "spreads", 1500, &out, &[]);
     let logs = || format!("{}\n{}", coordinator.log(), status(&api, &job));
     wait_for(
         "the job on w1 alone",
@@ -572,7 +573,15 @@ fn rescaling_down_a_job_over_many_splits_keeps_every_row_and_every_window() {
 
     for from in [2u64, 3] {
         let out = dir.path().join(format!("out-{from}"));
-        let job = submit(&api, &sql, &format!("down-from-{from}"), 0, &out, &["--parallelism", &from.to_string()]);
+        // Paced to some 8 s of input, so that the rescale lands before the input ends, on a loaded machine too.
+        let job = submit(
+            &api,
+            &sql,
+            &format!("down-from-{from}"),
+            0,
+            &out,
+            &["--parallelism", &from.to_string(), "--set", "source_rate_limit=50000"],
+        );
         let logs = || format!("{}\n{}", coordinator.log(), status(&api, &job));
         wait_for(
             "the job to run with a checkpoint",

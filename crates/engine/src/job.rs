@@ -618,6 +618,9 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
                         metrics: metrics.nodes[head.id].clone(),
                         stop: stop.clone(),
                         idle_timeout: options.idle_timeout,
+                        throttle: settings
+                            .source_rate_limit
+                            .map(|r| crate::task::Throttle::new(r as f64 / head.parallelism.max(1) as f64)),
                         checkpoints: link,
                     };
                     tasks.spawn(async move { (task_name, run_source_task(source, driver, chain_struct).await) });

@@ -398,8 +398,39 @@ pub struct SourceDriver {
     pub stop: CancellationToken,
     /// How long without input before the subtask stops holding back the watermark.
     pub idle_timeout: Duration,
+    /// Paces this subtask to its share of `source_rate_limit`.
+    pub throttle: Option<Throttle>,
     /// The coordinator, when the job takes checkpoints.
     pub checkpoints: Option<CheckpointLink>,
+}
+
+/// Keeps a source subtask at or under a rate: rows are read in batches, and the next read waits until the rows so
+/// far are due.
+#[derive(Debug)]
+pub struct Throttle {
+    rows_per_second: f64,
+    started: Option<Instant>,
+    rows: u64,
+}
+
+impl Throttle {
+    /// A throttle to `rows_per_second` (more than zero).
+    pub fn new(rows_per_second: f64) -> Self {
+        Throttle { rows_per_second: rows_per_second.max(f64::MIN_POSITIVE), started: None, rows: 0 }
+    }
+
+    /// Counts rows read.
+    pub fn read(&mut self, rows: usize) {
+        self.started.get_or_insert_with(Instant::now);
+        self.rows += rows as u64;
+    }
+
+    /// How long until the rows read so far are due (zero: read on).
+    pub fn ahead(&self, now: Instant) -> Duration {
+        let Some(started) = self.started else { return Duration::ZERO };
+        let due = started + Duration::from_secs_f64(self.rows as f64 / self.rows_per_second);
+        due.saturating_duration_since(now)
+    }
 }
 
 /// What a source task does with a message from the coordinator; true when the task should end.
@@ -460,6 +491,13 @@ pub async fn run_source_task(mut source: Box<dyn Source>, mut driver: SourceDriv
             chain.tick().await?;
             last_tick = Instant::now();
         }
+        if let Some(wait) = driver.throttle.as_ref().map(|t| t.ahead(Instant::now())).filter(|w| !w.is_zero()) {
+            // Ahead of the rate: wait in short steps, so coordinator messages and a stop are still taken promptly.
+            tokio::select! {
+                _ = driver.stop.cancelled() => {}
+                _ = tokio::time::sleep(wait.min(Duration::from_millis(50))) => continue,
+            }
+        }
         let event = tokio::select! {
             biased;
             _ = driver.stop.cancelled() => None,
@@ -479,6 +517,9 @@ pub async fn run_source_task(mut source: Box<dyn Source>, mut driver: SourceDriv
                 idle_since = None;
                 announced_idle = false;
                 NodeMetrics::add(&driver.metrics.rows_out, batch.num_rows());
+                if let Some(t) = driver.throttle.as_mut() {
+                    t.read(batch.num_rows());
+                }
                 let wm = match driver.watermarks.as_mut() {
                     Some(g) => g.observe(&batch)?,
                     None => None,
@@ -625,5 +666,19 @@ mod tests {
         assert_eq!(upload(&link, &mut reports, 5, PartKind::Base).await, Ok(vec![path(5)]));
         assert_eq!(upload(&link, &mut reports, 6, PartKind::Delta).await, Ok(vec![path(5), path(6)]));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_throttle_holds_reads_until_the_rows_so_far_are_due() {
+        let mut t = Throttle::new(1000.0);
+        let now = Instant::now();
+        assert_eq!(t.ahead(now), Duration::ZERO, "the first read is never held");
+        t.read(500);
+        let started = t.started.unwrap();
+        assert_eq!(t.ahead(started), Duration::from_millis(500));
+        assert_eq!(t.ahead(started + Duration::from_millis(200)), Duration::from_millis(300));
+        assert_eq!(t.ahead(started + Duration::from_secs(1)), Duration::ZERO, "behind the rate: read on");
+        t.read(1500);
+        assert_eq!(t.ahead(started + Duration::from_secs(1)), Duration::from_secs(1));
     }
 }

@@ -51,6 +51,8 @@ pub struct Settings {
     pub dead_letter_path: Option<String>,
     /// Rows per batch that sources aim for.
     pub batch_size: usize,
+    /// Rows per second each source table reads at most (over its subtasks), so a backfill cannot outrun a sink.
+    pub source_rate_limit: Option<u64>,
     /// Time between checkpoints (when the job takes them).
     pub checkpoint_interval: Duration,
     /// A checkpoint not complete after this long is aborted.

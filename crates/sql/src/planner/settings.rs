@@ -31,6 +31,12 @@ pub const SETTINGS: &[(&str, OptionKind, &str)] = &[
     ),
     ("dead_letter_path", OptionKind::String, "directory for dead-letter records (bad input, late rows)"),
     ("batch_size", OptionKind::Int { min: 1, max: 1 << 20 }, "rows per batch sources aim for (default 8192)"),
+    (
+        "source_rate_limit",
+        OptionKind::Int { min: 0, max: i64::MAX },
+        "rows per second each source table reads at most, over all its subtasks (default 0: no limit); for \
+         backfills that must not outrun a sink's quota",
+    ),
     ("checkpoint_interval", OptionKind::Duration, "time between checkpoints, when the job takes them (default 10s)"),
     (
         "checkpoint_timeout",
@@ -125,6 +131,7 @@ impl SettingsBuilder {
                 _ => None,
             },
             batch_size: int("batch_size").map(|i| i as usize).unwrap_or(8192),
+            source_rate_limit: int("source_rate_limit").filter(|r| *r > 0).map(|r| r as u64),
             checkpoint_interval: duration("checkpoint_interval").unwrap_or(Duration::from_secs(10)),
             checkpoint_timeout: duration("checkpoint_timeout").unwrap_or(Duration::from_secs(600)),
             checkpoints_retained: int("checkpoints_retained").map(|i| i as usize).unwrap_or(3),
