@@ -3,10 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use nagare_connectors::Connectors;
 use nagare_engine::{JobError, JobOptions, JobSummary};
 use nagare_sql::{PlanError, Planner, Variables};
 
@@ -31,13 +29,14 @@ impl std::fmt::Display for RunError {
 /// Plans and runs `sql` in this process with `${NAME}` variables, until its (bounded) sources end.
 pub async fn run_sql(sql: &str, vars: &[(&str, &str)]) -> Result<JobSummary, RunError> {
     let vars: BTreeMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let pipeline = Planner::new(Connectors::catalog())
+    let pipeline = Planner::new(nagare_cli::registry().catalog())
         .with_variables(Variables::new(vars, false))
         .plan(sql)
         .await
         .map_err(RunError::Plan)?;
-    let job =
-        nagare_engine::start(&pipeline, Arc::new(Connectors), JobOptions::default()).await.map_err(RunError::Start)?;
+    let job = nagare_engine::start(&pipeline, nagare_cli::registry(), JobOptions::default())
+        .await
+        .map_err(RunError::Start)?;
     job.wait().await.map_err(RunError::Job)
 }
 

@@ -6,6 +6,7 @@ pub mod auth;
 /// Test doubles of the Storage Write API (test code; the `test-double` feature lets end-to-end tests use them).
 #[cfg(any(test, feature = "test-double"))]
 pub mod cdc_double;
+pub mod config;
 pub mod error;
 pub mod load;
 pub mod proto;

@@ -51,17 +51,12 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Reads the options of a load-mode sink.
+    /// The staging of a load-mode sink, from its configuration.
     pub fn from_spec(spec: &SinkSpec) -> Result<Self, BqError> {
-        let o = &spec.table.options;
-        let uri = o
-            .get_str("staging_uri")
-            .ok_or_else(|| BqError::Config("write_mode = 'load' needs staging_uri".into()))?
-            .trim_end_matches('/')
-            .to_string();
-        let source_uri =
-            o.get_str("staging_source_uri").map_or_else(|| uri.clone(), |s| s.trim_end_matches('/').to_string());
-        Ok(Staging { uri, source_uri, interval: o.get_duration("load_interval").unwrap_or(Duration::from_secs(300)) })
+        let c = crate::config::BigQueryConfig::of(spec)?;
+        let uri = c.staging_uri.ok_or_else(|| BqError::Config("write_mode = 'load' needs staging_uri".into()))?;
+        let source_uri = c.staging_source_uri.unwrap_or_else(|| uri.clone());
+        Ok(Staging { uri, source_uri, interval: c.load_interval })
     }
 
     /// The directory (relative to the staging root) of one table's files.

@@ -25,15 +25,16 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use nagare_core::CheckpointId;
 use nagare_engine::EngineError;
-use nagare_engine::connector::{Sink, SinkContext};
+use nagare_engine::connector::{Committer, Connector, Sink, SinkContext};
 use nagare_engine::dead_letter::DeadLetterWriter;
 use nagare_sql::SinkSpec;
 use nagare_sql::catalog::{ConnectorSpec, TableDef, TableRole};
 use nagare_sql::error::PlanError;
-use nagare_sql::options::{OptionKind, OptionSpec, Options};
+use nagare_sql::options::{OptionKind, OptionSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Auth;
+use crate::config::{BigQueryConfig, WriteMode, columns_of};
 use crate::error::BqError;
 use crate::rest::{CreateOptions, RestClient, TableRef};
 use crate::types::{compatibility, table_schema, to_wire, wire_schema};
@@ -178,12 +179,6 @@ pub const OPTIONS: &[OptionSpec] = &[
 /// The bigquery connector's spec.
 #[derive(Debug)]
 pub struct BigQuerySpec;
-
-pub(crate) fn columns_of(opts: &Options, name: &str) -> Vec<String> {
-    opts.get_str(name)
-        .map(|v| v.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect())
-        .unwrap_or_default()
-}
 
 impl ConnectorSpec for BigQuerySpec {
     fn name(&self) -> &'static str {
@@ -374,10 +369,52 @@ impl ConnectorSpec for BigQuerySpec {
         matches!(table.options.get_str("write_mode").as_deref(), Some("merge" | "upsert"))
     }
 
+    fn configure(&self, table: &TableDef, _role: TableRole) -> Result<serde_json::Value, PlanError> {
+        serde_json::to_value(BigQueryConfig::from_table(table))
+            .map_err(|e| PlanError::internal(format!("bigquery configuration: {e}")))
+    }
+
     fn sink_collapse_sequence(&self, table: &TableDef) -> Option<Vec<String>> {
         // One image per key per checkpoint goes to BigQuery, not every intermediate change.
         (table.options.get_str("write_mode").as_deref() == Some("upsert"))
             .then(|| crate::upsert::sequence_columns(&table.options))
+    }
+}
+
+impl Connector for BigQuerySpec {
+    fn create_sink(&self, spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Box<dyn Sink>, EngineError> {
+        Ok(create(spec, schema, ctx)?)
+    }
+
+    fn committer(&self, spec: &SinkSpec) -> Result<Arc<dyn Committer>, EngineError> {
+        let config = BigQueryConfig::of(spec)?;
+        let target = Target::from_config(&config)?;
+        let client = target.write_client()?;
+        Ok(Arc::new(TableCommitter { spec: spec.clone(), mode: config.mode, target, client }))
+    }
+}
+
+/// A bigquery sink table's committer for one run of a job: prepares the table, recovers it, and commits each
+/// checkpoint (one `BatchCommitWriteStreams`, flushes, MERGE or load job per table) with one client throughout.
+pub struct TableCommitter {
+    spec: SinkSpec,
+    mode: WriteMode,
+    target: Target,
+    client: WriteClient,
+}
+
+#[async_trait]
+impl Committer for TableCommitter {
+    async fn prepare(&self, schema: SchemaRef) -> Result<(), EngineError> {
+        Ok(prepare(&self.spec, &schema).await?)
+    }
+
+    async fn recover(&self, handles: &[serde_json::Value]) -> Result<(), EngineError> {
+        Ok(recover_table(self, handles).await?)
+    }
+
+    async fn commit(&self, handles: &[serde_json::Value]) -> Result<(), EngineError> {
+        Ok(commit_table(self, handles).await?)
     }
 }
 
@@ -416,27 +453,27 @@ pub struct MergeTarget {
 }
 
 impl Target {
-    /// Reads the options of `spec`.
+    /// The target a sink's configuration names.
     pub fn from_spec(spec: &SinkSpec) -> Result<Self, BqError> {
-        let o = &spec.table.options;
-        let get = |n: &str| o.get_str(n).unwrap_or_default();
-        let table = TableRef { project: get("project"), dataset: get("dataset"), table: get("table") };
-        let merge = (get("write_mode") == "merge").then(|| MergeTarget {
-            staging: TableRef {
-                table: o.get_str("staging_table").unwrap_or_else(|| format!("{}_nagare_staging", table.table)),
-                ..table.clone()
-            },
-            key: spec.table.primary_key.clone(),
+        Self::from_config(&BigQueryConfig::of(spec)?)
+    }
+
+    /// The target `c` names.
+    pub fn from_config(c: &BigQueryConfig) -> Result<Self, BqError> {
+        let table = TableRef { project: c.project.clone(), dataset: c.dataset.clone(), table: c.table.clone() };
+        let merge = (c.mode == WriteMode::Merge).then(|| MergeTarget {
+            staging: TableRef { table: c.staging_table.clone(), ..table.clone() },
+            key: c.primary_key.clone(),
         });
         Ok(Target {
-            commit: o.get_str("commit").unwrap_or_else(|| "auto".into()),
-            stream_max_age: o.get_duration("stream_max_age").unwrap_or(Duration::from_secs(3600)),
+            commit: c.commit.clone(),
+            stream_max_age: c.stream_max_age,
             merge,
             table,
-            auth: Auth::from_option(&get("credentials"))?,
-            endpoint: get("endpoint"),
-            rest_endpoint: get("rest_endpoint"),
-            max_request_bytes: o.get_bytes("max_request_size").map_or(DEFAULT_MAX_REQUEST_BYTES, |b| b as usize),
+            auth: Auth::from_option(&c.credentials)?,
+            endpoint: c.endpoint.clone(),
+            rest_endpoint: c.rest_endpoint.clone(),
+            max_request_bytes: c.max_request_bytes,
         })
     }
 
@@ -534,21 +571,19 @@ fn staging_schema(schema: &SchemaRef) -> SchemaRef {
 }
 
 async fn prepare_target(spec: &SinkSpec, schema: &SchemaRef, target: &Target) -> Result<(), BqError> {
-    let o = &spec.table.options;
+    let config = BigQueryConfig::of(spec)?;
     let ours = table_schema(&wire_schema(schema))?;
     let rest = target.rest_client()?;
     let t = &target.table;
     let Some(existing) = rest.get_table(t).await? else {
-        if o.get_str("create_table").as_deref() != Some("if_not_exists") {
+        if !config.create_if_missing {
             return Err(BqError::Config(format!(
                 "table {t} does not exist (set create_table = 'if_not_exists' to create it from the declared columns)"
             )));
         }
         let opts = CreateOptions {
-            partition: o
-                .get_str("partition_by")
-                .map(|c| (c, o.get_str("partition_granularity").unwrap_or_else(|| "DAY".into()))),
-            cluster_by: columns_of(o, "cluster_by"),
+            partition: config.partition.clone(),
+            cluster_by: config.cluster_by.clone(),
             primary_key: spec.table.primary_key.clone(),
         };
         rest.create_table(t, &ours, &opts).await?;
@@ -565,7 +600,7 @@ async fn prepare_target(spec: &SinkSpec, schema: &SchemaRef, target: &Target) ->
     }
     if !c.missing.is_empty() {
         let names: Vec<&str> = c.missing.iter().map(|f| f.name.as_str()).collect();
-        if o.get_str("schema_update").as_deref() != Some("add_columns") {
+        if !config.add_columns {
             return Err(BqError::Schema(format!(
                 "table {t} has no column(s) {} (set schema_update = 'add_columns' to add them)",
                 names.join(", ")
@@ -632,32 +667,32 @@ pub fn streams_per_hour(parallelism: usize, checkpoint_interval: Duration, buffe
 
 /// Whether the sink writes CDC changes.
 pub fn is_upsert(spec: &SinkSpec) -> bool {
-    spec.table.options.get_str("write_mode").as_deref() == Some("upsert")
+    BigQueryConfig::of(spec).is_ok_and(|c| c.mode == WriteMode::Upsert)
 }
 
 /// Whether the sink stages files for load jobs.
 pub fn is_load(spec: &SinkSpec) -> bool {
-    spec.table.options.get_str("write_mode").as_deref() == Some("load")
+    BigQueryConfig::of(spec).is_ok_and(|c| c.mode == WriteMode::Load)
 }
 
 /// Commits what every subtask recorded in a checkpoint: write streams (one `BatchCommitWriteStreams` per table, so
 /// the checkpoint's rows appear together), or sealed staged files (one load job). Idempotent.
-pub async fn commit_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
-    tracing::debug!(sink = %spec.table.name, "committing a completed checkpoint's bigquery writes");
-    if is_load(spec) {
-        return crate::load::commit(spec, handles).await;
+async fn commit_table(t: &TableCommitter, handles: &[serde_json::Value]) -> Result<(), BqError> {
+    tracing::debug!(sink = %t.spec.table.name, "committing a completed checkpoint's bigquery writes");
+    if t.mode == WriteMode::Load {
+        return crate::load::commit(&t.spec, handles).await;
     }
-    commit_streams(spec, handles, false).await
+    commit_streams(t, handles, false).await
 }
 
 /// After a crash, before the job starts: commits what the restored checkpoint recorded (streams, or every staged
 /// file) and discards later epochs' output.
-pub async fn recover_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<(), BqError> {
-    if is_load(spec) {
-        return crate::load::recover(spec, handles).await;
+async fn recover_table(t: &TableCommitter, handles: &[serde_json::Value]) -> Result<(), BqError> {
+    if t.mode == WriteMode::Load {
+        return crate::load::recover(&t.spec, handles).await;
     }
     // Streams of later epochs were never committed: BigQuery drops them.
-    commit_streams(spec, handles, true).await?;
+    commit_streams(t, handles, true).await?;
     // BUFFERED streams now show exactly the checkpoint's rows; rows appended after it may sit in their buffers.
     // Finalizing ends them (no flush past the checkpoint can follow, no zombie writer can append): the new run
     // writes to new streams.
@@ -666,9 +701,8 @@ pub async fn recover_table(spec: &SinkSpec, handles: &[serde_json::Value]) -> Re
         // `commit_streams` flushed them above: a stream named here that is already finalized was finalized only
         // after being flushed to this checkpoint's offset (by an earlier recovery, or by its subtask after the
         // flush that retired it), so the flush is done either way.
-        let client = Target::from_spec(spec)?.write_client()?;
         for b in &buffered {
-            client.finalize(&b.name).await?;
+            t.client.finalize(&b.name).await?;
         }
         tracing::info!(streams = buffered.len(), "recovery flushed and finalized the checkpoint's BUFFERED streams");
     }
@@ -681,14 +715,13 @@ fn parse_handles(handles: &[serde_json::Value]) -> Result<Vec<CommitHandle>, BqE
 
 /// Makes the rows each handle's BUFFERED streams were checkpointed with visible. Idempotent: a flush at or behind
 /// an earlier one changes nothing.
-async fn flush_buffered(spec: &SinkSpec, handles: &[CommitHandle], recovering: bool) -> Result<(), BqError> {
+async fn flush_buffered(client: &WriteClient, handles: &[CommitHandle], recovering: bool) -> Result<(), BqError> {
     let streams: Vec<&BufferedStream> =
         handles.iter().flat_map(|h| &h.buffered).filter(|b| b.rows > b.flushed.max(0)).collect();
     if streams.is_empty() {
         return Ok(());
     }
     crate::fault_delay("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").await;
-    let client = Target::from_spec(spec)?.write_client()?;
     for b in &streams {
         match client.flush_rows(&b.name, b.rows - 1).await {
             Ok(()) => {}
@@ -716,9 +749,9 @@ pub fn create(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Bo
     Ok(Box::new(BigQuerySink::new(spec, schema, ctx)?))
 }
 
-async fn commit_streams(spec: &SinkSpec, handles: &[serde_json::Value], recovering: bool) -> Result<(), BqError> {
+async fn commit_streams(t: &TableCommitter, handles: &[serde_json::Value], recovering: bool) -> Result<(), BqError> {
     let handles = parse_handles(handles)?;
-    flush_buffered(spec, &handles, recovering).await?;
+    flush_buffered(&t.client, &handles, recovering).await?;
     let mut by_table: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
     for h in &handles {
         by_table.entry(&h.table).or_default().extend(h.streams.iter().map(|s| s.name.clone()));
@@ -728,12 +761,10 @@ async fn commit_streams(spec: &SinkSpec, handles: &[serde_json::Value], recoveri
         return Ok(());
     }
     crate::fault_delay("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").await;
-    let target = Target::from_spec(spec)?;
-    let client = target.write_client()?;
     for (table, streams) in by_table {
-        client.commit_streams(table, &streams).await?;
-        if let Some(m) = &target.merge {
-            merge_streams(&target, m, &spec.table.schema, &streams).await?;
+        t.client.commit_streams(table, &streams).await?;
+        if let Some(m) = &t.target.merge {
+            merge_streams(&t.target, m, &t.spec.table.schema, &streams).await?;
         }
         let rows: i64 = handles.iter().filter(|h| h.table == table).flat_map(|h| &h.streams).map(|s| s.rows).sum();
         tracing::debug!(table, streams = streams.len(), rows, "committed write streams");

@@ -29,7 +29,7 @@ use crate::write::{Appender, Rejected, WriteClient};
 
 /// The columns ordering a key's changes (`sequence_by`).
 pub fn sequence_columns(o: &Options) -> Vec<String> {
-    crate::sink::columns_of(o, "sequence_by")
+    crate::config::columns_of(o, "sequence_by")
 }
 
 /// Whether a column type can be a sequence section (an integer, a timestamp or a date).
@@ -39,7 +39,7 @@ pub fn is_sequence_type(t: &DataType) -> bool {
 
 /// The schema written to BigQuery: the sink's columns without `change_type_column`.
 pub fn table_columns(spec: &SinkSpec, schema: &SchemaRef) -> SchemaRef {
-    match spec.table.options.get_str("change_type_column") {
+    match crate::config::BigQueryConfig::of(spec).ok().and_then(|c| c.change_type_column) {
         Some(c) => {
             Arc::new(Schema::new(schema.fields().iter().filter(|f| f.name() != &c).cloned().collect::<Vec<_>>()))
         }
@@ -102,13 +102,13 @@ impl std::fmt::Debug for UpsertSink {
 impl UpsertSink {
     /// A subtask writing changes of `schema`.
     pub fn new(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Self, BqError> {
-        let target = Target::from_spec(spec)?;
-        let o = &spec.table.options;
+        let config = crate::config::BigQueryConfig::of(spec)?;
+        let target = Target::from_config(&config)?;
         let index = |c: &str| {
             schema.index_of(c).map_err(|_| BqError::Config(format!("sink '{}' has no column '{c}'", spec.table.name)))
         };
-        let change = o.get_str("change_type_column").map(|c| index(&c)).transpose()?;
-        let sequence = sequence_columns(o).iter().map(|c| index(c)).collect::<Result<Vec<_>, _>>()?;
+        let change = config.change_type_column.as_deref().map(index).transpose()?;
+        let sequence = config.sequence_by.iter().map(|c| index(c)).collect::<Result<Vec<_>, _>>()?;
         let data: Vec<usize> = (0..schema.fields().len()).filter(|i| Some(*i) != change).collect();
         let data_wire = wire_schema(&schema.project(&data)?);
         let mut fields: Vec<Arc<Field>> = data_wire.fields().iter().cloned().collect();

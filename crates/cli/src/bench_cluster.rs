@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -52,7 +51,7 @@ pub async fn run_part(args: PartArgs) -> Result<()> {
         vars.insert(k.to_string(), val.to_string());
     }
     let sql = std::fs::read_to_string(&args.sql).with_context(|| format!("reading {}", args.sql.display()))?;
-    let pipeline = nagare_connectors::plan(&sql, args.parallelism, &BTreeMap::new(), &vars).await?;
+    let pipeline = nagare_cli::registry().plan(&sql, args.parallelism, &BTreeMap::new(), &vars).await?;
     let peers: Vec<String> = args.peers.iter().map(|p| format!("http://{p}")).collect();
     let options = JobOptions {
         run_id: format!("{}-p{}", nagare_engine::job::new_run_id(), args.part),
@@ -63,7 +62,7 @@ pub async fn run_part(args: PartArgs) -> Result<()> {
         }),
         ..JobOptions::default()
     };
-    let job = nagare_engine::start(&pipeline, Arc::new(nagare_connectors::Connectors), options).await?;
+    let job = nagare_engine::start(&pipeline, nagare_cli::registry(), options).await?;
     let summary: JobSummary = job.wait().await?;
     crate::write_stats(&args.stats_json, &summary)
 }

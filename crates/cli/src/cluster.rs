@@ -337,7 +337,7 @@ pub async fn dispatch(cmd: ClusterCommand) -> Result<()> {
                 None => nagare_exchange::Exchange::new(),
             };
             let store = connect_etcd(&etcd, &etcd_prefix).await?;
-            let worker = nagare_worker::Worker::new(exchange);
+            let worker = nagare_worker::Worker::new(exchange, nagare_cli::registry());
             let tls = WorkerServing { server: server_tls, advertise };
             run_worker(store, &listen, slots, lease_ttl, metrics_addr, id, worker, tls).await
         }
@@ -560,7 +560,7 @@ async fn coordinator(
 ) -> Result<()> {
     let (listener, local) = bind(listen).await?;
     let id = id.unwrap_or_else(|| format!("coordinator-{local}"));
-    let jobs = nagare_coordinator::service::Jobs::new(Arc::new(store.clone()), checkpoint_url);
+    let jobs = nagare_coordinator::service::Jobs::new(Arc::new(store.clone()), nagare_cli::registry(), checkpoint_url);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(nagare_rpc::FILE_DESCRIPTOR_SET)
         .build_v1()

@@ -61,7 +61,7 @@ pub async fn start(
     put_job(store.as_ref(), &job).await?;
     let listener = tokio::net::TcpListener::bind(socket).await.with_context(|| format!("listening on {addr}"))?;
     eprintln!("serving JobService on http://{} (job {id})", listener.local_addr()?);
-    let service = nagare_coordinator::service::Jobs::embedded(store.clone());
+    let service = nagare_coordinator::service::Jobs::embedded(store.clone(), nagare_cli::registry());
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(pb::job_service_server::JobServiceServer::new(service))

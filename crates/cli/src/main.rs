@@ -9,11 +9,10 @@ mod progress;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
-use nagare_connectors::Connectors;
+use nagare_cli::registry;
 use nagare_engine::{JobOptions, JobSummary};
 use nagare_sql::{Pipeline, Planner, Variables};
 
@@ -241,7 +240,7 @@ fn parse_pairs(pairs: &[String], what: &str) -> Result<Vec<(String, String)>> {
 async fn plan_file(args: &PlanArgs) -> Result<Pipeline> {
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let vars: BTreeMap<String, String> = parse_pairs(&args.vars, "--var")?.into_iter().collect();
-    let mut planner = Planner::new(Connectors::catalog()).with_variables(Variables::new(vars, true));
+    let mut planner = Planner::new(registry().catalog()).with_variables(Variables::new(vars, true));
     for (k, v) in parse_pairs(&args.settings, "--set")? {
         planner = planner.with_setting(k, v);
     }
@@ -270,9 +269,8 @@ async fn run(
     file: &Path,
 ) -> Result<JobSummary> {
     let options = JobOptions { checkpoints, ..JobOptions::default() };
-    let job = nagare_engine::start(pipeline, Arc::new(Connectors), options)
-        .await
-        .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    let job =
+        nagare_engine::start(pipeline, registry(), options).await.map_err(|e| anyhow!("{}: {e}", file.display()))?;
     let metrics = job.metrics();
     let checkpoint_stats = job.checkpoint_stats();
     if let Some(id) = checkpoint_stats.lock().ok().and_then(|s| s.restored_from) {
@@ -377,7 +375,7 @@ async fn list_checkpoints(pipeline: &Pipeline, dir: &str) -> Result<()> {
 }
 
 fn print_connectors() {
-    for c in Connectors::catalog().iter() {
+    for c in registry().iter() {
         println!("{}: {}", c.name(), c.description());
         for role in [nagare_sql::TableRole::Source, nagare_sql::TableRole::Sink] {
             let Some(opts) = c.options(role) else { continue };

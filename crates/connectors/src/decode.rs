@@ -17,7 +17,8 @@ use serde_json::value::RawValue;
 use crate::json_fast::FastJsonDecoder;
 
 /// What to do with a record that does not decode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BadRecords {
     /// Stop the job, naming the file, line and reason.
     Fail,

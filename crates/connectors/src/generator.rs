@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use nagare_engine::EngineError;
-use nagare_engine::connector::{Source, SourceContext, SourceEvent};
+use nagare_engine::connector::{Connector, Source, SourceContext, SourceEvent, SourceRestore, config};
 use nagare_sql::SourceSpec;
 use nagare_sql::catalog::{ConnectorSpec, TableDef, TableRole};
 use nagare_sql::error::PlanError;
@@ -124,9 +124,70 @@ impl ConnectorSpec for GeneratorSpec {
         Ok(())
     }
 
+    fn configure(&self, table: &TableDef, _role: TableRole) -> Result<serde_json::Value, PlanError> {
+        let o = &table.options;
+        let start_us = match o.get_str("start_time") {
+            Some(s) => Some(
+                chrono::DateTime::parse_from_rfc3339(&s)
+                    .map_err(|e| o.error("start_time", e.to_string()))?
+                    .timestamp_micros(),
+            ),
+            None => None,
+        };
+        let config = GeneratorConfig {
+            count: o.get_int("count").unwrap_or(0).max(0) as u64,
+            rate: o.get_float("rate").unwrap_or(0.0),
+            start_us,
+            event_spacing_us: o.get_duration("event_spacing").map(|d| d.as_micros() as f64).unwrap_or(1_000.0),
+            seed: o.get_int("seed").unwrap_or(42) as u64,
+            duplicate_rate: o.get_float("duplicate_rate").unwrap_or(0.0),
+            redelivery_us: o.get_duration("redelivery_delay").map(|d| d.as_micros() as i64).unwrap_or(30_000_000),
+            tenants: o.get_int("tenants").unwrap_or(100).max(1) as u64,
+        };
+        serde_json::to_value(config).map_err(|e| PlanError::internal(format!("generator configuration: {e}")))
+    }
+
     fn is_bounded(&self, table: &TableDef) -> bool {
         table.options.get_int("count").unwrap_or(0) > 0
     }
+}
+
+impl Connector for GeneratorSpec {
+    fn create_source(
+        &self,
+        spec: &SourceSpec,
+        schema: SchemaRef,
+        ctx: SourceContext,
+        restore: Option<&SourceRestore>,
+    ) -> Result<Box<dyn Source>, EngineError> {
+        let (subtask, parallelism) = (ctx.subtask, ctx.parallelism);
+        let mut s = GeneratorSource::new(&config(&spec.table)?, spec, schema, ctx)?;
+        if let Some(r) = restore {
+            s.restore(&r.mine(subtask, parallelism))?;
+        }
+        Ok(Box::new(s))
+    }
+}
+
+/// A generator table's configuration, parsed once at plan time.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GeneratorConfig {
+    /// Events in total (0: unbounded).
+    pub count: u64,
+    /// Events per second over all subtasks (0: as fast as possible).
+    pub rate: f64,
+    /// Event time of the first event, µs (none: now when paced, else 2026-01-01).
+    pub start_us: Option<i64>,
+    /// Event time between events when not paced, µs.
+    pub event_spacing_us: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Share of re-deliveries.
+    pub duplicate_rate: f64,
+    /// How far behind a re-delivery may be, µs.
+    pub redelivery_us: i64,
+    /// Distinct tenants.
+    pub tenants: u64,
 }
 
 /// Settings of an event stream.
@@ -302,33 +363,30 @@ pub struct GeneratorSource {
 }
 
 impl GeneratorSource {
-    /// Subtask `ctx.subtask` of a generator producing `schema`.
-    pub fn new(spec: &SourceSpec, schema: SchemaRef, ctx: SourceContext) -> Result<Self, EngineError> {
-        let o = &spec.table.options;
-        let count = o.get_int("count").unwrap_or(0).max(0) as u64;
-        let rate = o.get_float("rate").unwrap_or(0.0);
+    /// Subtask `ctx.subtask` of a generator (configured by `c`) producing `schema`.
+    pub fn new(
+        c: &GeneratorConfig,
+        spec: &SourceSpec,
+        schema: SchemaRef,
+        ctx: SourceContext,
+    ) -> Result<Self, EngineError> {
+        let (count, rate) = (c.count, c.rate);
         let p = ctx.parallelism as u64;
         let i = ctx.subtask as u64;
         let remaining = (count > 0).then(|| count / p + u64::from(i < count % p));
-        let start_us = match o.get_str("start_time") {
-            Some(s) => chrono::DateTime::parse_from_rfc3339(&s)
-                .map_err(|e| EngineError::Config(format!("option 'start_time': {e}")))?
-                .timestamp_micros(),
+        let start_us = match c.start_us {
+            Some(us) => us,
             None if rate > 0.0 => chrono::Utc::now().timestamp_micros(),
             None => 1_767_225_600_000_000, // 2026-01-01T00:00:00Z
         };
-        let spacing_us = if rate > 0.0 {
-            1e6 / rate
-        } else {
-            o.get_duration("event_spacing").map(|d| d.as_micros() as f64).unwrap_or(1_000.0)
-        };
+        let spacing_us = if rate > 0.0 { 1e6 / rate } else { c.event_spacing_us };
         let config = EventStreamConfig {
-            seed: o.get_int("seed").unwrap_or(42) as u64,
-            duplicate_rate: o.get_float("duplicate_rate").unwrap_or(0.0),
+            seed: c.seed,
+            duplicate_rate: c.duplicate_rate,
             start_us,
             spacing_us,
-            redelivery_us: o.get_duration("redelivery_delay").map(|d| d.as_micros() as i64).unwrap_or(30_000_000),
-            tenants: o.get_int("tenants").unwrap_or(100).max(1) as u64,
+            redelivery_us: c.redelivery_us,
+            tenants: c.tenants,
         };
         let origin = format!("source {}", spec.table.name);
         let decoder = BlockDecoder::new(

@@ -6,7 +6,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use nagare_engine::EngineError;
-use nagare_engine::connector::{Sink, SinkContext};
+use nagare_engine::connector::{Connector, Sink, SinkContext, config};
 use nagare_sql::SinkSpec;
 use nagare_sql::catalog::{ConnectorSpec, TableDef, TableRole};
 use nagare_sql::error::PlanError;
@@ -40,19 +40,31 @@ impl ConnectorSpec for StdoutSpec {
     fn validate(&self, _table: &TableDef, _role: TableRole) -> Result<(), PlanError> {
         Ok(())
     }
+
+    fn configure(&self, table: &TableDef, _role: TableRole) -> Result<serde_json::Value, PlanError> {
+        let config = StdoutConfig { table: table.options.get_str("format").as_deref() == Some("table") };
+        serde_json::to_value(config).map_err(|e| PlanError::internal(format!("stdout configuration: {e}")))
+    }
+}
+
+impl Connector for StdoutSpec {
+    fn create_sink(&self, spec: &SinkSpec, schema: SchemaRef, _ctx: SinkContext) -> Result<Box<dyn Sink>, EngineError> {
+        let c: StdoutConfig = config(&spec.table)?;
+        Ok(Box::new(StdoutSink { schema, table: c.table }))
+    }
+}
+
+/// A stdout table's configuration, parsed once at plan time.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StdoutConfig {
+    /// A text table per batch instead of JSON lines.
+    pub table: bool,
 }
 
 /// Prints rows.
 pub struct StdoutSink {
     schema: SchemaRef,
     table: bool,
-}
-
-impl StdoutSink {
-    /// A sink printing rows of `schema`.
-    pub fn new(spec: &SinkSpec, schema: SchemaRef, _ctx: SinkContext) -> Self {
-        StdoutSink { schema, table: spec.table.options.get_str("format").as_deref() == Some("table") }
-    }
 }
 
 #[async_trait]

@@ -6,12 +6,19 @@ use std::sync::Arc;
 
 use arrow::array::{Array, StringArray};
 use nagare_core::CheckpointId;
-use nagare_engine::connector::{ConnectorFactory, Source, SourceContext, SourceEvent, SourceRestore};
+use nagare_engine::connector::{Registry, Source, SourceContext, SourceEvent, SourceRestore};
 use nagare_engine::metrics::NodeMetrics;
 use nagare_sql::{OperatorSpec, SourceSpec};
 
+fn registry() -> Registry {
+    Registry::new()
+        .with(Arc::new(nagare_connectors::filesystem::FilesystemSpec))
+        .with(Arc::new(nagare_connectors::generator::GeneratorSpec))
+        .with(Arc::new(nagare_connectors::stdout::StdoutSpec))
+}
+
 async fn source_spec(sql: &str, parallelism: u32) -> (SourceSpec, arrow::datatypes::SchemaRef) {
-    let pipeline = nagare_connectors::plan(sql, parallelism, &BTreeMap::new(), &BTreeMap::new()).await.unwrap();
+    let pipeline = registry().plan(sql, parallelism, &BTreeMap::new(), &BTreeMap::new()).await.unwrap();
     let node = pipeline.graph.nodes.iter().find(|n| matches!(n.operator, OperatorSpec::Source(_))).unwrap();
     let OperatorSpec::Source(spec) = &node.operator else { unreachable!() };
     (spec.clone(), node.schema.clone())
@@ -32,7 +39,7 @@ fn open(
         metrics: Arc::new(NodeMetrics::new(0, "source".into(), "source", parallelism)),
         stop: Default::default(),
     };
-    nagare_connectors::Connectors.create_source(spec, schema.clone(), ctx, restore).unwrap()
+    registry().create_source(spec, schema.clone(), ctx, restore).unwrap()
 }
 
 /// Reads up to `batches` batches (all, when `None`); returns the ids.

@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+
+use nagare_engine::connector::Registry;
 use std::time::Duration;
 
 use futures::Stream;
@@ -17,6 +19,7 @@ use crate::store::{MetadataStore, StoreError};
 #[derive(Clone)]
 pub struct Jobs {
     store: Arc<dyn MetadataStore>,
+    registry: Arc<Registry>,
     checkpoint_base: String,
     /// Serving one `nagare run` (embedded store): its job can be watched and stopped, nothing submitted.
     embedded: bool,
@@ -30,14 +33,14 @@ impl std::fmt::Debug for Jobs {
 
 impl Jobs {
     /// A service over `store`.
-    pub fn new(store: Arc<dyn MetadataStore>, checkpoint_base: &str) -> Self {
-        Jobs { store, checkpoint_base: checkpoint_base.trim_end_matches('/').to_string(), embedded: false }
+    pub fn new(store: Arc<dyn MetadataStore>, registry: Arc<Registry>, checkpoint_base: &str) -> Self {
+        Jobs { store, registry, checkpoint_base: checkpoint_base.trim_end_matches('/').to_string(), embedded: false }
     }
 
     /// The service of a single `nagare run` over its embedded store: the same API for watching and stopping its
     /// job; submitting and rescaling need a cluster.
-    pub fn embedded(store: Arc<dyn MetadataStore>) -> Self {
-        Jobs { store, checkpoint_base: String::new(), embedded: true }
+    pub fn embedded(store: Arc<dyn MetadataStore>, registry: Arc<Registry>) -> Self {
+        Jobs { store, registry, checkpoint_base: String::new(), embedded: true }
     }
 
     fn refuse_if_embedded(&self, what: &str) -> Result<(), Status> {
@@ -77,9 +80,8 @@ impl JobService for Jobs {
         let req = request.into_inner();
         let settings: BTreeMap<String, String> = req.settings.into_iter().collect();
         let variables: BTreeMap<String, String> = req.variables.into_iter().collect();
-        let pipeline = nagare_connectors::plan(&req.sql, req.parallelism, &settings, &variables)
-            .await
-            .map_err(|e| plan_error(&e))?;
+        let pipeline =
+            self.registry.plan(&req.sql, req.parallelism, &settings, &variables).await.map_err(|e| plan_error(&e))?;
         let name = if req.name.is_empty() { "pipeline".to_string() } else { req.name };
         let jobs = list_jobs(self.store.as_ref()).await.map_err(unavailable)?;
         if let Some(j) = jobs.iter().find(|j| j.name == name && !j.state.is_terminal()) {
@@ -107,7 +109,7 @@ impl JobService for Jobs {
     ) -> Result<Response<pb::ValidatePipelineResponse>, Status> {
         let req = request.into_inner();
         let variables: BTreeMap<String, String> = req.variables.into_iter().collect();
-        Ok(Response::new(match nagare_connectors::plan(&req.sql, 0, &BTreeMap::new(), &variables).await {
+        Ok(Response::new(match self.registry.plan(&req.sql, 0, &BTreeMap::new(), &variables).await {
             Ok(p) => pb::ValidatePipelineResponse { valid: true, diagnostics: Vec::new(), plan: p.to_string() },
             Err(e) => pb::ValidatePipelineResponse {
                 valid: false,
@@ -158,7 +160,9 @@ impl JobService for Jobs {
             )));
         }
         // Planned at the new parallelism first, so that a parallelism the pipeline cannot take is refused now.
-        let pipeline = nagare_connectors::plan(&job.sql, req.parallelism, &job.settings, &job.variables)
+        let pipeline = self
+            .registry
+            .plan(&job.sql, req.parallelism, &job.settings, &job.variables)
             .await
             .map_err(|e| plan_error(&e))?;
         let max = pipeline.settings.max_parallelism;

@@ -1,6 +1,7 @@
 //! The seams between the runtime and connectors: what a source and a sink implement, and the factory that builds
 //! them from a table definition.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,11 +9,13 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use nagare_core::CheckpointId;
-use nagare_sql::{SinkSpec, SourceSpec};
+use nagare_sql::{
+    ConnectorCatalog, ConnectorSpec, Pipeline, PlanError, Planner, SinkSpec, SourceSpec, TableDef, Variables,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::DeadLetterWriter;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::metrics::NodeMetrics;
 
 /// What a source has for the runtime.
@@ -132,21 +135,21 @@ impl SourceRestore {
     }
 }
 
-/// Builds sources and sinks from planned table definitions.
-#[async_trait]
-pub trait ConnectorFactory: Send + Sync {
+/// One connector kind, whole: what the planner checks (its [`ConnectorSpec`]: option schema, validation, typed
+/// configuration) and what the runtime builds from the configuration the plan carries. Adding a connector is one
+/// implementation of this trait and one line in the [`Registry`].
+pub trait Connector: ConnectorSpec {
     /// A source subtask reading `spec.table`, producing `schema` (the projected columns); when restoring, resuming
     /// from what the checkpointed subtasks' `snapshot_position` returned.
     fn create_source(
         &self,
-        spec: &SourceSpec,
-        schema: SchemaRef,
-        ctx: SourceContext,
-        restore: Option<&SourceRestore>,
-    ) -> Result<Box<dyn Source>>;
-
-    /// A sink subtask writing `spec.table` with rows of `schema`.
-    fn create_sink(&self, spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Box<dyn Sink>>;
+        _spec: &SourceSpec,
+        _schema: SchemaRef,
+        _ctx: SourceContext,
+        _restore: Option<&SourceRestore>,
+    ) -> Result<Box<dyn Source>> {
+        Err(EngineError::Config(format!("connector '{}' cannot be a source", self.name())))
+    }
 
     /// Checks that can only be done on the machine that runs the job (paths exist, credentials resolve), before
     /// any task starts.
@@ -154,21 +157,128 @@ pub trait ConnectorFactory: Send + Sync {
         Ok(())
     }
 
+    /// A sink subtask writing `spec.table` with rows of `schema`.
+    fn create_sink(&self, _spec: &SinkSpec, _schema: SchemaRef, _ctx: SinkContext) -> Result<Box<dyn Sink>> {
+        Err(EngineError::Config(format!("connector '{}' cannot be a sink", self.name())))
+    }
+
+    /// The table-wide side of a sink for one run of a job: made once, so that its clients live across checkpoints.
+    fn committer(&self, _spec: &SinkSpec) -> Result<Arc<dyn Committer>> {
+        Ok(Arc::new(NothingToCommit))
+    }
+}
+
+/// What a sink does once per table rather than per subtask: prepare the destination, recover after a crash, and
+/// commit each completed checkpoint.
+#[async_trait]
+pub trait Committer: Send + Sync {
     /// Before any task starts: makes the destination ready for rows of `schema` (creates or checks a table), so a
     /// mismatch fails the job before it reads anything.
-    async fn prepare_sink(&self, _spec: &SinkSpec, _schema: SchemaRef) -> Result<()> {
+    async fn prepare(&self, _schema: SchemaRef) -> Result<()> {
         Ok(())
     }
 
-    /// A checkpoint completed: commits what every subtask of the sink pre-committed for it (`handles`, from
-    /// `pre_commit`), once per table, before the subtasks' own `commit`. Sinks whose destination can commit many
-    /// writers' work atomically do it here (one BigQuery `BatchCommitWriteStreams` per table, so a checkpoint's rows
-    /// appear together); others leave it to `Sink::commit`. Idempotent, like `recover_sink`.
-    async fn commit_sink(&self, _spec: &SinkSpec, _handles: &[serde_json::Value]) -> Result<()> {
-        Ok(())
-    }
-
-    /// Before an exactly-once job starts: makes visible what the restored checkpoint's sinks pre-committed
+    /// Before an exactly-once job starts: makes visible what the restored checkpoint's subtasks pre-committed
     /// (`handles`, from `pre_commit`; idempotent) and discards output written after it.
-    async fn recover_sink(&self, spec: &SinkSpec, handles: &[serde_json::Value]) -> Result<()>;
+    async fn recover(&self, _handles: &[serde_json::Value]) -> Result<()> {
+        Ok(())
+    }
+
+    /// A checkpoint completed: commits what every subtask pre-committed for it (`handles`), once per table, before
+    /// the subtasks' own `commit`. Destinations that can commit many writers' work atomically do it here (one
+    /// BigQuery `BatchCommitWriteStreams` per table, so a checkpoint's rows appear together); others leave it to
+    /// `Sink::commit`. Idempotent, like `recover`.
+    async fn commit(&self, _handles: &[serde_json::Value]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The committer of sinks whose subtasks do all their committing themselves.
+#[derive(Debug)]
+pub struct NothingToCommit;
+
+impl Committer for NothingToCommit {}
+
+/// The connectors a process knows, by name: built in one place (the binary) and used by the planner, the runtime
+/// and the coordinator alike.
+#[derive(Clone, Default)]
+pub struct Registry {
+    connectors: BTreeMap<&'static str, Arc<dyn Connector>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.connectors.keys()).finish()
+    }
+}
+
+impl Registry {
+    /// A registry without connectors.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a connector (replacing one of the same name).
+    pub fn with(mut self, connector: Arc<dyn Connector>) -> Self {
+        self.connectors.insert(connector.name(), connector);
+        self
+    }
+
+    /// The connector named `name`.
+    pub fn get(&self, name: &str) -> Result<&Arc<dyn Connector>> {
+        self.connectors.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.connectors.keys().copied().collect();
+            EngineError::Config(format!("no connector '{name}' in this build (it has: {})", known.join(", ")))
+        })
+    }
+
+    /// Every connector, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Connector>> {
+        self.connectors.values()
+    }
+
+    /// The planner's view of the same connectors.
+    pub fn catalog(&self) -> ConnectorCatalog {
+        let mut c = ConnectorCatalog::new();
+        for connector in self.connectors.values() {
+            c.register(connector.clone());
+        }
+        c
+    }
+
+    /// Plans a pipeline against these connectors, as a cluster does for a submitted job: `parallelism` (when not
+    /// 0) overrides `SET parallelism`, `settings` override `SET`s, `variables` fill `${NAME}` (then the
+    /// environment).
+    pub async fn plan(
+        &self,
+        sql: &str,
+        parallelism: u32,
+        settings: &BTreeMap<String, String>,
+        variables: &BTreeMap<String, String>,
+    ) -> std::result::Result<Pipeline, PlanError> {
+        let mut planner = Planner::new(self.catalog()).with_variables(Variables::new(variables.clone(), true));
+        for (k, v) in settings {
+            planner = planner.with_setting(k.clone(), v.clone());
+        }
+        if parallelism > 0 {
+            planner = planner.with_setting("parallelism", parallelism.to_string());
+        }
+        planner.plan(sql).await
+    }
+
+    /// A source subtask (see [`Connector::create_source`]).
+    pub fn create_source(
+        &self,
+        spec: &SourceSpec,
+        schema: SchemaRef,
+        ctx: SourceContext,
+        restore: Option<&SourceRestore>,
+    ) -> Result<Box<dyn Source>> {
+        self.get(&spec.table.connector)?.create_source(spec, schema, ctx, restore)
+    }
+}
+
+/// The typed configuration the plan carries for a table (see [`ConnectorSpec::configure`]).
+pub fn config<T: serde::de::DeserializeOwned>(table: &TableDef) -> Result<T> {
+    table.config().map_err(EngineError::Config)
 }

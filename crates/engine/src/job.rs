@@ -17,7 +17,7 @@ use crate::channel::{InputGate, MessageReceiver, MessageSender, local_channel};
 use crate::checkpoint::coordinator::{CheckpointSettings, CheckpointStats, ControlTarget, Coordinator};
 use crate::checkpoint::store::CheckpointStore;
 use crate::checkpoint::{Control, Report};
-use crate::connector::{ConnectorFactory, SinkContext, SourceContext, SourceRestore};
+use crate::connector::{Committer, Registry, SinkContext, SourceContext, SourceRestore};
 use crate::dead_letter::{DeadLetterWriter, DeadLetters};
 use crate::distribute::{ChannelKey, Distribution};
 use crate::error::{EngineError, Result};
@@ -401,7 +401,7 @@ fn build_operator(
 /// Builds every task of the pipeline and starts them. With checkpoints, the newest intact checkpoint is restored
 /// first (sinks re-commit what it pre-committed and discard later output). Sources and sinks are created, and so
 /// configuration is checked, before any task runs.
-pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, options: JobOptions) -> Result<RunningJob> {
+pub async fn start(pipeline: &Pipeline, registry: Arc<Registry>, options: JobOptions) -> Result<RunningJob> {
     let graph = &pipeline.graph;
     let settings = &pipeline.settings;
     let metrics = Arc::new(JobMetrics {
@@ -446,22 +446,26 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
     };
     let stats =
         Arc::new(Mutex::new(CheckpointStats { restored_from: restored.as_ref().map(|m| m.id), ..Default::default() }));
+    // Each sink table's committer, made once for the run: it prepares the table, recovers it, and commits every
+    // checkpoint with the same clients.
+    let mut committers: Vec<(NodeId, Arc<dyn Committer>)> = Vec::new();
     for node in &graph.nodes {
         if let OperatorSpec::Sink(spec) = &node.operator {
-            factory.prepare_sink(spec, node.schema.clone()).await?;
+            let committer = registry.get(&spec.table.connector)?.committer(spec)?;
+            committer.prepare(node.schema.clone()).await?;
+            committers.push((node.id, committer));
         }
     }
     if options.checkpoints.is_some() && part == 0 {
-        for node in &graph.nodes {
-            let OperatorSpec::Sink(spec) = &node.operator else { continue };
-            let head = chains[chain_of[&node.id]][0];
+        for (node, committer) in &committers {
+            let head = chains[chain_of[node]][0];
             let handles: Vec<serde_json::Value> = restored
                 .iter()
                 .flat_map(|m| m.tasks.iter())
                 .filter(|t| t.task.node == head)
                 .filter_map(|t| t.sink_commit.clone())
                 .collect();
-            factory.recover_sink(spec, &handles).await?;
+            committer.recover(&handles).await?;
         }
     }
 
@@ -574,7 +578,7 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
                             None => default_dead_letter.clone(),
                         },
                     };
-                    let sink = factory.create_sink(spec, tail.schema.clone(), ctx)?;
+                    let sink = registry.get(&spec.table.connector)?.create_sink(spec, tail.schema.clone(), ctx)?;
                     Terminal::Sink(sink, metrics.nodes[tail.id].clone())
                 }
                 _ => {
@@ -597,7 +601,8 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
             let chain_struct = Chain { ops, terminal, subtask: s };
             match &head.operator {
                 OperatorSpec::Source(spec) => {
-                    factory.check_source(spec)?;
+                    let connector = registry.get(&spec.table.connector)?;
+                    connector.check_source(spec)?;
                     let dead_letter: Option<Arc<DeadLetterWriter>> =
                         match spec.table.options.get_str("dead_letter_path") {
                             Some(p) => Some(dead_letters.writer(&PathBuf::from(p))?),
@@ -612,7 +617,7 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
                         stop: stop.clone(),
                     };
                     let restore = restored.as_ref().map(|m| source_restore(m, head.id, head.parallelism));
-                    let source = factory.create_source(spec, head.schema.clone(), ctx, restore.as_ref())?;
+                    let source = connector.create_source(spec, head.schema.clone(), ctx, restore.as_ref())?;
                     let driver = SourceDriver {
                         watermarks: spec.watermark.as_ref().map(|w| WatermarkGenerator::new(w.column, w.expr.clone())),
                         metrics: metrics.nodes[head.id].clone(),
@@ -676,15 +681,7 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
             next_id,
             stats: stats.clone(),
             failures_in_a_row: 0,
-            sinks: graph
-                .nodes
-                .iter()
-                .filter_map(|n| match &n.operator {
-                    OperatorSpec::Sink(spec) => Some((chains[chain_of[&n.id]][0], spec.clone())),
-                    _ => None,
-                })
-                .collect(),
-            factory: factory.clone(),
+            sinks: committers.iter().map(|(node, c)| (chains[chain_of[node]][0], c.clone())).collect(),
         };
         tasks.spawn(async move { ("checkpoint coordinator".to_string(), coordinator.run(reports_rx).await) });
     }

@@ -115,16 +115,25 @@ fn lines(dir: &Path) -> Vec<String> {
     out
 }
 
+/// The connectors these jobs use.
+fn registry() -> Arc<nagare_engine::connector::Registry> {
+    Arc::new(
+        nagare_engine::connector::Registry::new()
+            .with(Arc::new(nagare_connectors::filesystem::FilesystemSpec))
+            .with(Arc::new(nagare_connectors::generator::GeneratorSpec)),
+    )
+}
+
 async fn plan(out: &Path) -> nagare_sql::Pipeline {
     let vars = BTreeMap::from([("OUT".to_string(), out.to_str().unwrap().to_string())]);
-    nagare_connectors::plan(SQL, 2, &BTreeMap::new(), &vars).await.unwrap()
+    registry().plan(SQL, 2, &BTreeMap::new(), &vars).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_split_over_two_workers_writes_what_one_process_writes() {
     let tmp = tempfile::tempdir().unwrap();
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    let factory = Arc::new(nagare_connectors::Connectors);
+    let factory = registry();
 
     let pipeline = plan(&one).await;
     let job = nagare_engine::start(&pipeline, factory.clone(), options(&tmp.path().join("ck1"), None)).await.unwrap();
@@ -153,7 +162,7 @@ async fn losing_a_part_fails_the_other() {
     let sql_out = tmp.path().join("out");
     let vars = BTreeMap::from([("OUT".to_string(), sql_out.to_str().unwrap().to_string())]);
     let unbounded = SQL.replace("count = '30000', ", "");
-    let pipeline = nagare_connectors::plan(&unbounded, 2, &BTreeMap::new(), &vars).await.unwrap();
+    let pipeline = registry().plan(&unbounded, 2, &BTreeMap::new(), &vars).await.unwrap();
     let mut parts = start_parts(&pipeline, &tmp.path().join("ck"), &[0, 1]).await;
     let (p1, p0) = (parts.pop().unwrap(), parts.pop().unwrap());
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -165,7 +174,7 @@ async fn losing_a_part_fails_the_other() {
 
 /// Starts the job split as `slot_parts` says, each part with its own exchange (as on its own worker).
 async fn start_parts(pipeline: &nagare_sql::Pipeline, ck: &Path, slot_parts: &[usize]) -> Vec<RunningJob> {
-    let factory = Arc::new(nagare_connectors::Connectors);
+    let factory = registry();
     let n = slot_parts.iter().max().unwrap() + 1;
     let exchanges: Vec<Arc<Exchange>> = (0..n).map(|_| Exchange::new()).collect();
     let mut peers = Vec::new();
@@ -189,7 +198,7 @@ async fn run_until(
 ) -> u64 {
     let jobs = match parts {
         None => {
-            let factory = Arc::new(nagare_connectors::Connectors);
+            let factory = registry();
             vec![nagare_engine::start(pipeline, factory, options(ck, None)).await.unwrap()]
         }
         Some(slot_parts) => start_parts(pipeline, ck, &slot_parts).await,
@@ -215,7 +224,7 @@ async fn rescaling_2_to_4_to_1_keeps_every_row_once() {
         let sql = sql.clone();
         async move {
             let vars = BTreeMap::from([("OUT".to_string(), out.to_str().unwrap().to_string())]);
-            nagare_connectors::plan(&sql, p, &BTreeMap::new(), &vars).await.unwrap()
+            registry().plan(&sql, p, &BTreeMap::new(), &vars).await.unwrap()
         }
     };
     let reference = tmp.path().join("reference");

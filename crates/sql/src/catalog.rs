@@ -45,6 +45,11 @@ pub trait ConnectorSpec: Send + Sync {
     /// Checks beyond option types (option combinations, the declared schema, paths) for a table in `role`.
     fn validate(&self, table: &TableDef, role: TableRole) -> Result<()>;
 
+    /// The connector's typed configuration of a validated table in `role`, parsed once at plan time and carried in
+    /// the plan (as JSON, so that it ships with the plan); its sources and sinks are built from it, never from the
+    /// option strings again.
+    fn configure(&self, table: &TableDef, role: TableRole) -> Result<serde_json::Value>;
+
     /// Whether the source ends by itself (a bounded read); decides whether windows flush at the end.
     fn is_bounded(&self, _table: &TableDef) -> bool {
         false
@@ -121,6 +126,8 @@ pub struct TableDef {
     pub options: Options,
     /// Raw options, kept to validate again for the role the table turns out to play.
     pub raw_options: Vec<(String, String, Option<Location>)>,
+    /// The connector's typed configuration for the role the table plays (null until validated for one).
+    pub config: serde_json::Value,
     /// Where the statement starts.
     pub location: Option<Location>,
 }
@@ -281,6 +288,7 @@ impl TableDef {
             primary_key,
             options,
             raw_options: raw,
+            config: serde_json::Value::Null,
             location,
         })
     }
@@ -318,7 +326,14 @@ impl TableDef {
             .at(table.watermark.as_ref().map(|w| w.location)));
         }
         spec.validate(&table, role)?;
-        Ok(table)
+        let config = spec.configure(&table, role)?;
+        Ok(TableDef { config, ..table })
+    }
+
+    /// The connector's typed configuration (see [`ConnectorSpec::configure`]).
+    pub fn config<T: serde::de::DeserializeOwned>(&self) -> std::result::Result<T, String> {
+        serde_json::from_value(self.config.clone())
+            .map_err(|e| format!("the plan's configuration of table '{}' ({}): {e}", self.name, self.connector))
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use nagare_coordinator::lease::{Backoff, Holding, LeaseEnd, hold};
 use nagare_coordinator::model::WorkerRecord;
 use nagare_coordinator::{EtcdStore, StoreError};
+use nagare_engine::connector::Registry;
 use nagare_engine::distribute::Distribution;
 use nagare_engine::{CheckpointOptions, JobOptions};
 use nagare_rpc::v1 as pb;
@@ -42,6 +43,8 @@ struct Task {
 pub struct Worker {
     tasks: Arc<Mutex<HashMap<String, Task>>>,
     exchange: Arc<nagare_exchange::Exchange>,
+    /// The connectors jobs may use.
+    registry: Arc<Registry>,
     /// Whether it holds a lease now: without one it takes no job (the leader may be giving its work elsewhere).
     registered: Arc<AtomicBool>,
 }
@@ -97,8 +100,8 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Worker {
     /// A worker whose jobs exchange data through `exchange` (built with the cluster's TLS settings, if any).
-    pub fn new(exchange: Arc<nagare_exchange::Exchange>) -> Self {
-        Worker { tasks: Default::default(), exchange, registered: Default::default() }
+    pub fn new(exchange: Arc<nagare_exchange::Exchange>, registry: Arc<Registry>) -> Self {
+        Worker { tasks: Default::default(), exchange, registry, registered: Default::default() }
     }
 
     /// The Arrow Flight service through which the parts of a job on different workers exchange data; served
@@ -141,7 +144,9 @@ impl Worker {
     async fn start(&self, req: pb::DeployRequest) -> Result<(), Status> {
         let settings: BTreeMap<String, String> = req.settings.into_iter().collect();
         let variables: BTreeMap<String, String> = req.variables.into_iter().collect();
-        let pipeline = nagare_connectors::plan(&req.sql, req.parallelism, &settings, &variables)
+        let pipeline = self
+            .registry
+            .plan(&req.sql, req.parallelism, &settings, &variables)
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let store = nagare_engine::checkpoint::store::CheckpointStore::open(&req.checkpoint_url)
@@ -170,7 +175,7 @@ impl Worker {
         // Starting can wait (up to a minute) for the job's other parts; a cancel meanwhile ends the wait.
         let cancelled = locked(&self.tasks).get(&id).map(|t| t.stop.clone()).unwrap_or_default();
         let started = tokio::select! {
-            started = nagare_engine::start(&pipeline, Arc::new(nagare_connectors::Connectors), options) => started,
+            started = nagare_engine::start(&pipeline, self.registry.clone(), options) => started,
             _ = cancelled.cancelled() => {
                 self.finished(&id, req.attempt, Ok(()));
                 return Ok(());
@@ -466,7 +471,10 @@ mod tests {
     #[tokio::test]
     async fn a_fenced_worker_stops_its_parts_as_retriable_and_takes_none_until_registered_again() {
         let dir = std::env::temp_dir().join(format!("nagare-worker-fence-{}", std::process::id()));
-        let worker = Worker::new(nagare_exchange::Exchange::new());
+        let registry = Registry::new()
+            .with(Arc::new(nagare_connectors::filesystem::FilesystemSpec))
+            .with(Arc::new(nagare_connectors::generator::GeneratorSpec));
+        let worker = Worker::new(nagare_exchange::Exchange::new(), Arc::new(registry));
         // Not registered yet: nobody may give it work.
         let refused = worker.deploy(Request::new(deploy_request(1, &dir))).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");

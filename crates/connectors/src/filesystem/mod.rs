@@ -4,9 +4,20 @@ pub mod listing;
 pub mod sink;
 pub mod source;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use nagare_engine::EngineError;
+use nagare_engine::connector::{Committer, Connector, Sink, SinkContext, Source, SourceContext, SourceRestore, config};
 use nagare_sql::catalog::{ConnectorSpec, TableDef, TableRole};
 use nagare_sql::error::{PlanError, PlanErrorKind};
 use nagare_sql::options::{OptionKind, OptionSpec};
+use nagare_sql::{SinkSpec, SourceSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::decode::BadRecords;
+use source::Format;
 
 const BAD_RECORDS: OptionKind = OptionKind::Enum(&["fail", "dead_letter", "skip"]);
 
@@ -83,9 +94,96 @@ pub const SINK_OPTIONS: &[OptionSpec] = &[
     ),
 ];
 
-/// The filesystem connector's spec.
+/// The filesystem connector.
 #[derive(Debug)]
 pub struct FilesystemSpec;
+
+/// A filesystem source's configuration, parsed once at plan time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceConfig {
+    /// A file, a directory or a glob.
+    pub path: String,
+    /// File encoding.
+    pub format: Format,
+    /// `auto`, `none`, `gzip` or `zstd`.
+    pub compression: String,
+    /// How often to look for new files, when watching.
+    pub watch_interval: Option<Duration>,
+    /// Uncompressed JSON files larger than this are read in pieces.
+    pub split_size: u64,
+    /// CSV files start with a header line.
+    pub csv_header: bool,
+    /// CSV field separator.
+    pub csv_delimiter: u8,
+    /// What malformed records do.
+    pub bad_records: BadRecords,
+}
+
+/// Output encoding of the filesystem sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutFormat {
+    /// Parquet files.
+    Parquet,
+    /// JSON lines.
+    Json,
+}
+
+/// A filesystem sink's configuration, parsed once at plan time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SinkConfig {
+    /// The output directory.
+    pub path: String,
+    /// File encoding.
+    pub format: OutFormat,
+    /// `snappy`, `zstd`, `gzip` or `none`, as the format allows.
+    pub compression: String,
+    /// Rows per file, when limited.
+    pub rollover_rows: Option<u64>,
+    /// Bytes per file (about), when limited.
+    pub rollover_bytes: Option<u64>,
+    /// Time per file, when limited.
+    pub rollover_interval: Option<Duration>,
+}
+
+impl SourceConfig {
+    fn from_table(table: &TableDef) -> SourceConfig {
+        let o = &table.options;
+        SourceConfig {
+            path: o.get_str("path").unwrap_or_default(),
+            format: Format::parse(&o.get_str("format").unwrap_or_default()),
+            compression: o.get_str("compression").unwrap_or_else(|| "auto".into()),
+            watch_interval: o
+                .get_bool("watch")
+                .unwrap_or(false)
+                .then(|| o.get_duration("watch_interval").unwrap_or(Duration::from_secs(5))),
+            split_size: o.get_bytes("split_size").unwrap_or(32 << 20),
+            csv_header: o.get_bool("csv_header").unwrap_or(true),
+            csv_delimiter: o.get_str("csv_delimiter").and_then(|d| d.bytes().next()).unwrap_or(b','),
+            bad_records: BadRecords::parse(o.get_str("bad_records")),
+        }
+    }
+}
+
+impl SinkConfig {
+    fn from_table(table: &TableDef) -> SinkConfig {
+        let o = &table.options;
+        let format = match o.get_str("format").as_deref() {
+            Some("json") => OutFormat::Json,
+            _ => OutFormat::Parquet,
+        };
+        let default_compression = if format == OutFormat::Parquet { "snappy" } else { "none" };
+        let positive = |v: Option<u64>| v.filter(|n| *n > 0);
+        SinkConfig {
+            path: o.get_str("path").unwrap_or_default(),
+            format,
+            compression: o.get_str("compression").unwrap_or_else(|| default_compression.into()),
+            rollover_rows: positive(o.get_int("rollover_rows").map(|i| i as u64)),
+            rollover_bytes: positive(o.get_bytes("rollover_bytes")),
+            rollover_interval: o.get_duration("rollover_interval").filter(|d| !d.is_zero()),
+        }
+    }
+}
 
 impl ConnectorSpec for FilesystemSpec {
     fn name(&self) -> &'static str {
@@ -169,7 +267,41 @@ impl ConnectorSpec for FilesystemSpec {
         }
     }
 
+    fn configure(&self, table: &TableDef, role: TableRole) -> Result<serde_json::Value, PlanError> {
+        let value = match role {
+            TableRole::Source => serde_json::to_value(SourceConfig::from_table(table)),
+            TableRole::Sink => serde_json::to_value(SinkConfig::from_table(table)),
+        };
+        value.map_err(|e| PlanError::internal(format!("filesystem configuration: {e}")))
+    }
+
     fn is_bounded(&self, table: &TableDef) -> bool {
         !table.options.get_bool("watch").unwrap_or(false)
+    }
+}
+
+impl Connector for FilesystemSpec {
+    fn create_source(
+        &self,
+        spec: &SourceSpec,
+        schema: SchemaRef,
+        ctx: SourceContext,
+        restore: Option<&SourceRestore>,
+    ) -> Result<Box<dyn Source>, EngineError> {
+        let (subtask, parallelism) = (ctx.subtask, ctx.parallelism);
+        let mut s = source::FileSource::new(&config(&spec.table)?, spec, schema, ctx)?;
+        if let Some(r) = restore {
+            s.restore(&r.mine(subtask, parallelism), r.all())?;
+        }
+        Ok(Box::new(s))
+    }
+
+    fn create_sink(&self, spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Box<dyn Sink>, EngineError> {
+        Ok(Box::new(sink::FileSink::new(config(&spec.table)?, schema, ctx)?))
+    }
+
+    fn committer(&self, spec: &SinkSpec) -> Result<Arc<dyn Committer>, EngineError> {
+        let c: SinkConfig = config(&spec.table)?;
+        Ok(Arc::new(sink::Recovery { dir: c.path.into() }))
     }
 }

@@ -12,19 +12,13 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use nagare_engine::EngineError;
-use nagare_engine::connector::{Sink, SinkContext};
+use nagare_engine::connector::{Committer, Sink, SinkContext};
 use nagare_engine::metrics::NodeMetrics;
-use nagare_sql::SinkSpec;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-/// Output encoding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OutFormat {
-    Parquet,
-    Json,
-}
+use super::{OutFormat, SinkConfig};
 
 enum Writer {
     Parquet(ArrowWriter<File>),
@@ -109,27 +103,19 @@ impl Pending {
 }
 
 impl FileSink {
-    /// The sink subtask `ctx.subtask` writing rows of `schema` for `spec`.
-    pub fn new(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Self, EngineError> {
-        let o = &spec.table.options;
-        let dir =
-            PathBuf::from(o.get_str("path").ok_or_else(|| EngineError::Config("filesystem sink needs 'path'".into()))?);
+    /// The sink subtask `ctx.subtask` writing rows of `schema` as `config` says.
+    pub fn new(config: SinkConfig, schema: SchemaRef, ctx: SinkContext) -> Result<Self, EngineError> {
+        let dir = PathBuf::from(&config.path);
         std::fs::create_dir_all(&dir)
             .map_err(|e| EngineError::io(format!("creating output directory {}", dir.display()), e))?;
-        let format = match o.get_str("format").as_deref() {
-            Some("json") => OutFormat::Json,
-            _ => OutFormat::Parquet,
-        };
-        let default_compression = if format == OutFormat::Parquet { "snappy" } else { "none" };
-        let positive = |v: Option<u64>| v.filter(|n| *n > 0);
         Ok(FileSink {
             dir,
             schema,
-            format,
-            compression: o.get_str("compression").unwrap_or_else(|| default_compression.into()),
-            rollover_rows: positive(o.get_int("rollover_rows").map(|i| i as u64)),
-            rollover_bytes: positive(o.get_bytes("rollover_bytes")),
-            rollover_interval: o.get_duration("rollover_interval").filter(|d| !d.is_zero()),
+            format: config.format,
+            compression: config.compression,
+            rollover_rows: config.rollover_rows,
+            rollover_bytes: config.rollover_bytes,
+            rollover_interval: config.rollover_interval,
             prefix: format!("part-{}-{:03}", ctx.run_id, ctx.subtask),
             seq: 0,
             current: None,
@@ -305,6 +291,20 @@ impl Sink for FileSink {
 /// Flushes a file's data to disk, so that a committed file survives a machine crash, not only a process crash.
 fn sync_file(path: &Path) -> Result<(), EngineError> {
     File::open(path).and_then(|f| f.sync_all()).map_err(|e| EngineError::io(format!("syncing {}", path.display()), e))
+}
+
+/// A filesystem sink table's committer: its subtasks rename their own files at commit, so it only recovers.
+#[derive(Debug)]
+pub struct Recovery {
+    /// The output directory.
+    pub dir: PathBuf,
+}
+
+#[async_trait]
+impl Committer for Recovery {
+    async fn recover(&self, handles: &[serde_json::Value]) -> Result<(), EngineError> {
+        recover(&self.dir, handles)
+    }
 }
 
 /// Recovery before an exactly-once job starts: commits the files the restored checkpoint pre-committed (`handles`,

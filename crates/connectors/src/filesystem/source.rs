@@ -18,14 +18,16 @@ use nagare_sql::SourceSpec;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
+use super::SourceConfig;
 use super::listing::{Resume, Split, assign, list_files, owner_of, plan_splits};
-use crate::decode::{BadRecords, BlockDecoder, LineBase, TextFormat};
+use crate::decode::{BlockDecoder, LineBase, TextFormat};
 
 /// Bytes read from a file at a time.
 const READ_CHUNK: usize = 4 << 20;
 
 /// File encoding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// JSON lines.
     Json,
@@ -218,19 +220,21 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    /// The subtask `ctx.subtask` of a source over `spec`, producing `schema`.
-    pub fn new(spec: &SourceSpec, schema: SchemaRef, ctx: SourceContext) -> Result<Self, EngineError> {
-        let o = &spec.table.options;
-        let path = o.get_str("path").ok_or_else(|| EngineError::Config("filesystem source needs 'path'".into()))?;
-        let format = Format::parse(&o.get_str("format").unwrap_or_default());
-        let compression = o.get_str("compression").unwrap_or_else(|| "auto".into());
-        let split_size = o.get_bytes("split_size").unwrap_or(32 << 20);
-        let files = list_files(&path)?;
+    /// The subtask `ctx.subtask` of a source over `spec` (configured by `config`), producing `schema`.
+    pub fn new(
+        config: &SourceConfig,
+        spec: &SourceSpec,
+        schema: SchemaRef,
+        ctx: SourceContext,
+    ) -> Result<Self, EngineError> {
+        let format = config.format;
+        let compression = config.compression.clone();
+        let files = list_files(&config.path)?;
         let splittable = |p: &Path| format == Format::Json && compression_for(&compression, p) == Compression::None;
-        let splits = assign(plan_splits(&files, splittable, split_size)?, ctx.subtask, ctx.parallelism);
-        let watch = o.get_bool("watch").unwrap_or(false).then(|| Watch {
-            path: path.clone(),
-            interval: o.get_duration("watch_interval").unwrap_or(Duration::from_secs(5)),
+        let splits = assign(plan_splits(&files, splittable, config.split_size)?, ctx.subtask, ctx.parallelism);
+        let watch = config.watch_interval.map(|interval| Watch {
+            path: config.path.clone(),
+            interval,
             next_poll: Instant::now(),
             seen: files.iter().cloned().collect(),
         });
@@ -238,8 +242,7 @@ impl FileSource {
             Format::Parquet => None,
             text => {
                 let tf = if text == Format::Csv {
-                    let d = o.get_str("csv_delimiter").unwrap_or_else(|| ",".into());
-                    TextFormat::Csv { delimiter: d.bytes().next().unwrap_or(b',') }
+                    TextFormat::Csv { delimiter: config.csv_delimiter }
                 } else {
                     TextFormat::Json
                 };
@@ -248,7 +251,7 @@ impl FileSource {
                     schema.clone(),
                     spec.table.schema.clone(),
                     spec.projection.clone(),
-                    BadRecords::parse(o.get_str("bad_records")),
+                    config.bad_records,
                     ctx.dead_letter.clone(),
                     ctx.metrics.clone(),
                     format!("source {}", spec.table.name),
@@ -259,12 +262,12 @@ impl FileSource {
             schema,
             format,
             compression,
-            skip_header: format == Format::Csv && o.get_bool("csv_header").unwrap_or(true),
+            skip_header: format == Format::Csv && config.csv_header,
             splits: splits.into(),
             current: None,
             watch,
             decoder,
-            split_size,
+            split_size: config.split_size,
             ctx,
         })
     }

@@ -5,8 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nagare_sql::SinkSpec;
-
 use nagare_core::CheckpointId;
 use nagare_core::checkpoint::{
     AckOutcome, CheckpointMetadata, PendingCheckpoint, TaskKey, retention, shared_to_delete, to_delete,
@@ -15,7 +13,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::store::CheckpointStore;
 use super::{Control, Report};
-use crate::connector::ConnectorFactory;
+use crate::connector::Committer;
 use crate::error::{EngineError, Result};
 
 /// How often and how long.
@@ -81,10 +79,8 @@ pub struct Coordinator {
     pub stats: Arc<Mutex<CheckpointStats>>,
     /// Aborted checkpoints since the last completed one.
     pub failures_in_a_row: u32,
-    /// Sinks, with the head node of their chain (whose tasks carry their commit handles).
-    pub sinks: Vec<(usize, SinkSpec)>,
-    /// Commits per table (see `ConnectorFactory::commit_sink`).
-    pub factory: Arc<dyn ConnectorFactory>,
+    /// Each sink table's committer, with the head node of its chain (whose tasks carry its commit handles).
+    pub sinks: Vec<(usize, Arc<dyn Committer>)>,
 }
 
 /// Where a task listens: in this process, or in another part of the job (through its ordered link).
@@ -150,10 +146,10 @@ impl Coordinator {
             tokio::time::sleep(d).await;
         }
         // Per-table commits first; the subtasks' commits follow.
-        for (head, spec) in &self.sinks {
+        for (head, committer) in &self.sinks {
             let handles: Vec<serde_json::Value> =
                 metadata.tasks.iter().filter(|t| t.task.node == *head).filter_map(|t| t.sink_commit.clone()).collect();
-            self.factory.commit_sink(spec, &handles).await?;
+            committer.commit(&handles).await?;
         }
         let id = CheckpointId(metadata.id);
         let last = metadata.final_checkpoint;
