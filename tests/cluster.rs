@@ -436,12 +436,20 @@ fn with_rebalance_a_job_spreads_onto_a_worker_that_joins_exactly_once() {
     let etcd = etcd()["ETCD_ENDPOINTS"].clone();
     let prefix = format!("/nagare-rebalance-{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
-    let (api, coordinator) = insecure_coordinator(dir.path(), &etcd, &prefix, TOKEN, "c", &["--rebalance"]);
-    let worker = |id: &str| insecure_worker(dir.path(), &etcd, &prefix, TOKEN, id);
+    // `${SEED}` is not given with the job: the coordinator fills it from its environment when it plans, and the
+    // workers, whose environment says otherwise, must run the coordinator's plan (the output equals the
+    // reference's only with seed 5).
+    let (api, coordinator) =
+        insecure_coordinator(dir.path(), &etcd, &prefix, TOKEN, "c", &["--rebalance"], &[("SEED", "5")]);
+    let worker = |id: &str| insecure_worker(dir.path(), &etcd, &prefix, TOKEN, id, &[("SEED", "77")]);
     let _w1 = worker("w1");
+    let reference_sql = dir.path().join("reference.sql");
+    std::fs::write(&reference_sql, dedup_sql(30_000)).unwrap();
+    let expected = reference_ids(&reference_sql, &dir.path().join("reference"));
     let sql = dir.path().join("p.sql");
-    std::fs::write(&sql, dedup_sql(30_000)).unwrap();
-    let expected = reference_ids(&sql, &dir.path().join("reference"));
+    let text = dedup_sql(30_000).replace("seed = '5'", "seed = '${SEED}'");
+    assert!(text.contains("${SEED}"));
+    std::fs::write(&sql, text).unwrap();
     wait_for(
         "the coordinator and w1",
         Duration::from_secs(30),
@@ -543,9 +551,9 @@ fn rescaling_down_a_job_over_many_splits_keeps_every_row_and_every_window() {
     let etcd = etcd()["ETCD_ENDPOINTS"].clone();
     let prefix = format!("/nagare-rescale-down-{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
-    let (api, coordinator) = insecure_coordinator(dir.path(), &etcd, &prefix, TOKEN, "c", &[]);
+    let (api, coordinator) = insecure_coordinator(dir.path(), &etcd, &prefix, TOKEN, "c", &[], &[]);
     let _workers: Vec<Proc> =
-        ["w1", "w2", "w3"].iter().map(|id| insecure_worker(dir.path(), &etcd, &prefix, TOKEN, id)).collect();
+        ["w1", "w2", "w3"].iter().map(|id| insecure_worker(dir.path(), &etcd, &prefix, TOKEN, id, &[])).collect();
     wait_for(
         "the coordinator and three workers",
         Duration::from_secs(30),

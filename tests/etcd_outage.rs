@@ -149,11 +149,11 @@ fn the_cluster_recovers_from_etcd_outages_longer_than_every_lease() {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let prefix = "/nagare-outage";
-    let coordinator = |name: &str| insecure_coordinator(dir.path(), &etcd.endpoints, prefix, TOKEN, name, &[]);
+    let coordinator = |name: &str| insecure_coordinator(dir.path(), &etcd.endpoints, prefix, TOKEN, name, &[], &[]);
     let (_, c1) = coordinator("c1");
     wait_for("c1 to lead", Duration::from_secs(30), || c1.log().contains("leading"), &|| c1.log());
     let (api, c2) = coordinator("c2");
-    let worker = |id: &str| insecure_worker(dir.path(), &etcd.endpoints, prefix, TOKEN, id);
+    let worker = |id: &str| insecure_worker(dir.path(), &etcd.endpoints, prefix, TOKEN, id, &[]);
     let ws: Vec<Proc> = ["w1", "w2", "w3"].into_iter().map(worker).collect();
     let all: BTreeSet<String> = ["w1", "w2", "w3"].into_iter().map(str::to_string).collect();
     let procs: Vec<(String, PathBuf)> = [&c1, &c2]

@@ -26,14 +26,36 @@ impl std::fmt::Display for RunError {
     }
 }
 
-/// Plans and runs `sql` in this process with `${NAME}` variables, until its (bounded) sources end.
+/// Plans and runs `sql` in this process with `${NAME}` variables, until its (bounded) sources end. The plan runs
+/// as a worker gets it: written with `nagare_sql::wire`, read back (the same graph, checked), and run from that.
 pub async fn run_sql(sql: &str, vars: &[(&str, &str)]) -> Result<JobSummary, RunError> {
     let vars: BTreeMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let pipeline = Planner::new(nagare_cli::registry().catalog())
+    let planned = Planner::new(nagare_cli::registry().catalog())
         .with_variables(Variables::new(vars, false))
         .plan(sql)
         .await
         .map_err(RunError::Plan)?;
+    let pipeline = nagare_sql::wire::decode(&nagare_sql::wire::encode(&planned).map_err(RunError::Plan)?)
+        .map_err(RunError::Plan)?;
+    assert_eq!(pipeline.to_string(), planned.to_string(), "a shipped plan reads back as the same graph");
+    assert_eq!(pipeline.settings, planned.settings);
+    for (a, b) in pipeline.graph.nodes.iter().zip(&planned.graph.nodes) {
+        use nagare_sql::OperatorSpec::{Sink, Source};
+        let same = match (&a.operator, &b.operator) {
+            (Source(x), Source(y)) => {
+                (&x.table.config, &x.table.schema, &x.projection, x.watermark.as_ref().map(|w| format!("{:?}", w.expr)))
+                    == (
+                        &y.table.config,
+                        &y.table.schema,
+                        &y.projection,
+                        y.watermark.as_ref().map(|w| format!("{:?}", w.expr)),
+                    )
+            }
+            (Sink(x), Sink(y)) => (&x.table.config, &x.table.schema) == (&y.table.config, &y.table.schema),
+            (x, y) => format!("{x:?}") == format!("{y:?}"),
+        };
+        assert!(same, "node {} reads back alike:\n{:?}\n{:?}", a.id, a.operator, b.operator);
+    }
     let job = nagare_engine::start(&pipeline, nagare_cli::registry(), JobOptions::default())
         .await
         .map_err(RunError::Start)?;

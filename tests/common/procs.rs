@@ -34,9 +34,15 @@ pub fn free_port() -> u16 {
 
 /// Starts `nagare <args>` with the API token `token`, logging at info level to `<dir>/<name>.log`.
 pub fn spawn(dir: &Path, name: &str, token: &str, args: &[&str]) -> Proc {
+    spawn_env(dir, name, token, args, &[])
+}
+
+/// [`spawn`] with more environment variables.
+pub fn spawn_env(dir: &Path, name: &str, token: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let child = Command::new(env!("CARGO_BIN_EXE_nagare"))
         .args(args)
+        .envs(envs.iter().copied())
         .env("NAGARE_LOG", "info")
         .env("NAGARE_TOKEN", token)
         .stdout(Stdio::null())
@@ -55,6 +61,7 @@ pub fn insecure_coordinator(
     token: &str,
     name: &str,
     extra: &[&str],
+    envs: &[(&str, &str)],
 ) -> (String, Proc) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -66,15 +73,16 @@ pub fn insecure_coordinator(
             .chain(["--checkpoint-url", ckpt.to_str().unwrap(), "--token", token])
             .chain(extra.iter().copied())
             .collect::<Vec<_>>();
-    (format!("http://127.0.0.1:{port}"), spawn(dir, name, token, &args))
+    (format!("http://127.0.0.1:{port}"), spawn_env(dir, name, token, &args, envs))
 }
 
 /// A plaintext (`--insecure`) worker `id` with two slots.
-pub fn insecure_worker(dir: &Path, etcd: &str, prefix: &str, token: &str, id: &str) -> Proc {
-    spawn(
+pub fn insecure_worker(dir: &Path, etcd: &str, prefix: &str, token: &str, id: &str, envs: &[(&str, &str)]) -> Proc {
+    spawn_env(
         dir,
         id,
         token,
         &["worker", "--etcd", etcd, "--etcd-prefix", prefix, "--slots", "2", "--id", id, "--insecure"],
+        envs,
     )
 }

@@ -386,7 +386,8 @@ fn print_connectors() {
                 } else {
                     o.default.map(|d| format!(" (default '{d}')")).unwrap_or_default()
                 };
-                println!("    {:<18} {}{req}: {}", o.name, o.kind, o.doc);
+                let secret = if o.secret { " (secret: '${VAR}' read where it is used)" } else { "" };
+                println!("    {:<18} {}{req}{secret}: {}", o.name, o.kind, o.doc);
             }
         }
         println!();

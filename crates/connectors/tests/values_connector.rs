@@ -16,8 +16,10 @@ use nagare_sql::{ConnectorSpec, OptionKind, OptionSpec, PlanError, SourceSpec, T
 mod values {
     use super::*;
 
-    const OPTIONS: &[OptionSpec] =
-        &[OptionSpec::required("numbers", OptionKind::String, "comma-separated integers, read in order")];
+    const OPTIONS: &[OptionSpec] = &[
+        OptionSpec::required("numbers", OptionKind::String, "comma-separated integers, read in order"),
+        OptionSpec::optional("token", OptionKind::String, None, "a credential the source checks").as_secret(),
+    ];
 
     /// `connector = 'values'`: a fixed list of numbers as column `n`.
     pub struct Values;
@@ -25,6 +27,8 @@ mod values {
     #[derive(serde::Serialize, serde::Deserialize)]
     struct ValuesConfig {
         numbers: Vec<i64>,
+        /// As written (a secret): resolved when the source is made.
+        token: Option<String>,
     }
 
     impl ConnectorSpec for Values {
@@ -51,7 +55,7 @@ mod values {
                 .map(|n| n.trim().parse::<i64>())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| table.options.error("numbers", format!("'{text}': {e}")))?;
-            Ok(serde_json::to_value(ValuesConfig { numbers }).unwrap())
+            Ok(serde_json::to_value(ValuesConfig { numbers, token: table.options.get_str("token") }).unwrap())
         }
 
         fn is_bounded(&self, _table: &TableDef) -> bool {
@@ -68,6 +72,13 @@ mod values {
             _restore: Option<&SourceRestore>,
         ) -> Result<Box<dyn Source>, EngineError> {
             let c: ValuesConfig = config(&spec.table)?;
+            if let Some(t) = &c.token {
+                let token = nagare_sql::options::resolve_secret("token", t).map_err(EngineError::Config)?;
+                // The test's secret is this process's HOME.
+                if Some(token) != std::env::var("HOME").ok() {
+                    return Err(EngineError::Config("token: wrong secret".into()));
+                }
+            }
             // Subtask 0 reads everything.
             let numbers = if ctx.subtask == 0 { c.numbers } else { Vec::new() };
             Ok(Box::new(ValuesSource { schema, numbers: Some(numbers) }))
@@ -124,6 +135,19 @@ async fn a_connector_added_in_one_module_plans_and_runs() {
         .collect();
     got.sort();
     assert_eq!(got, vec![30, 40, 50]);
+
+    // A secret keeps its reference in the plan and in what is shipped, even when a --var of that name is given;
+    // the source resolves it from its own environment.
+    let with_token = sql.replace("numbers = '3, 1, 4, 1, 5'", "numbers = '3, 1, 4, 1, 5', token = '${HOME}'");
+    let vars = BTreeMap::from([("HOME".to_string(), "/not/the/secret".to_string())]);
+    let pipeline = registry.plan(&with_token, 1, &BTreeMap::new(), &vars).await.unwrap();
+    let shipped = nagare_sql::wire::encode(&pipeline).unwrap();
+    assert!(shipped.contains(r#""token":"${HOME}""#) && !shipped.contains("/not/the/secret"), "{shipped}");
+    std::fs::remove_dir_all(&out).unwrap();
+    let pipeline = nagare_sql::wire::decode(&shipped).unwrap();
+    let summary =
+        nagare_engine::start(&pipeline, registry.clone(), Default::default()).await.unwrap().wait().await.unwrap();
+    assert_eq!(summary.rows_read, 5);
 
     // Its options are checked at plan time like any connector's, with the position.
     let bad = sql.replace("'3, 1, 4, 1, 5'", "'3, x'");

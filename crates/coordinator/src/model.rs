@@ -68,6 +68,13 @@ pub struct JobRecord {
     /// The parallelism a rescaling job restarts with.
     #[serde(default)]
     pub rescale_to: Option<u32>,
+    /// The plan every part of the job runs (`nagare_sql::wire`), made once by the coordinator at `parallelism`.
+    /// Records written before plans were stored have none; their workers plan `sql` themselves.
+    #[serde(default)]
+    pub plan: String,
+    /// The plan at `rescale_to`, made when the rescale was asked for; it becomes `plan` with the new parallelism.
+    #[serde(default)]
+    pub rescale_plan: Option<String>,
     /// Stop with a final checkpoint (true) or at once, once stopping.
     pub stop_with_checkpoint: bool,
     pub operators: Vec<(u32, String, u32)>,
@@ -139,6 +146,11 @@ pub fn operators(pipeline: &nagare_sql::Pipeline) -> Vec<(u32, String, u32)> {
 impl JobRecord {
     /// A new job (scheduling, never deployed) running `pipeline`, planned from `sql`.
     pub fn new(pipeline: &nagare_sql::Pipeline, id: String, name: String, sql: String, checkpoint_url: String) -> Self {
+        // A plan that cannot be written is an internal error; the record then carries none and workers plan `sql`.
+        let plan = nagare_sql::wire::encode(pipeline).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the job's plan could not be written; its workers will plan its SQL");
+            String::new()
+        });
         let now = now_ms();
         JobRecord {
             id,
@@ -150,6 +162,7 @@ impl JobRecord {
             created_ms: now,
             updated_ms: now,
             checkpoint_url,
+            plan,
             ..Default::default()
         }
     }

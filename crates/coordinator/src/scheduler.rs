@@ -240,6 +240,9 @@ fn settle(job: &mut JobRecord) {
             if let Some(p) = job.rescale_to.take() {
                 tracing::info!(job = job.id, from = job.parallelism, to = p, "rescaling from the last checkpoint");
                 job.parallelism = p;
+                if let Some(plan) = job.rescale_plan.take() {
+                    job.plan = plan;
+                }
             }
             JobState::Scheduling
         }
@@ -283,6 +286,7 @@ async fn step(
                     part: part as u32,
                     peers: addresses.clone(),
                     slot_parts: slot_parts.clone(),
+                    plan: job.plan.clone(),
                 };
                 if let Err(e) = workers.deploy(w, request).await {
                     job.last_error = format!("deploying part {part} on worker {id}: {e}");

@@ -99,7 +99,7 @@ impl JobService for Jobs {
         job.settings = settings;
         job.variables = variables;
         put_job(self.store.as_ref(), &job).await.map_err(unavailable)?;
-        tracing::info!(job = job.id, name = job.name, "job submitted");
+        tracing::info!(job = job.id, name = job.name, plan_bytes = job.plan.len(), "job submitted");
         Ok(Response::new(job.to_pb()))
     }
 
@@ -173,9 +173,12 @@ impl JobService for Jobs {
             )));
         }
         job.operators = crate::model::operators(&pipeline);
+        let plan = nagare_sql::wire::encode(&pipeline).map_err(|e| plan_error(&e))?;
         if job.state == JobState::Scheduling {
             job.parallelism = req.parallelism;
+            job.plan = plan;
         } else {
+            job.rescale_plan = Some(plan);
             // Stop with a checkpoint; the scheduler deploys it again at the new parallelism from that checkpoint.
             job.rescale_to = Some(req.parallelism);
             job.stop_with_checkpoint = true;

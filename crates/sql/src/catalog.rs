@@ -167,11 +167,12 @@ impl TableDef {
             let value_text = option_value_text(value).ok_or_else(|| {
                 PlanError::invalid(format!("option '{}': value must be a literal, got {value}", key.value)).at(key_loc)
             })?;
-            let value_text = variables.substitute(&value_text).map_err(|e| e.at(key_loc))?;
             let key_name = key.value.to_ascii_lowercase();
             if key_name == "connector" {
+                let value_text = variables.substitute(&value_text).map_err(|e| e.at(key_loc))?;
                 connector = Some(value_text.to_ascii_lowercase());
             } else {
+                // `${VAR}`s are filled below, once the connector says which options are secrets.
                 raw.push((key_name, value_text, key_loc));
             }
         }
@@ -259,6 +260,25 @@ impl TableDef {
             }
         }
 
+        // Variables: filled now, except in secrets, which keep their references (resolved where they are used).
+        let secret = |name: &str| {
+            [TableRole::Source, TableRole::Sink]
+                .iter()
+                .any(|r| spec.options(*r).unwrap_or_default().iter().any(|s| s.name == name && s.secret))
+        };
+        for (option, value, loc) in &mut raw {
+            if secret(option) {
+                if !value.contains("${") {
+                    tracing::warn!(
+                        table = %name,
+                        "option '{option}' is a secret written in the SQL text; write '${{VARIABLE}}' and set the \
+                         variable in the environment of the processes that run the job"
+                    );
+                }
+            } else {
+                *value = variables.substitute(value).map_err(|e| e.at(*loc))?;
+            }
+        }
         // Options: names and types against everything the connector accepts in any role.
         let mut all_specs: Vec<OptionSpec> = Vec::new();
         for role in [TableRole::Source, TableRole::Sink] {

@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// A position in the SQL text, 1-based.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Location {
     /// Line, from 1.
     pub line: u64,

@@ -28,7 +28,7 @@ pub struct Pipeline {
 }
 
 /// What happens to rows that arrive after the watermark has passed their window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LateRowPolicy {
     /// Count and drop.
     Drop,
@@ -37,7 +37,7 @@ pub enum LateRowPolicy {
 }
 
 /// Pipeline-wide settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     /// Subtasks per parallel operator.
     pub parallelism: usize,
@@ -147,7 +147,7 @@ pub struct CalcSpec {
 }
 
 /// Which row of a key's rows a dedup keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Keep {
     /// The earliest by event time (`ORDER BY t`); emitted as soon as the watermark passes it.
     First,
@@ -156,7 +156,7 @@ pub enum Keep {
 }
 
 /// What bounds a dedup's memory of keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DedupScope {
     /// Rows of a key within this long (event time) after the first kept one are duplicates.
     Ttl { ttl_us: i64 },
@@ -167,7 +167,7 @@ pub enum DedupScope {
 /// Collapses the changes to each key between two checkpoints into the last one: the row with the greatest
 /// sequence (on a tie, the one that arrived last). Emitted when the checkpoint barrier passes, so the sink writes
 /// one image per key per checkpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CollapseSpec {
     /// Key columns (the sink's PRIMARY KEY), as input column indices.
     pub keys: Vec<usize>,

@@ -12,6 +12,7 @@ pub mod planner;
 pub mod preprocess;
 pub mod types;
 pub mod window;
+pub mod wire;
 
 pub use catalog::{ConnectorCatalog, ConnectorSpec, TableDef, TableRole, Variables};
 pub use error::{Location, PlanError, PlanErrorKind};

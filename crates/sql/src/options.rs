@@ -55,6 +55,9 @@ pub struct OptionSpec {
     pub default: Option<&'static str>,
     /// One line for `nagare connectors` and error messages.
     pub doc: &'static str,
+    /// A credential: its `${VAR}` references are kept as written in the plan (and so in the job record, logs and
+    /// checkpoints) and resolved from the environment of the process that uses it, by [`resolve_secret`].
+    pub secret: bool,
 }
 
 impl OptionSpec {
@@ -65,17 +68,42 @@ impl OptionSpec {
         default: Option<&'static str>,
         doc: &'static str,
     ) -> Self {
-        OptionSpec { name, kind, required: false, default, doc }
+        OptionSpec { name, kind, required: false, default, doc, secret: false }
     }
 
     /// A required option.
     pub const fn required(name: &'static str, kind: OptionKind, doc: &'static str) -> Self {
-        OptionSpec { name, kind, required: true, default: None, doc }
+        OptionSpec { name, kind, required: true, default: None, doc, secret: false }
+    }
+
+    /// The same option, marked as a credential (see [`OptionSpec::secret`]).
+    pub const fn as_secret(self) -> Self {
+        OptionSpec { secret: true, ..self }
     }
 }
 
+/// The value of a secret option, with its `${NAME}` references filled from this process's environment: secrets
+/// are resolved where they are used, never in the plan.
+pub fn resolve_secret(option: &str, text: &str) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| format!("option '{option}': unclosed '${{'"))?;
+        let name = &after[..end];
+        let value = std::env::var(name).map_err(|_| {
+            format!("option '{option}': the environment variable {name} is not set in this process (secrets are read where they are used)")
+        })?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// A validated option value.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum OptionValue {
     /// Text or an enum word.
     String(String),
@@ -167,9 +195,11 @@ pub fn parse_byte_size(text: &str) -> std::result::Result<u64, String> {
 }
 
 /// The validated options of one table, each with where it was written.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Options {
     values: BTreeMap<String, (OptionValue, Option<Location>)>,
+    /// The connector's specs, for defaults; not carried in a shipped plan (its runtime reads the typed config).
+    #[serde(skip)]
     specs: Vec<OptionSpec>,
 }
 

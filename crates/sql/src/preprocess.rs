@@ -9,7 +9,7 @@ use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 use crate::error::{Location, PlanError, Result};
 
 /// A `WATERMARK FOR` clause found in the text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WatermarkClause {
     /// Index of the statement (split at `;`) the clause belongs to.
     pub statement: usize,

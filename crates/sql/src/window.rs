@@ -14,7 +14,7 @@ use datafusion::logical_expr::{
 };
 
 /// Which window a window function describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum WindowKind {
     /// Fixed, non-overlapping windows of `size_us`.
     Tumble { size_us: i64 },

@@ -144,11 +144,17 @@ impl Worker {
     async fn start(&self, req: pb::DeployRequest) -> Result<(), Status> {
         let settings: BTreeMap<String, String> = req.settings.into_iter().collect();
         let variables: BTreeMap<String, String> = req.variables.into_iter().collect();
-        let pipeline = self
-            .registry
-            .plan(&req.sql, req.parallelism, &settings, &variables)
-            .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let pipeline = if req.plan.is_empty() {
+            tracing::warn!(
+                job = req.job_id,
+                "the deployment carries no plan (an older coordinator): planning its SQL here"
+            );
+            self.registry.plan(&req.sql, req.parallelism, &settings, &variables).await
+        } else {
+            // The coordinator's plan, as it is: this worker's environment and `${VAR}`s play no part.
+            nagare_sql::wire::decode(&req.plan)
+        }
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let store = nagare_engine::checkpoint::store::CheckpointStore::open(&req.checkpoint_url)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let options = JobOptions {

@@ -310,7 +310,8 @@ fn rewrite_window_bounds(query: &mut sql::Query) {
     let _ = query.visit(&mut Rewriter);
 }
 
-fn session(tables: &BTreeMap<String, Arc<TableDef>>) -> Result<SessionContext> {
+/// The DataFusion session the planner (and a shipped plan's reader) binds functions in.
+pub(crate) fn session(tables: &BTreeMap<String, Arc<TableDef>>) -> Result<SessionContext> {
     let mut config = SessionConfig::new();
     config.options_mut().sql_parser.collect_spans = true;
     let state = SessionStateBuilder::new()
