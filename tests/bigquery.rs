@@ -143,14 +143,14 @@ fn crash_loop(sql: &std::path::Path, dataset: &str, prefix: &str, ckpt: &std::pa
     let ckpt_arg = ckpt.to_string_lossy().to_string();
     let args = ["--checkpoint-dir", ckpt_arg.as_str()];
     let mut rng = fastrand::Rng::with_seed(seed);
-    let faults: [&[(&str, &str)]; 4] = [
+    let faults: [&[&str]; 4] = [
         &[],
         // Between the checkpoint's metadata and the commit: recovery must commit (flush) the streams.
-        &[("NAGARE_FAULT_DELAY_COMMIT_MS", "400")],
+        &["commit=400ms"],
         // In the middle of the table's commit.
-        &[("NAGARE_FAULT_DELAY_BQ_COMMIT_MS", "200")],
+        &["bq_commit=200ms"],
         // commit = 'per_subtask': after the flush, while the subtasks append the next checkpoint's rows.
-        &[("NAGARE_FAULT_DELAY_BQ_FLUSHED_MS", "300")],
+        &["bq_flushed=300ms"],
     ];
     let (mut kills, mut resumed) = (0, 0);
     let mut generation = 0;
@@ -158,8 +158,8 @@ fn crash_loop(sql: &std::path::Path, dataset: &str, prefix: &str, ckpt: &std::pa
     let mut finished = false;
     for round in 0..60 {
         let mut c = nagare(sql, dataset, &table(generation), &args);
-        for (k, v) in faults[round % faults.len()] {
-            c.env(k, v);
+        for f in faults[round % faults.len()] {
+            c.args(["--test-fault", f]);
         }
         match run_or_kill(c, Duration::from_millis(rng.u64(300..2_500))) {
             (RunEnd::Exited(status), err) => {

@@ -94,7 +94,7 @@ FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM eve
 GROUP BY tenant, TUMBLE(time, INTERVAL '10' SECOND);
 "#;
 
-fn nagare(dir: &Path, extra_env: &[(&str, &str)]) -> Command {
+fn nagare(dir: &Path, faults: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_nagare"));
     c.arg("run")
         .arg(dir.join("pipeline.sql"))
@@ -107,8 +107,8 @@ fn nagare(dir: &Path, extra_env: &[(&str, &str)]) -> Command {
             &format!("OUT={}", dir.join("out").display()),
         ])
         .env("NAGARE_LOG", "error");
-    for (k, v) in extra_env {
-        c.env(k, v);
+    for f in faults {
+        c.args(["--test-fault", f]);
     }
     c
 }
@@ -148,8 +148,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let mut resumed: Vec<u64> = Vec::new();
     let mut restarts_from_scratch = 0;
     let mut finished = false;
-    let faults: [&[(&str, &str)]; 3] =
-        [&[], &[("NAGARE_FAULT_DELAY_UPLOAD_MS", "120")], &[("NAGARE_FAULT_DELAY_COMMIT_MS", "150")]];
+    let faults: [&[&str]; 3] = [&[], &["upload=120ms"], &["commit=150ms"]];
     for round in 0..40 {
         // A run takes about a second on a quiet machine: kill within it, so that most kills hit a job with progress.
         let after = Duration::from_millis(rng.u64(150..1_200));
@@ -305,7 +304,7 @@ fn checkpoints_that_keep_failing_fail_the_job_with_the_reason() {
     );
     std::fs::write(dir.path().join("pipeline.sql"), sql).unwrap();
     // Every state upload takes longer than the timeout.
-    let out = nagare(dir.path(), &[("NAGARE_FAULT_DELAY_UPLOAD_MS", "400")]).output().unwrap();
+    let out = nagare(dir.path(), &["upload=400ms"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("3 checkpoints in a row failed") && stderr.contains("timed out waiting for"), "{stderr}");

@@ -39,10 +39,10 @@ pub(crate) fn parse_handles<T: serde::de::DeserializeOwned>(
         .map_err(|e| BqError::Protocol(format!("checkpoint has a {what} that is not understood: {e}")))
 }
 
-/// Test hook for crash tests: waits as long as environment variable `name` says (ms), to widen a window in which a
+/// Test hook for crash tests (`--test-fault`): waits as long as installed at `point`, to widen a window in which a
 /// kill should land.
-pub(crate) async fn fault_delay(name: &str) {
-    if let Some(ms) = std::env::var(name).ok().and_then(|v| v.parse().ok()) {
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+pub(crate) async fn fault_delay(point: nagare_core::faults::FaultPoint) {
+    if let Some(d) = nagare_core::faults::delay(point) {
+        tokio::time::sleep(d).await;
     }
 }

@@ -721,7 +721,7 @@ async fn flush_buffered(client: &WriteClient, handles: &[CommitHandle], recoveri
     if streams.is_empty() {
         return Ok(());
     }
-    crate::fault_delay("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").await;
+    crate::fault_delay(nagare_core::faults::FaultPoint::BqCommit).await;
     for b in &streams {
         match client.flush_rows(&b.name, b.rows - 1).await {
             Ok(()) => {}
@@ -733,7 +733,7 @@ async fn flush_buffered(client: &WriteClient, handles: &[CommitHandle], recoveri
             Err(e) => return Err(e),
         }
     }
-    crate::fault_delay("NAGARE_FAULT_DELAY_BQ_FLUSHED_MS").await;
+    crate::fault_delay(nagare_core::faults::FaultPoint::BqFlushed).await;
     tracing::debug!(streams = streams.len(), "flushed BUFFERED streams");
     Ok(())
 }
@@ -760,7 +760,7 @@ async fn commit_streams(t: &TableCommitter, handles: &[serde_json::Value], recov
     if by_table.is_empty() {
         return Ok(());
     }
-    crate::fault_delay("NAGARE_FAULT_DELAY_BQ_COMMIT_MS").await;
+    crate::fault_delay(nagare_core::faults::FaultPoint::BqCommit).await;
     for (table, streams) in by_table {
         t.client.commit_streams(table, &streams).await?;
         if let Some(m) = &t.target.merge {

@@ -75,6 +75,10 @@ enum Command {
         /// Write the final summary (and peak memory) as JSON to this file.
         #[arg(long, hide = true)]
         stats_json: Option<PathBuf>,
+        /// Crash tests only: a delay at a point of the checkpoint path, POINT=DURATION (upload, commit, bq_commit,
+        /// bq_flushed), to widen the window a kill aims at.
+        #[arg(long = "test-fault", hide = true)]
+        test_faults: Vec<String>,
     },
     /// Prints the dataflow graph of a pipeline: operators, parallelism, edges and keys.
     Explain {
@@ -167,8 +171,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             from_scratch,
             serve,
             state_file,
+            test_faults,
             ..
         } => {
+            nagare_core::faults::install(&test_faults).map_err(|e| anyhow!(e))?;
             if let Some(i) = checkpoint_interval {
                 plan.settings.push(format!("checkpoint_interval={i}"));
             }

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod duration;
+pub mod faults;
 pub mod keys;
 pub mod message;
 

@@ -102,8 +102,8 @@ impl Uploader {
     async fn run(mut self, mut queue: UnboundedReceiver<Upload>) {
         while let Some(upload) = queue.recv().await {
             // Test hook: widens the window in which a crash hits a checkpoint whose state is being uploaded.
-            if let Some(ms) = std::env::var("NAGARE_FAULT_DELAY_UPLOAD_MS").ok().and_then(|v| v.parse().ok()) {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
+            if let Some(d) = nagare_core::faults::delay(nagare_core::faults::FaultPoint::Upload) {
+                tokio::time::sleep(d).await;
             }
             let id = upload.id;
             match self.store_one(upload).await {

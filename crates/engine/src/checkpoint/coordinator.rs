@@ -96,12 +96,6 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// Test hook: `NAGARE_FAULT_DELAY_COMMIT_MS` holds the coordinator between writing a checkpoint's metadata and
-/// telling sinks to commit, to widen that window for crash tests.
-fn fault_delay() -> Option<Duration> {
-    std::env::var("NAGARE_FAULT_DELAY_COMMIT_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis)
-}
-
 impl Coordinator {
     fn send(&self, task: &TaskKey, control: Control) {
         // A task that has already ended no longer listens; that is fine.
@@ -142,7 +136,8 @@ impl Coordinator {
                 Err(e) => return Err(e),
             }
         }
-        if let Some(d) = fault_delay() {
+        // Test hook (`--test-fault commit=...`): widens the window between the commit point and the commits.
+        if let Some(d) = nagare_core::faults::delay(nagare_core::faults::FaultPoint::Commit) {
             tokio::time::sleep(d).await;
         }
         // Per-table commits first; the subtasks' commits follow.
