@@ -403,7 +403,6 @@ fn build_operator(
 /// configuration is checked, before any task runs.
 pub async fn start(pipeline: &Pipeline, registry: Arc<Registry>, options: JobOptions) -> Result<RunningJob> {
     let graph = &pipeline.graph;
-    let settings = &pipeline.settings;
     let metrics = Arc::new(JobMetrics {
         nodes: graph
             .nodes
@@ -413,49 +412,133 @@ pub async fn start(pipeline: &Pipeline, registry: Arc<Registry>, options: JobOpt
         started: Instant::now(),
     });
     let dead_letters = Arc::new(DeadLetters::new(options.run_id.clone()));
-    let default_dead_letter = match &settings.dead_letter_path {
+    let default_dead_letter = match &pipeline.settings.dead_letter_path {
         Some(p) => Some(dead_letters.writer(&PathBuf::from(p))?),
         None => None,
     };
-    let stop = CancellationToken::new();
     let chains = chains(pipeline);
     let chain_of: HashMap<NodeId, usize> =
         chains.iter().enumerate().flat_map(|(i, c)| c.iter().map(move |n| (*n, i))).collect();
-
     let dist = options.distribution.as_ref();
     let part = dist.map_or(0, |d| d.part);
-    let here = |subtask: usize| dist.is_none_or(|d| d.part_of(subtask) == d.part);
-    let mut tasks = JoinSet::new();
     let (reports_tx, reports_rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
 
-    // Other parts learn from part 0 which checkpoint it restored, once it has made sinks consistent with it.
+    // 1. Restore: the checkpoint to resume from, and sinks made consistent with it before anything runs.
     let follow = match dist {
         Some(d) if d.part > 0 => Some(d.network.follow(d.part).await?),
         _ => None,
     };
-    // Checkpoints: what to resume from, and sinks made consistent with it before anything runs.
-    let restored = match (&options.checkpoints, &follow) {
-        (Some(c), Some(f)) => match f.restored {
-            Some(id) => Some(c.store.load(id).await.metadata.map_err(|reason| {
-                EngineError::Config(format!("checkpoint {id} chosen by part 0 is not readable here: {reason}"))
-            })?),
-            None => None,
-        },
-        (Some(c), None) => choose_checkpoint(pipeline, c).await?,
-        (None, _) => None,
-    };
+    let restored = restore_point(pipeline, &options, follow.as_ref().map(|f| f.restored)).await?;
     let stats =
         Arc::new(Mutex::new(CheckpointStats { restored_from: restored.as_ref().map(|m| m.id), ..Default::default() }));
-    // Each sink table's committer, made once for the run: it prepares the table, recovers it, and commits every
-    // checkpoint with the same clients.
+    let committers = prepare_sinks(pipeline, &registry, restored.as_ref(), &options, &chains, &chain_of).await?;
+    // Part 0 waits for the other parts to join and tells them what it restored.
+    let lead = match dist {
+        Some(d) if d.part == 0 && d.parts() > 1 => {
+            Some(d.network.lead(d.parts(), restored.as_ref().map(|m| m.id), reports_tx.clone()).await?)
+        }
+        _ => None,
+    };
+
+    // 2. The graph: channels between chains, then each chain's subtasks built and spawned.
+    let (mut receivers, mut senders) = channels(pipeline, &chain_of, dist)?;
+    let assembly = Assembly {
+        pipeline,
+        registry: &registry,
+        options: &options,
+        metrics: &metrics,
+        dead_letters: &dead_letters,
+        default_dead_letter: &default_dead_letter,
+        restored: restored.as_ref(),
+        stop: CancellationToken::new(),
+    };
+    let mut tasks = JoinSet::new();
+    let mut controls = BTreeMap::new();
+    for chain in &chains {
+        let head = &graph.nodes[chain[0]];
+        for s in (0..head.parallelism).filter(|s| dist.is_none_or(|d| d.part_of(*s) == part)) {
+            let key = TaskKey { node: head.id, subtask: s };
+            let link = match &options.checkpoints {
+                Some(c) => {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Control>();
+                    controls.insert(key, tx);
+                    Some(CheckpointLink::new(key, s, c.store.clone(), rx, reports_tx.clone()))
+                }
+                None => None,
+            };
+            assembly.spawn_task(chain, s, link, &mut receivers, &mut senders, &mut tasks).await?;
+        }
+    }
+    drop(reports_tx);
+    let stop = assembly.stop.clone();
+
+    // 3. Checkpoints: this part's link to part 0, or (part 0) the links to the others and the coordinator.
+    if let Some(follow) = follow {
+        tasks.spawn(async move { ("link to part 0".to_string(), (follow.run)(controls, reports_rx).await) });
+        return Ok(RunningJob { tasks, metrics, stop, dead_letters, checkpoints: stats });
+    }
+    let mut controls: BTreeMap<TaskKey, ControlTarget> =
+        controls.into_iter().map(|(k, tx)| (k, ControlTarget::Local(tx))).collect();
+    if let Some(lead) = lead {
+        // Every task of the job reports, wherever it runs.
+        for chain in &chains {
+            let head = &graph.nodes[chain[0]];
+            for s in (0..head.parallelism).filter(|s| dist.is_some_and(|d| d.part_of(*s) != part)) {
+                let route = dist.and_then(|d| lead.routes.get(d.part_of(s)).cloned().flatten());
+                if let (Some(route), true) = (route, options.checkpoints.is_some()) {
+                    controls.insert(TaskKey { node: head.id, subtask: s }, ControlTarget::Remote(route));
+                }
+            }
+        }
+        tasks.spawn(async move { ("link to the other parts".to_string(), lead.run.await) });
+    }
+    if let Some(c) = &options.checkpoints {
+        let sinks = committers.iter().map(|(node, c)| (chains[chain_of[node]][0], c.clone())).collect();
+        let coordinator =
+            checkpoint_coordinator(pipeline, c, &chains, controls, sinks, restored.as_ref(), &stats).await?;
+        tasks.spawn(async move { ("checkpoint coordinator".to_string(), coordinator.run(reports_rx).await) });
+    }
+    Ok(RunningJob { tasks, metrics, stop, dead_letters, checkpoints: stats })
+}
+
+/// The checkpoint this run resumes from: its own choice (part 0, or a job in one process), or the one part 0 chose
+/// (`part0_restored`, for the other parts), or none.
+async fn restore_point(
+    pipeline: &Pipeline,
+    options: &JobOptions,
+    part0_restored: Option<Option<u64>>,
+) -> Result<Option<CheckpointMetadata>> {
+    match (&options.checkpoints, part0_restored) {
+        (Some(c), Some(restored)) => match restored {
+            Some(id) => Ok(Some(c.store.load(id).await.metadata.map_err(|reason| {
+                EngineError::Config(format!("checkpoint {id} chosen by part 0 is not readable here: {reason}"))
+            })?)),
+            None => Ok(None),
+        },
+        (Some(c), None) => choose_checkpoint(pipeline, c).await,
+        (None, _) => Ok(None),
+    }
+}
+
+/// Each sink table's committer, made once for the run: it prepares the table and (part 0, with checkpoints)
+/// recovers it to the restored checkpoint; it then commits every checkpoint with the same clients.
+async fn prepare_sinks(
+    pipeline: &Pipeline,
+    registry: &Registry,
+    restored: Option<&CheckpointMetadata>,
+    options: &JobOptions,
+    chains: &[Vec<NodeId>],
+    chain_of: &HashMap<NodeId, usize>,
+) -> Result<Vec<(NodeId, Arc<dyn Committer>)>> {
     let mut committers: Vec<(NodeId, Arc<dyn Committer>)> = Vec::new();
-    for node in &graph.nodes {
+    for node in &pipeline.graph.nodes {
         if let OperatorSpec::Sink(spec) = &node.operator {
             let committer = registry.get(&spec.table.connector)?.committer(spec)?;
             committer.prepare(node.schema.clone()).await?;
             committers.push((node.id, committer));
         }
     }
+    let part = options.distribution.as_ref().map_or(0, |d| d.part);
     if options.checkpoints.is_some() && part == 0 {
         for (node, committer) in &committers {
             let head = chains[chain_of[node]][0];
@@ -468,17 +551,19 @@ pub async fn start(pipeline: &Pipeline, registry: Arc<Registry>, options: JobOpt
             committer.recover(&handles).await?;
         }
     }
+    Ok(committers)
+}
 
-    // Part 0 waits for the other parts to join and tells them what it restored.
-    let lead = match dist {
-        Some(d) if d.part == 0 && d.parts() > 1 => {
-            Some(d.network.lead(d.parts(), restored.as_ref().map(|m| m.id), reports_tx.clone()).await?)
-        }
-        _ => None,
-    };
+/// Receivers per (node, subtask) and senders per (edge, upstream subtask).
+type Channels =
+    (HashMap<(NodeId, usize), Vec<Box<dyn MessageReceiver>>>, HashMap<(usize, usize), Vec<Box<dyn MessageSender>>>);
 
-    // Channels for edges between chains: receivers per (node, subtask), senders per (edge, upstream subtask).
-    // A channel whose ends run in different parts goes over the network.
+/// Channels for the edges between chains (edges inside a chain are calls). A channel whose ends run in different
+/// parts of a distributed job goes over the network.
+fn channels(pipeline: &Pipeline, chain_of: &HashMap<NodeId, usize>, dist: Option<&Distribution>) -> Result<Channels> {
+    let graph = &pipeline.graph;
+    let part = dist.map_or(0, |d| d.part);
+    let here = |subtask: usize| dist.is_none_or(|d| d.part_of(subtask) == part);
     let mut receivers: HashMap<(NodeId, usize), Vec<Box<dyn MessageReceiver>>> = HashMap::new();
     let mut senders: HashMap<(usize, usize), Vec<Box<dyn MessageSender>>> = HashMap::new();
     for (ei, edge) in graph.edges.iter().enumerate() {
@@ -521,169 +606,194 @@ pub async fn start(pipeline: &Pipeline, registry: Arc<Registry>, options: JobOpt
             }
         }
     }
+    Ok((receivers, senders))
+}
 
-    let mut controls = BTreeMap::new();
-    for chain in &chains {
-        let head = &graph.nodes[chain[0]];
-        let tail = &graph.nodes[chain[chain.len() - 1]];
-        for s in (0..head.parallelism).filter(|s| here(*s)) {
-            let key = TaskKey { node: head.id, subtask: s };
-            let task_name = if head.id == tail.id {
-                format!("{} [{}/{}]", head.label, s + 1, head.parallelism)
-            } else {
-                format!("{} -> {} [{}/{}]", head.label, tail.label, s + 1, head.parallelism)
-            };
-            let link = match &options.checkpoints {
-                Some(c) => {
-                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Control>();
-                    controls.insert(key, tx);
-                    Some(CheckpointLink::new(key, s, c.store.clone(), rx, reports_tx.clone()))
-                }
-                None => None,
-            };
-            let mut ops: Vec<(Box<dyn Operator>, Arc<NodeMetrics>)> = Vec::new();
-            for id in chain {
-                let node = &graph.nodes[*id];
-                let m = metrics.nodes[*id].clone();
-                let input_schema = graph.inputs(*id).next().map(|e| graph.nodes[e.from].schema.clone());
-                let Some(mut op) = build_operator(
-                    node,
-                    input_schema,
-                    m.clone(),
-                    pipeline,
-                    &default_dead_letter,
-                    s,
-                    options.checkpoints.is_some(),
-                )?
-                else {
-                    continue;
-                };
-                if let Some(c) = &options.checkpoints {
-                    let parts = restore_parts(&c.store, restored.as_ref(), key, node, settings.max_parallelism).await?;
-                    op.restore(parts)?;
-                }
-                ops.push((op, m));
-            }
-            let terminal = match &tail.operator {
-                OperatorSpec::Sink(spec) => {
-                    let ctx = SinkContext {
-                        subtask: s,
-                        parallelism: tail.parallelism,
-                        run_id: options.run_id.clone(),
-                        metrics: metrics.nodes[tail.id].clone(),
-                        exactly_once: options.checkpoints.is_some(),
-                        checkpoint_interval: options.checkpoints.as_ref().map(|c| c.settings.interval),
-                        dead_letter: match spec.table.options.get_str("dead_letter_path") {
-                            Some(p) => Some(dead_letters.writer(&PathBuf::from(p))?),
-                            None => default_dead_letter.clone(),
-                        },
-                    };
-                    let sink = registry.get(&spec.table.connector)?.create_sink(spec, tail.schema.clone(), ctx)?;
-                    Terminal::Sink(sink, metrics.nodes[tail.id].clone())
-                }
-                _ => {
-                    let mut edges = Vec::new();
-                    for (ei, edge) in graph.edges.iter().enumerate().filter(|(_, e)| e.from == tail.id) {
-                        let targets =
-                            senders.remove(&(ei, s)).ok_or_else(|| EngineError::Internal("missing channel".into()))?;
-                        let router = match &edge.partitioning {
-                            Partitioning::Forward | Partitioning::Single => Router::One,
-                            Partitioning::Hash { keys } => {
-                                Router::Hash { keys: keys.clone(), max_parallelism: settings.max_parallelism }
-                            }
-                            Partitioning::RoundRobin => Router::RoundRobin { next: s },
-                        };
-                        edges.push(OutputEdge { router, targets });
-                    }
-                    Terminal::Outputs(Outputs::new(edges, metrics.nodes[tail.id].clone()))
-                }
-            };
-            let chain_struct = Chain { ops, terminal, subtask: s };
-            match &head.operator {
-                OperatorSpec::Source(spec) => {
-                    let connector = registry.get(&spec.table.connector)?;
-                    connector.check_source(spec)?;
-                    let dead_letter: Option<Arc<DeadLetterWriter>> =
-                        match spec.table.options.get_str("dead_letter_path") {
-                            Some(p) => Some(dead_letters.writer(&PathBuf::from(p))?),
-                            None => default_dead_letter.clone(),
-                        };
-                    let ctx = SourceContext {
-                        subtask: s,
-                        parallelism: head.parallelism,
-                        batch_size: settings.batch_size,
-                        dead_letter,
-                        metrics: metrics.nodes[head.id].clone(),
-                        stop: stop.clone(),
-                    };
-                    let restore = restored.as_ref().map(|m| source_restore(m, head.id, head.parallelism));
-                    let source = connector.create_source(spec, head.schema.clone(), ctx, restore.as_ref())?;
-                    let driver = SourceDriver {
-                        watermarks: spec.watermark.as_ref().map(|w| WatermarkGenerator::new(w.column, w.expr.clone())),
-                        metrics: metrics.nodes[head.id].clone(),
-                        stop: stop.clone(),
-                        idle_timeout: options.idle_timeout,
-                        throttle: settings
-                            .source_rate_limit
-                            .map(|r| crate::task::Throttle::new(r as f64 / head.parallelism.max(1) as f64)),
-                        checkpoints: link,
-                    };
-                    tasks.spawn(async move { (task_name, run_source_task(source, driver, chain_struct).await) });
-                }
-                _ => {
-                    let inputs = receivers
-                        .remove(&(head.id, s))
-                        .ok_or_else(|| EngineError::Internal(format!("no inputs for node {} subtask {s}", head.id)))?;
-                    let gate = InputGate::new(inputs);
-                    tasks.spawn(async move { (task_name, run_operator_task(gate, chain_struct, link).await) });
-                }
-            }
-        }
-    }
-    drop(reports_tx);
-    if let Some(follow) = follow {
-        tasks.spawn(async move { ("link to part 0".to_string(), (follow.run)(controls, reports_rx).await) });
-        return Ok(RunningJob { tasks, metrics, stop, dead_letters, checkpoints: stats });
-    }
-    let mut controls: BTreeMap<TaskKey, ControlTarget> =
-        controls.into_iter().map(|(k, tx)| (k, ControlTarget::Local(tx))).collect();
-    if let Some(lead) = lead {
-        // Every task of the job reports, wherever it runs.
-        for chain in &chains {
-            let head = &graph.nodes[chain[0]];
-            for s in (0..head.parallelism).filter(|s| !here(*s)) {
-                let route = dist.and_then(|d| lead.routes.get(d.part_of(s)).cloned().flatten());
-                if let (Some(route), true) = (route, options.checkpoints.is_some()) {
-                    controls.insert(TaskKey { node: head.id, subtask: s }, ControlTarget::Remote(route));
-                }
-            }
-        }
-        tasks.spawn(async move { ("link to the other parts".to_string(), lead.run.await) });
-    }
-    let source_tasks: BTreeSet<TaskKey> = chains
+/// The checkpoint coordinator of a job (part 0): every task's control, the sinks' committers, and the next id.
+async fn checkpoint_coordinator(
+    pipeline: &Pipeline,
+    c: &CheckpointOptions,
+    chains: &[Vec<NodeId>],
+    controls: BTreeMap<TaskKey, ControlTarget>,
+    sinks: Vec<(NodeId, Arc<dyn Committer>)>,
+    restored: Option<&CheckpointMetadata>,
+    stats: &Arc<Mutex<CheckpointStats>>,
+) -> Result<Coordinator> {
+    let graph = &pipeline.graph;
+    let sources: BTreeSet<TaskKey> = chains
         .iter()
         .map(|c| &graph.nodes[c[0]])
         .filter(|n| matches!(n.operator, OperatorSpec::Source(_)))
         .flat_map(|n| (0..n.parallelism).map(|s| TaskKey { node: n.id, subtask: s }))
         .collect();
+    let existing = c.store.list().await?;
+    let next_id = existing.iter().copied().max().unwrap_or(0).max(restored.map(|m| m.id).unwrap_or(0)) + 1;
+    Ok(Coordinator {
+        store: c.store.clone(),
+        settings: c.settings.clone(),
+        tasks: controls.keys().copied().collect(),
+        sources,
+        controls,
+        fingerprints: fingerprints(pipeline),
+        parallelism: graph.nodes.iter().map(|n| (n.id, n.parallelism)).collect(),
+        next_id,
+        stats: stats.clone(),
+        failures_in_a_row: 0,
+        sinks,
+    })
+}
 
-    if let Some(c) = &options.checkpoints {
-        let existing = c.store.list().await?;
-        let next_id = existing.iter().copied().max().unwrap_or(0).max(restored.as_ref().map(|m| m.id).unwrap_or(0)) + 1;
-        let coordinator = Coordinator {
-            store: c.store.clone(),
-            settings: c.settings.clone(),
-            tasks: controls.keys().copied().collect(),
-            sources: source_tasks,
-            controls,
-            fingerprints: fingerprints(pipeline),
-            parallelism: graph.nodes.iter().map(|n| (n.id, n.parallelism)).collect(),
-            next_id,
-            stats: stats.clone(),
-            failures_in_a_row: 0,
-            sinks: committers.iter().map(|(node, c)| (chains[chain_of[node]][0], c.clone())).collect(),
-        };
-        tasks.spawn(async move { ("checkpoint coordinator".to_string(), coordinator.run(reports_rx).await) });
+/// What building one subtask of a chain needs: the job's shared pieces.
+struct Assembly<'a> {
+    pipeline: &'a Pipeline,
+    registry: &'a Registry,
+    options: &'a JobOptions,
+    metrics: &'a Arc<JobMetrics>,
+    dead_letters: &'a Arc<DeadLetters>,
+    default_dead_letter: &'a Option<Arc<DeadLetterWriter>>,
+    restored: Option<&'a CheckpointMetadata>,
+    stop: CancellationToken,
+}
+
+impl Assembly<'_> {
+    /// Where a table's bad records go: its own `dead_letter_path`, or the pipeline's.
+    fn dead_letter_of(&self, table: &nagare_sql::TableDef) -> Result<Option<Arc<DeadLetterWriter>>> {
+        Ok(match table.options.get_str("dead_letter_path") {
+            Some(p) => Some(self.dead_letters.writer(&PathBuf::from(p))?),
+            None => self.default_dead_letter.clone(),
+        })
     }
-    Ok(RunningJob { tasks, metrics, stop, dead_letters, checkpoints: stats })
+
+    /// Subtask `s` of `chain`: its operators (restored), its end (a sink or the outgoing edges), spawned as a
+    /// source task (when the chain starts at a source) or an operator task reading its input channels.
+    async fn spawn_task(
+        &self,
+        chain: &[NodeId],
+        s: usize,
+        link: Option<CheckpointLink>,
+        receivers: &mut HashMap<(NodeId, usize), Vec<Box<dyn MessageReceiver>>>,
+        senders: &mut HashMap<(usize, usize), Vec<Box<dyn MessageSender>>>,
+        tasks: &mut JoinSet<(String, Result<()>)>,
+    ) -> Result<()> {
+        let graph = &self.pipeline.graph;
+        let head = &graph.nodes[chain[0]];
+        let tail = &graph.nodes[chain[chain.len() - 1]];
+        let task_name = if head.id == tail.id {
+            format!("{} [{}/{}]", head.label, s + 1, head.parallelism)
+        } else {
+            format!("{} -> {} [{}/{}]", head.label, tail.label, s + 1, head.parallelism)
+        };
+        let key = TaskKey { node: head.id, subtask: s };
+        let ops = self.operators(chain, s, key).await?;
+        let terminal = self.terminal(tail, s, senders)?;
+        let chain_struct = Chain { ops, terminal, subtask: s };
+        match &head.operator {
+            OperatorSpec::Source(spec) => {
+                let settings = &self.pipeline.settings;
+                let connector = self.registry.get(&spec.table.connector)?;
+                connector.check_source(spec)?;
+                let ctx = SourceContext {
+                    subtask: s,
+                    parallelism: head.parallelism,
+                    batch_size: settings.batch_size,
+                    dead_letter: self.dead_letter_of(&spec.table)?,
+                    metrics: self.metrics.nodes[head.id].clone(),
+                    stop: self.stop.clone(),
+                };
+                let restore = self.restored.map(|m| source_restore(m, head.id, head.parallelism));
+                let source = connector.create_source(spec, head.schema.clone(), ctx, restore.as_ref())?;
+                let driver = SourceDriver {
+                    watermarks: spec.watermark.as_ref().map(|w| WatermarkGenerator::new(w.column, w.expr.clone())),
+                    metrics: self.metrics.nodes[head.id].clone(),
+                    stop: self.stop.clone(),
+                    idle_timeout: self.options.idle_timeout,
+                    throttle: settings
+                        .source_rate_limit
+                        .map(|r| crate::task::Throttle::new(r as f64 / head.parallelism.max(1) as f64)),
+                    checkpoints: link,
+                };
+                tasks.spawn(async move { (task_name, run_source_task(source, driver, chain_struct).await) });
+            }
+            _ => {
+                let inputs = receivers
+                    .remove(&(head.id, s))
+                    .ok_or_else(|| EngineError::Internal(format!("no inputs for node {} subtask {s}", head.id)))?;
+                let gate = InputGate::new(inputs);
+                tasks.spawn(async move { (task_name, run_operator_task(gate, chain_struct, link).await) });
+            }
+        }
+        Ok(())
+    }
+
+    /// The operators of subtask `s` of a chain, each with its state from the restored checkpoint.
+    async fn operators(
+        &self,
+        chain: &[NodeId],
+        s: usize,
+        key: TaskKey,
+    ) -> Result<Vec<(Box<dyn Operator>, Arc<NodeMetrics>)>> {
+        let graph = &self.pipeline.graph;
+        let mut ops: Vec<(Box<dyn Operator>, Arc<NodeMetrics>)> = Vec::new();
+        for id in chain {
+            let node = &graph.nodes[*id];
+            let m = self.metrics.nodes[*id].clone();
+            let input_schema = graph.inputs(*id).next().map(|e| graph.nodes[e.from].schema.clone());
+            let checkpoints = self.options.checkpoints.as_ref();
+            let Some(mut op) = build_operator(
+                node,
+                input_schema,
+                m.clone(),
+                self.pipeline,
+                self.default_dead_letter,
+                s,
+                checkpoints.is_some(),
+            )?
+            else {
+                continue;
+            };
+            if let Some(c) = checkpoints {
+                let max_parallelism = self.pipeline.settings.max_parallelism;
+                op.restore(restore_parts(&c.store, self.restored, key, node, max_parallelism).await?)?;
+            }
+            ops.push((op, m));
+        }
+        Ok(ops)
+    }
+
+    /// Where subtask `s` of a chain ending at `tail` puts its rows: the sink, or the outgoing edges' channels.
+    fn terminal(
+        &self,
+        tail: &Node,
+        s: usize,
+        senders: &mut HashMap<(usize, usize), Vec<Box<dyn MessageSender>>>,
+    ) -> Result<Terminal> {
+        let metrics = self.metrics.nodes[tail.id].clone();
+        if let OperatorSpec::Sink(spec) = &tail.operator {
+            let checkpoints = self.options.checkpoints.as_ref();
+            let ctx = SinkContext {
+                subtask: s,
+                parallelism: tail.parallelism,
+                run_id: self.options.run_id.clone(),
+                metrics: metrics.clone(),
+                exactly_once: checkpoints.is_some(),
+                checkpoint_interval: checkpoints.map(|c| c.settings.interval),
+                dead_letter: self.dead_letter_of(&spec.table)?,
+            };
+            let sink = self.registry.get(&spec.table.connector)?.create_sink(spec, tail.schema.clone(), ctx)?;
+            return Ok(Terminal::Sink(sink, metrics));
+        }
+        let mut edges = Vec::new();
+        for (ei, edge) in self.pipeline.graph.edges.iter().enumerate().filter(|(_, e)| e.from == tail.id) {
+            let targets = senders.remove(&(ei, s)).ok_or_else(|| EngineError::Internal("missing channel".into()))?;
+            let router = match &edge.partitioning {
+                Partitioning::Forward | Partitioning::Single => Router::One,
+                Partitioning::Hash { keys } => {
+                    Router::Hash { keys: keys.clone(), max_parallelism: self.pipeline.settings.max_parallelism }
+                }
+                Partitioning::RoundRobin => Router::RoundRobin { next: s },
+            };
+            edges.push(OutputEdge { router, targets });
+        }
+        Ok(Terminal::Outputs(Outputs::new(edges, metrics)))
+    }
 }
