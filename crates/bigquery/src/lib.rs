@@ -7,11 +7,13 @@ pub mod auth;
 #[cfg(any(test, feature = "test-double"))]
 pub mod cdc_double;
 pub mod config;
+pub mod connector;
 pub mod error;
 pub mod load;
 pub mod proto;
 pub mod rest;
 pub mod sink;
+pub mod target;
 #[cfg(any(test, feature = "test-double"))]
 mod generated {
     #![allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
@@ -23,8 +25,9 @@ pub mod types;
 pub mod upsert;
 pub mod write;
 
+pub use connector::BigQuerySpec;
 pub use error::BqError;
-pub use sink::{BigQuerySink, BigQuerySpec};
+pub use sink::BigQuerySink;
 
 /// Reads a sink's commit handles back from a checkpoint (`null`s are subtasks that had nothing to commit).
 pub(crate) fn parse_handles<T: serde::de::DeserializeOwned>(

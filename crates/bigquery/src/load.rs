@@ -30,7 +30,7 @@ use serde_json::json;
 
 use crate::error::BqError;
 use crate::rest::RestClient;
-use crate::sink::Target;
+use crate::target::Target;
 use crate::types::{to_wire, wire_schema};
 
 /// Load jobs BigQuery allows per table per day.

@@ -1,4 +1,5 @@
-//! `connector = 'bigquery'`: the sink, its options, and recovery.
+//! The bigquery sink's append and merge modes: a subtask writing Storage Write API streams, and the per-table
+//! commit of those streams (flushes, `BatchCommitWriteStreams`, the merge's MERGE statement).
 //!
 //! `append` with checkpoints is exactly once, in one of two ways (`commit`).
 //!
@@ -25,593 +26,30 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use nagare_core::CheckpointId;
 use nagare_engine::EngineError;
-use nagare_engine::connector::{Committer, Connector, Sink, SinkContext};
-use nagare_engine::dead_letter::DeadLetterWriter;
+use nagare_engine::connector::{Sink, SinkContext};
 use nagare_sql::SinkSpec;
-use nagare_sql::catalog::{ConnectorSpec, TableDef, TableRole};
-use nagare_sql::error::PlanError;
-use nagare_sql::options::{OptionKind, OptionSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Auth;
-use crate::config::{BigQueryConfig, WriteMode, columns_of};
 use crate::error::BqError;
-use crate::rest::{CreateOptions, RestClient, TableRef};
-use crate::types::{compatibility, table_schema, to_wire, wire_schema};
-use crate::write::{Appender, DEFAULT_MAX_REQUEST_BYTES, Rejected, WriteClient};
+use crate::rest::TableRef;
+use crate::target::{MergeTarget, Target, dead_letter};
+use crate::types::{to_wire, wire_schema};
+use crate::write::{Appender, Rejected, WriteClient};
 
 /// BigQuery's quota on `CreateWriteStream`: streams per project and region per hour.
 pub const STREAMS_PER_HOUR_QUOTA: f64 = 10_000.0;
-
-/// Options of the bigquery sink.
-pub const OPTIONS: &[OptionSpec] = &[
-    OptionSpec::required("project", OptionKind::String, "the project holding the dataset"),
-    OptionSpec::required("dataset", OptionKind::String, "the dataset holding the table"),
-    OptionSpec::required("table", OptionKind::String, "the table"),
-    OptionSpec::optional(
-        "write_mode",
-        OptionKind::Enum(&["append", "upsert", "merge", "load"]),
-        Some("append"),
-        "append: Storage Write API, exactly once with checkpoints; merge: exactly once into a staging table, then \
-         MERGE into the table by its PRIMARY KEY when the checkpoint completes; load: Parquet files staged at \
-         staging_uri, loaded by load jobs every load_interval; upsert: BigQuery CDC, each row the new image of its \
-         PRIMARY KEY (or its deletion), ordered by sequence_by",
-    ),
-    OptionSpec::optional(
-        "commit",
-        OptionKind::Enum(&["auto", "per_subtask", "atomic"]),
-        Some("auto"),
-        "append mode with checkpoints: per_subtask: one BUFFERED stream per sink subtask kept across checkpoints, \
-         flushed when a checkpoint completes (each subtask's rows appear on their own; one CreateWriteStream per \
-         subtask per stream_max_age); atomic: a PENDING stream per subtask per checkpoint, all committed together \
-         (a checkpoint's rows appear at once; one CreateWriteStream per subtask per checkpoint); auto: per_subtask \
-         when checkpoint_interval is under a minute, else atomic",
-    ),
-    OptionSpec::optional(
-        "stream_max_age",
-        OptionKind::Duration,
-        Some("1h"),
-        "commit = 'per_subtask': a subtask's write stream is replaced by a new one at the first checkpoint after \
-         this age",
-    ),
-    OptionSpec::optional(
-        "sequence_by",
-        OptionKind::String,
-        None,
-        "upsert mode: up to four comma-separated integer, timestamp or date columns that order a key's changes \
-         (a version, an update time, a binlog position); becomes _CHANGE_SEQUENCE_NUMBER",
-    ),
-    OptionSpec::optional(
-        "change_type_column",
-        OptionKind::String,
-        None,
-        "upsert mode: a TEXT column (not written to the table) saying UPSERT or DELETE (also INSERT, UPDATE and \
-         Debezium's c, r, u, d); without it every row is an UPSERT",
-    ),
-    OptionSpec::optional(
-        "staging_uri",
-        OptionKind::String,
-        None,
-        "load mode: where Parquet files are staged before a load job reads them (gs://bucket/prefix; or a \
-         directory, file:// or s3:// URL that BigQuery reads as staging_source_uri)",
-    ),
-    OptionSpec::optional(
-        "staging_source_uri",
-        OptionKind::String,
-        None,
-        "load mode: staging_uri as BigQuery addresses it (gs://...), when nagare writes it another way (a gcsfuse \
-         mount, an emulator's directory)",
-    ),
-    OptionSpec::optional(
-        "load_interval",
-        OptionKind::Duration,
-        Some("5m"),
-        "load mode: time between load jobs (BigQuery allows 1,500 per table per day; at most one per checkpoint)",
-    ),
-    OptionSpec::optional(
-        "staging_table",
-        OptionKind::String,
-        None,
-        "merge mode: the staging table in the same dataset (default: <table>_nagare_staging)",
-    ),
-    OptionSpec::optional(
-        "create_table",
-        OptionKind::Enum(&["never", "if_not_exists"]),
-        Some("never"),
-        "create the table from the declared columns when it does not exist",
-    ),
-    OptionSpec::optional(
-        "schema_update",
-        OptionKind::Enum(&["add_columns", "none"]),
-        Some("add_columns"),
-        "add columns the pipeline writes but the table lacks (as NULLABLE), or fail",
-    ),
-    OptionSpec::optional(
-        "partition_by",
-        OptionKind::String,
-        None,
-        "a TIMESTAMP, DATETIME or DATE column to partition a created table by",
-    ),
-    OptionSpec::optional(
-        "partition_granularity",
-        OptionKind::Enum(&["HOUR", "DAY", "MONTH", "YEAR"]),
-        Some("DAY"),
-        "partition size of a created table",
-    ),
-    OptionSpec::optional(
-        "cluster_by",
-        OptionKind::String,
-        None,
-        "up to four comma-separated columns to cluster a created table by",
-    ),
-    OptionSpec::optional(
-        "credentials",
-        OptionKind::Enum(&["default", "none"]),
-        Some("default"),
-        "default: Application Default Credentials; none: no credentials (an emulator)",
-    ),
-    OptionSpec::optional(
-        "endpoint",
-        OptionKind::String,
-        Some("https://bigquerystorage.googleapis.com"),
-        "the Storage Write API (gRPC) endpoint",
-    ),
-    OptionSpec::optional(
-        "rest_endpoint",
-        OptionKind::String,
-        Some("https://bigquery.googleapis.com"),
-        "the REST v2 endpoint",
-    ),
-    OptionSpec::optional(
-        "max_request_size",
-        OptionKind::ByteSize,
-        Some("8MB"),
-        "append requests are split to stay under this (BigQuery's limit is 10 MB)",
-    ),
-    OptionSpec::optional(
-        "dead_letter_path",
-        OptionKind::String,
-        None,
-        "directory for rows BigQuery rejects, with the reason",
-    ),
-];
-
-/// The bigquery connector's spec.
-#[derive(Debug)]
-pub struct BigQuerySpec;
-
-impl ConnectorSpec for BigQuerySpec {
-    fn name(&self) -> &'static str {
-        "bigquery"
-    }
-
-    fn description(&self) -> &'static str {
-        "writes to a BigQuery table with the Storage Write API (exactly once with checkpoints)"
-    }
-
-    fn options(&self, role: TableRole) -> Option<&'static [OptionSpec]> {
-        (role == TableRole::Sink).then_some(OPTIONS)
-    }
-
-    fn validate(&self, table: &TableDef, _role: TableRole) -> Result<(), PlanError> {
-        let o = &table.options;
-        let mode = o.get_str("write_mode").unwrap_or_default();
-        match mode.as_str() {
-            "append" => {}
-            "upsert" => {
-                if table.primary_key.is_empty() || !table.has_columns {
-                    return Err(o.error(
-                        "write_mode",
-                        "write_mode = 'upsert' needs declared columns and a PRIMARY KEY (BigQuery applies changes by \
-                         it), e.g. PRIMARY KEY (id) NOT ENFORCED",
-                    ));
-                }
-                let seq = crate::upsert::sequence_columns(o);
-                if seq.is_empty() || seq.len() > 4 {
-                    return Err(o.error(
-                        if seq.is_empty() { "write_mode" } else { "sequence_by" },
-                        "write_mode = 'upsert' needs sequence_by: one to four integer, timestamp or date columns that \
-                         order a key's changes, so a change replayed after a recovery is applied once",
-                    ));
-                }
-                for c in &seq {
-                    match table.schema.field_with_name(c) {
-                        Ok(f) if crate::upsert::is_sequence_type(f.data_type()) => {}
-                        Ok(f) => {
-                            return Err(o.error(
-                                "sequence_by",
-                                format!(
-                                    "column '{c}' is {}, not an integer, timestamp or date",
-                                    nagare_sql::types::arrow_to_sql(f.data_type())
-                                ),
-                            ));
-                        }
-                        Err(_) => {
-                            return Err(o.error("sequence_by", format!("no column '{c}' in table {}", table.name)));
-                        }
-                    }
-                }
-                if let Some(c) = o.get_str("change_type_column") {
-                    match table.schema.field_with_name(&c) {
-                        Ok(f) if matches!(f.data_type(), arrow::datatypes::DataType::Utf8) => {}
-                        Ok(f) => {
-                            return Err(o.error(
-                                "change_type_column",
-                                format!("column '{c}' is {}, not TEXT", nagare_sql::types::arrow_to_sql(f.data_type())),
-                            ));
-                        }
-                        Err(_) => {
-                            return Err(
-                                o.error("change_type_column", format!("no column '{c}' in table {}", table.name))
-                            );
-                        }
-                    }
-                    if table.primary_key.contains(&c) {
-                        return Err(o.error("change_type_column", "the change type cannot be part of the PRIMARY KEY"));
-                    }
-                }
-            }
-            "load" => {
-                let Some(staging) = o.get_str("staging_uri") else {
-                    return Err(o.error(
-                        "write_mode",
-                        "write_mode = 'load' needs staging_uri, where Parquet files wait for the load job (e.g. \
-                         gs://bucket/nagare-staging)",
-                    ));
-                };
-                let source = o.get_str("staging_source_uri").unwrap_or_else(|| staging.clone());
-                if !source.starts_with("gs://") {
-                    let name = if o.is_set("staging_source_uri") { "staging_source_uri" } else { "staging_uri" };
-                    return Err(o.error(
-                        name,
-                        format!(
-                            "BigQuery loads files from Cloud Storage: '{source}' is not a gs:// URL (stage at \
-                             gs://..., or set staging_source_uri to the gs:// address of staging_uri)"
-                        ),
-                    ));
-                }
-                if !table.has_columns {
-                    return Err(o.error("write_mode", "write_mode = 'load' needs declared columns"));
-                }
-            }
-            "merge" => {
-                if table.primary_key.is_empty() || !table.has_columns {
-                    return Err(o.error(
-                        "write_mode",
-                        "write_mode = 'merge' needs declared columns and a PRIMARY KEY (the columns the MERGE \
-                         matches on), e.g. PRIMARY KEY (id) NOT ENFORCED",
-                    ));
-                }
-            }
-            other => {
-                return Err(o.error(
-                    "write_mode",
-                    format!(
-                        "write_mode = '{other}' is not known; use 'append' (exactly once with checkpoints), \
-                         'upsert', 'merge' or 'load'"
-                    ),
-                ));
-            }
-        }
-        if o.is_set("staging_table") && mode != "merge" {
-            return Err(o.error("staging_table", "only used with write_mode = 'merge'"));
-        }
-        for name in ["staging_uri", "staging_source_uri", "load_interval"] {
-            if o.is_set(name) && mode != "load" {
-                return Err(o.error(name, "only used with write_mode = 'load'"));
-            }
-        }
-        for name in ["commit", "stream_max_age"] {
-            if o.is_set(name) && mode != "append" {
-                return Err(o.error(
-                    name,
-                    format!("only used with write_mode = 'append' (write_mode = '{mode}' commits its own way)"),
-                ));
-            }
-        }
-        if let Some(age) = o.get_duration("stream_max_age")
-            && age < Duration::from_secs(1)
-        {
-            return Err(o.error("stream_max_age", "must be at least 1s"));
-        }
-        for name in ["sequence_by", "change_type_column"] {
-            if o.is_set(name) && mode != "upsert" {
-                return Err(o.error(name, "only used with write_mode = 'upsert'"));
-            }
-        }
-        if table.has_columns {
-            table_schema(&table.schema).map_err(|e| o.error("connector", e.to_string()))?;
-            if let Some(p) = o.get_str("partition_by") {
-                match table.schema.field_with_name(&p) {
-                    Ok(f)
-                        if matches!(
-                            f.data_type(),
-                            arrow::datatypes::DataType::Timestamp(..) | arrow::datatypes::DataType::Date32
-                        ) => {}
-                    Ok(f) => {
-                        return Err(o.error(
-                            "partition_by",
-                            format!("column '{p}' is {}, not TIMESTAMP, DATETIME or DATE", f.data_type()),
-                        ));
-                    }
-                    Err(_) => return Err(o.error("partition_by", format!("no column '{p}' in table {}", table.name))),
-                }
-            }
-            let cluster = columns_of(o, "cluster_by");
-            if cluster.len() > 4 {
-                return Err(o.error("cluster_by", "BigQuery clusters by at most four columns"));
-            }
-            for c in &cluster {
-                if table.schema.field_with_name(c).is_err() {
-                    return Err(o.error("cluster_by", format!("no column '{c}' in table {}", table.name)));
-                }
-            }
-        }
-        for name in ["endpoint", "rest_endpoint"] {
-            let v = o.get_str(name).unwrap_or_default();
-            if !(v.starts_with("https://") || v.starts_with("http://")) {
-                return Err(o.error(name, format!("'{v}' is not an http:// or https:// URL")));
-            }
-        }
-        let max = o.get_bytes("max_request_size").unwrap_or(DEFAULT_MAX_REQUEST_BYTES as u64);
-        if !(64 * 1024..=10_000_000).contains(&max) {
-            return Err(o.error("max_request_size", "must be between 64KB and 10MB (BigQuery's request limit)"));
-        }
-        Ok(())
-    }
-
-    fn sink_needs_columns(&self) -> bool {
-        false
-    }
-
-    fn sink_partitioned_by_key(&self, table: &TableDef) -> bool {
-        // A key's rows all reach one subtask, so "the last row of a key" within a checkpoint is well defined.
-        matches!(table.options.get_str("write_mode").as_deref(), Some("merge" | "upsert"))
-    }
-
-    fn configure(&self, table: &TableDef, _role: TableRole) -> Result<serde_json::Value, PlanError> {
-        serde_json::to_value(BigQueryConfig::from_table(table))
-            .map_err(|e| PlanError::internal(format!("bigquery configuration: {e}")))
-    }
-
-    fn sink_collapse_sequence(&self, table: &TableDef) -> Option<Vec<String>> {
-        // One image per key per checkpoint goes to BigQuery, not every intermediate change.
-        (table.options.get_str("write_mode").as_deref() == Some("upsert"))
-            .then(|| crate::upsert::sequence_columns(&table.options))
-    }
-}
-
-impl Connector for BigQuerySpec {
-    fn create_sink(&self, spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Box<dyn Sink>, EngineError> {
-        Ok(create(spec, schema, ctx)?)
-    }
-
-    fn committer(&self, spec: &SinkSpec) -> Result<Arc<dyn Committer>, EngineError> {
-        let config = BigQueryConfig::of(spec)?;
-        let target = Target::from_config(&config)?;
-        let client = target.write_client()?;
-        Ok(Arc::new(TableCommitter { spec: spec.clone(), mode: config.mode, target, client }))
-    }
-}
-
-/// A bigquery sink table's committer for one run of a job: prepares the table, recovers it, and commits each
-/// checkpoint (one `BatchCommitWriteStreams`, flushes, MERGE or load job per table) with one client throughout.
-pub struct TableCommitter {
-    spec: SinkSpec,
-    mode: WriteMode,
-    target: Target,
-    client: WriteClient,
-}
-
-#[async_trait]
-impl Committer for TableCommitter {
-    async fn prepare(&self, schema: SchemaRef) -> Result<(), EngineError> {
-        Ok(prepare(&self.spec, &schema).await?)
-    }
-
-    async fn recover(&self, handles: &[serde_json::Value]) -> Result<(), EngineError> {
-        Ok(recover_table(self, handles).await?)
-    }
-
-    async fn commit(&self, handles: &[serde_json::Value]) -> Result<(), EngineError> {
-        Ok(commit_table(self, handles).await?)
-    }
-}
 
 /// Columns the merge mode adds to staging rows: which write stream, and the row's offset in it.
 const STREAM_COLUMN: &str = "_nagare_stream";
 const OFFSET_COLUMN: &str = "_nagare_offset";
 
-/// Connection settings of one bigquery table, from its options.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// The table.
-    pub table: TableRef,
-    /// Credentials.
-    pub auth: Auth,
-    /// gRPC endpoint.
-    pub endpoint: String,
-    /// REST endpoint.
-    pub rest_endpoint: String,
-    /// Request size limit.
-    pub max_request_bytes: usize,
-    /// Merge mode: the staging table and the key.
-    pub merge: Option<MergeTarget>,
-    /// The `commit` option (`auto`, `per_subtask`, `atomic`).
-    pub commit: String,
-    /// `stream_max_age`.
-    pub stream_max_age: Duration,
-}
-
-/// Where the merge mode stages rows, and what it matches on.
-#[derive(Debug, Clone)]
-pub struct MergeTarget {
-    /// The staging table.
-    pub staging: TableRef,
-    /// PRIMARY KEY columns.
-    pub key: Vec<String>,
-}
-
-impl Target {
-    /// The target a sink's configuration names.
-    pub fn from_spec(spec: &SinkSpec) -> Result<Self, BqError> {
-        Self::from_config(&BigQueryConfig::of(spec)?)
-    }
-
-    /// The target `c` names.
-    pub fn from_config(c: &BigQueryConfig) -> Result<Self, BqError> {
-        let table = TableRef { project: c.project.clone(), dataset: c.dataset.clone(), table: c.table.clone() };
-        let merge = (c.mode == WriteMode::Merge).then(|| MergeTarget {
-            staging: TableRef { table: c.staging_table.clone(), ..table.clone() },
-            key: c.primary_key.clone(),
-        });
-        Ok(Target {
-            commit: c.commit.clone(),
-            stream_max_age: c.stream_max_age,
-            merge,
-            table,
-            auth: Auth::from_option(&c.credentials)?,
-            endpoint: c.endpoint.clone(),
-            rest_endpoint: c.rest_endpoint.clone(),
-            max_request_bytes: c.max_request_bytes,
-        })
-    }
-
-    /// The table write streams go to: the staging table in merge mode.
-    pub fn stream_table(&self) -> &TableRef {
-        self.merge.as_ref().map_or(&self.table, |m| &m.staging)
-    }
-
-    /// Whether append-mode checkpoints write long-lived BUFFERED streams (else a PENDING stream per checkpoint),
-    /// given the job's checkpoint interval: `auto` picks them under a minute, where per-checkpoint streams would
-    /// meet BigQuery's `CreateWriteStream` quota.
-    pub fn buffered(&self, checkpoint_interval: Option<Duration>) -> bool {
-        if self.merge.is_some() {
-            return false;
-        }
-        match self.commit.as_str() {
-            "per_subtask" => true,
-            "atomic" => false,
-            _ => checkpoint_interval.is_some_and(|i| i < Duration::from_secs(60)),
-        }
-    }
-
-    /// A Storage Write client.
-    pub fn write_client(&self) -> Result<WriteClient, BqError> {
-        WriteClient::new(&self.endpoint, self.auth.clone())
-    }
-
-    /// A REST client.
-    pub fn rest_client(&self) -> Result<RestClient, BqError> {
-        RestClient::new(&self.rest_endpoint, self.auth.clone())
-    }
-}
-
-/// Creates the table if asked and missing, checks that it can take the pipeline's rows, and adds columns it lacks.
-pub async fn prepare(spec: &SinkSpec, schema: &SchemaRef) -> Result<(), BqError> {
-    let target = Target::from_spec(spec)?;
-    if is_load(spec) {
-        // The staging location must open before anything runs.
-        crate::load::check_staging(spec)?;
-    }
-    prepare_target(spec, &crate::upsert::table_columns(spec, schema), &target).await?;
-    if is_upsert(spec) {
-        let key = target.rest_client()?.primary_key(&target.table).await?.unwrap_or_default();
-        if key != spec.table.primary_key {
-            // Not an error: some servers (emulators) do not report constraints.
-            tracing::warn!(
-                table = %target.table,
-                table_key = ?key,
-                pipeline_key = ?spec.table.primary_key,
-                "BigQuery applies CDC upserts by the table's PRIMARY KEY, which differs from the sink's (or is not \
-                 reported): set it with ALTER TABLE ... ADD PRIMARY KEY (...) NOT ENFORCED"
-            );
-        }
-    }
-    if let Some(m) = &target.merge {
-        // The staging table: the same columns, all NULLABLE (rows are checked by the target's MERGE), plus where
-        // each row came from.
-        let rest = target.rest_client()?;
-        let mut fields = table_schema(&staging_schema(schema))?;
-        for f in &mut fields {
-            if f.mode.as_deref() == Some("REQUIRED") {
-                f.mode = Some("NULLABLE".into());
-            }
-        }
-        match rest.get_table(&m.staging).await? {
-            None => rest.create_table(&m.staging, &fields, &CreateOptions::default()).await?,
-            Some(existing) => {
-                let c = compatibility(&existing, &fields);
-                if !c.conflicts.is_empty() || !c.missing.is_empty() {
-                    return Err(BqError::Schema(format!(
-                        "staging table {} does not match the pipeline ({}); drop it or name another with \
-                         staging_table",
-                        m.staging,
-                        c.conflicts
-                            .iter()
-                            .cloned()
-                            .chain(c.missing.iter().map(|f| format!("no column '{}'", f.name)))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    )));
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The wire schema of staging rows: the pipeline's columns, then the stream and offset.
-fn staging_schema(schema: &SchemaRef) -> SchemaRef {
+pub(crate) fn staging_schema(schema: &SchemaRef) -> SchemaRef {
     let wire = wire_schema(schema);
     let mut fields: Vec<arrow::datatypes::FieldRef> = wire.fields().iter().cloned().collect();
     fields.push(Arc::new(arrow::datatypes::Field::new(STREAM_COLUMN, arrow::datatypes::DataType::Utf8, false)));
     fields.push(Arc::new(arrow::datatypes::Field::new(OFFSET_COLUMN, arrow::datatypes::DataType::Int64, false)));
     Arc::new(arrow::datatypes::Schema::new(fields))
-}
-
-async fn prepare_target(spec: &SinkSpec, schema: &SchemaRef, target: &Target) -> Result<(), BqError> {
-    let config = BigQueryConfig::of(spec)?;
-    let ours = table_schema(&wire_schema(schema))?;
-    let rest = target.rest_client()?;
-    let t = &target.table;
-    let Some(existing) = rest.get_table(t).await? else {
-        if !config.create_if_missing {
-            return Err(BqError::Config(format!(
-                "table {t} does not exist (set create_table = 'if_not_exists' to create it from the declared columns)"
-            )));
-        }
-        let opts = CreateOptions {
-            partition: config.partition.clone(),
-            cluster_by: config.cluster_by.clone(),
-            primary_key: spec.table.primary_key.clone(),
-        };
-        rest.create_table(t, &ours, &opts).await?;
-        tracing::info!(table = %t, "created BigQuery table");
-        return Ok(());
-    };
-    let c = compatibility(&existing, &ours);
-    if !c.conflicts.is_empty() {
-        return Err(BqError::Schema(format!(
-            "table {t} cannot take the rows of sink '{}': {}",
-            spec.table.name,
-            c.conflicts.join("; ")
-        )));
-    }
-    if !c.missing.is_empty() {
-        let names: Vec<&str> = c.missing.iter().map(|f| f.name.as_str()).collect();
-        if !config.add_columns {
-            return Err(BqError::Schema(format!(
-                "table {t} has no column(s) {} (set schema_update = 'add_columns' to add them)",
-                names.join(", ")
-            )));
-        }
-        let mut fields = existing.clone();
-        fields.extend(c.missing.iter().cloned());
-        rest.set_schema(t, &fields).await?;
-        tracing::info!(table = %t, columns = ?names, "added NULLABLE columns to the BigQuery table");
-    }
-    Ok(())
 }
 
 /// What a checkpoint records for a sink subtask: finalized streams to commit, or BUFFERED streams to flush.
@@ -665,51 +103,7 @@ pub fn streams_per_hour(parallelism: usize, checkpoint_interval: Duration, buffe
     parallelism as f64 * 3600.0 / every.as_secs_f64().max(0.001)
 }
 
-/// Whether the sink writes CDC changes.
-pub fn is_upsert(spec: &SinkSpec) -> bool {
-    BigQueryConfig::of(spec).is_ok_and(|c| c.mode == WriteMode::Upsert)
-}
-
-/// Whether the sink stages files for load jobs.
-pub fn is_load(spec: &SinkSpec) -> bool {
-    BigQueryConfig::of(spec).is_ok_and(|c| c.mode == WriteMode::Load)
-}
-
-/// Commits what every subtask recorded in a checkpoint: write streams (one `BatchCommitWriteStreams` per table, so
-/// the checkpoint's rows appear together), or sealed staged files (one load job). Idempotent.
-async fn commit_table(t: &TableCommitter, handles: &[serde_json::Value]) -> Result<(), BqError> {
-    tracing::debug!(sink = %t.spec.table.name, "committing a completed checkpoint's bigquery writes");
-    if t.mode == WriteMode::Load {
-        return crate::load::commit(&t.spec, handles).await;
-    }
-    commit_streams(t, handles, false).await
-}
-
-/// After a crash, before the job starts: commits what the restored checkpoint recorded (streams, or every staged
-/// file) and discards later epochs' output.
-async fn recover_table(t: &TableCommitter, handles: &[serde_json::Value]) -> Result<(), BqError> {
-    if t.mode == WriteMode::Load {
-        return crate::load::recover(&t.spec, handles).await;
-    }
-    // Streams of later epochs were never committed: BigQuery drops them.
-    commit_streams(t, handles, true).await?;
-    // BUFFERED streams now show exactly the checkpoint's rows; rows appended after it may sit in their buffers.
-    // Finalizing ends them (no flush past the checkpoint can follow, no zombie writer can append): the new run
-    // writes to new streams.
-    let buffered: Vec<BufferedStream> = parse_handles(handles)?.into_iter().flat_map(|h| h.buffered).collect();
-    if !buffered.is_empty() {
-        // `commit_streams` flushed them above: a stream named here that is already finalized was finalized only
-        // after being flushed to this checkpoint's offset (by an earlier recovery, or by its subtask after the
-        // flush that retired it), so the flush is done either way.
-        for b in &buffered {
-            t.client.finalize(&b.name).await?;
-        }
-        tracing::info!(streams = buffered.len(), "recovery flushed and finalized the checkpoint's BUFFERED streams");
-    }
-    Ok(())
-}
-
-fn parse_handles(handles: &[serde_json::Value]) -> Result<Vec<CommitHandle>, BqError> {
+pub(crate) fn parse_handles(handles: &[serde_json::Value]) -> Result<Vec<CommitHandle>, BqError> {
     crate::parse_handles(handles, "bigquery handle")
 }
 
@@ -738,20 +132,17 @@ async fn flush_buffered(client: &WriteClient, handles: &[CommitHandle], recoveri
     Ok(())
 }
 
-/// A sink subtask for the sink's write mode.
-pub fn create(spec: &SinkSpec, schema: SchemaRef, ctx: SinkContext) -> Result<Box<dyn Sink>, BqError> {
-    if is_load(spec) {
-        return Ok(Box::new(crate::load::LoadSink::new(spec, schema, ctx)?));
-    }
-    if is_upsert(spec) {
-        return Ok(Box::new(crate::upsert::UpsertSink::new(spec, schema, ctx)?));
-    }
-    Ok(Box::new(BigQuerySink::new(spec, schema, ctx)?))
-}
-
-async fn commit_streams(t: &TableCommitter, handles: &[serde_json::Value], recovering: bool) -> Result<(), BqError> {
+/// Commits the streams the handles name (after flushing their BUFFERED streams), and in merge mode merges the
+/// committed staging rows into the table. Idempotent.
+pub(crate) async fn commit_streams(
+    client: &WriteClient,
+    target: &Target,
+    schema: &SchemaRef,
+    handles: &[serde_json::Value],
+    recovering: bool,
+) -> Result<(), BqError> {
     let handles = parse_handles(handles)?;
-    flush_buffered(&t.client, &handles, recovering).await?;
+    flush_buffered(client, &handles, recovering).await?;
     let mut by_table: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
     for h in &handles {
         by_table.entry(&h.table).or_default().extend(h.streams.iter().map(|s| s.name.clone()));
@@ -762,9 +153,9 @@ async fn commit_streams(t: &TableCommitter, handles: &[serde_json::Value], recov
     }
     crate::fault_delay(nagare_core::faults::FaultPoint::BqCommit).await;
     for (table, streams) in by_table {
-        t.client.commit_streams(table, &streams).await?;
-        if let Some(m) = &t.target.merge {
-            merge_streams(&t.target, m, &t.spec.table.schema, &streams).await?;
+        client.commit_streams(table, &streams).await?;
+        if let Some(m) = &target.merge {
+            merge_streams(target, m, schema, &streams).await?;
         }
         let rows: i64 = handles.iter().filter(|h| h.table == table).flat_map(|h| &h.streams).map(|s| s.rows).sum();
         tracing::debug!(table, streams = streams.len(), rows, "committed write streams");
@@ -815,35 +206,6 @@ async fn merge_streams(
     let delete = format!("DELETE FROM {} WHERE {} IN ({in_list})", q(&m.staging), col(STREAM_COLUMN));
     rest.run_job(&target.table.project, &format!("nagare_clean_{id:032x}"), &delete).await?;
     tracing::debug!(table = %target.table, streams = streams.len(), "merged staging streams");
-    Ok(())
-}
-
-/// Sends rows that cannot be written to the dead-letter output with their reasons, or fails the job naming the
-/// first reason when there is none (`what` says who refused them).
-pub(crate) fn dead_letter(
-    ctx: &SinkContext,
-    name: &str,
-    what: &str,
-    rejected: Vec<Rejected>,
-) -> Result<(), EngineError> {
-    for r in rejected {
-        let dl: Option<&Arc<DeadLetterWriter>> = ctx.dead_letter.as_ref();
-        let Some(dl) = dl else {
-            return Err(EngineError::External {
-                system: "bigquery".into(),
-                message: format!(
-                    "{what} {} row(s) of sink '{name}' (first: {}); set dead_letter_path to keep them and go on",
-                    r.batch.num_rows(),
-                    r.reasons.first().cloned().unwrap_or_default()
-                ),
-                retriable: false,
-            });
-        };
-        for (i, reason) in r.reasons.iter().enumerate() {
-            dl.write_rows(&format!("bigquery sink '{name}'"), reason, &r.batch.slice(i, 1))?;
-        }
-        nagare_engine::metrics::NodeMetrics::add(&ctx.metrics.bad_records, r.batch.num_rows());
-    }
     Ok(())
 }
 
@@ -1071,6 +433,7 @@ impl Sink for BigQuerySink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::Auth;
 
     #[test]
     fn the_quota_estimate_follows_the_commit_mode() {

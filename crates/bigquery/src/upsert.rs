@@ -23,7 +23,7 @@ use nagare_sql::options::Options;
 
 use crate::error::BqError;
 use crate::proto::{ChangeType, sequence_number};
-use crate::sink::{Target, dead_letter};
+use crate::target::{Target, dead_letter};
 use crate::types::{to_wire, wire_schema};
 use crate::write::{Appender, Rejected, WriteClient};
 
