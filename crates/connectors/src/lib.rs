@@ -5,6 +5,7 @@ pub mod decode;
 pub mod filesystem;
 pub mod generator;
 pub mod json_fast;
+pub mod sqs;
 pub mod stdout;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ impl Connectors {
         let mut c = ConnectorCatalog::new();
         c.register(Arc::new(filesystem::FilesystemSpec));
         c.register(Arc::new(generator::GeneratorSpec));
+        c.register(Arc::new(sqs::SqsSpec));
         c.register(Arc::new(stdout::StdoutSpec));
         c.register(Arc::new(nagare_bigquery::BigQuerySpec));
         c
@@ -55,6 +57,13 @@ impl ConnectorFactory for Connectors {
                 }
                 Ok(Box::new(s))
             }
+            "sqs" => {
+                let mut s = sqs::source::SqsSource::new(spec, &sqs::SqsConfig::from_table(&spec.table)?, schema, ctx)?;
+                if let Some(r) = restore {
+                    s.restore(&r.mine(subtask, parallelism))?;
+                }
+                Ok(Box::new(s))
+            }
             other => Err(EngineError::Config(format!("connector '{other}' cannot be a source"))),
         }
     }
@@ -75,6 +84,13 @@ impl ConnectorFactory for Connectors {
         match spec.table.connector.as_str() {
             "bigquery" => Ok(nagare_bigquery::sink::commit_table(spec, handles).await?),
             // The filesystem sink renames its files per subtask, in `Sink::commit`.
+            _ => Ok(()),
+        }
+    }
+
+    async fn prepare_source(&self, spec: &SourceSpec) -> Result<(), EngineError> {
+        match spec.table.connector.as_str() {
+            "sqs" => sqs::source::prepare(&sqs::SqsConfig::from_table(&spec.table)?).await,
             _ => Ok(()),
         }
     }

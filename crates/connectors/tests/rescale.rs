@@ -31,6 +31,7 @@ fn open(
         dead_letter: None,
         metrics: Arc::new(NodeMetrics::new(0, "source".into(), "source", parallelism)),
         stop: Default::default(),
+        checkpoints: true,
     };
     nagare_connectors::Connectors.create_source(spec, schema.clone(), ctx, restore).unwrap()
 }

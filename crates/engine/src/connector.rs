@@ -41,6 +41,9 @@ pub struct SourceContext {
     pub metrics: Arc<NodeMetrics>,
     /// Set when the job is stopping; long waits should end early.
     pub stop: CancellationToken,
+    /// Whether the job takes checkpoints: input is then acknowledged upstream only in
+    /// [`Source::notify_checkpoint_complete`]; without them a source acknowledges what it handed downstream.
+    pub checkpoints: bool,
 }
 
 /// Where and how a sink subtask runs.
@@ -151,6 +154,12 @@ pub trait ConnectorFactory: Send + Sync {
     /// Checks that can only be done on the machine that runs the job (paths exist, credentials resolve), before
     /// any task starts.
     fn check_source(&self, _spec: &SourceSpec) -> Result<()> {
+        Ok(())
+    }
+
+    /// Before any task starts: checks that the input exists and can be read with the credentials at hand (a queue
+    /// that does not exist fails the job here, with the service's error, rather than in a running task).
+    async fn prepare_source(&self, _spec: &SourceSpec) -> Result<()> {
         Ok(())
     }
 

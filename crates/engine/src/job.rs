@@ -447,8 +447,10 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
     let stats =
         Arc::new(Mutex::new(CheckpointStats { restored_from: restored.as_ref().map(|m| m.id), ..Default::default() }));
     for node in &graph.nodes {
-        if let OperatorSpec::Sink(spec) = &node.operator {
-            factory.prepare_sink(spec, node.schema.clone()).await?;
+        match &node.operator {
+            OperatorSpec::Sink(spec) => factory.prepare_sink(spec, node.schema.clone()).await?,
+            OperatorSpec::Source(spec) => factory.prepare_source(spec).await?,
+            _ => {}
         }
     }
     if options.checkpoints.is_some() && part == 0 {
@@ -610,6 +612,7 @@ pub async fn start(pipeline: &Pipeline, factory: Arc<dyn ConnectorFactory>, opti
                         dead_letter,
                         metrics: metrics.nodes[head.id].clone(),
                         stop: stop.clone(),
+                        checkpoints: options.checkpoints.is_some(),
                     };
                     let restore = restored.as_ref().map(|m| source_restore(m, head.id, head.parallelism));
                     let source = factory.create_source(spec, head.schema.clone(), ctx, restore.as_ref())?;
