@@ -663,7 +663,11 @@ impl Source for SqsSource {
         if let Some(dl) = &self.ctx.dead_letter {
             dl.flush()?;
         }
-        self.delete(handles).await;
+        // Awaited (several calls in flight): a job that stops after its final checkpoint leaves nothing behind.
+        if let Some(previous) = self.deleting.take() {
+            let _ = previous.await;
+        }
+        delete_all(self.client.clone(), self.shared.clone(), handles).await;
         Ok(())
     }
 }
