@@ -4,11 +4,11 @@
   moto-aws.py queue NAME [VISIBILITY_S]           -> prints the queue URL
   moto-aws.py route-eventbridge QUEUE_URL RULE SOURCE  (rule on the default bus: events of SOURCE -> the queue)
   moto-aws.py put-events FILE                     (JSON lines: {"Source", "DetailType", "Detail": {...}, "Time"?})
-  moto-aws.py send QUEUE_URL FILE                 (one message body per line, SendMessageBatch of 10)
+  moto-aws.py send QUEUE_URL FILE [PER_SECOND]    (one message body per line, SendMessageBatch of 10, paced)
   moto-aws.py counts QUEUE_URL                    -> "visible not_visible"
 Endpoint and credentials from AWS_ENDPOINT_URL (default http://127.0.0.1:45660), AWS_REGION, AWS_ACCESS_KEY_ID.
 """
-import json, os, sys
+import json, os, sys, time
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -52,13 +52,20 @@ def main():
     elif cmd == "send":
         url = args[0]
         bodies = [l.rstrip("\n") for l in open(args[1]) if l.strip()]
+        rate = float(args[2]) if len(args) > 2 else 0
+        started = time.time()
 
         def send(c):
             r = sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": b} for i, b in enumerate(c)])
             return len(r.get("Failed", []))
 
+        failed = 0
         with ThreadPoolExecutor(8) as pool:
-            failed = sum(pool.map(send, chunks(bodies, 10)))
+            # Rounds of 100 messages, each no earlier than the rate allows.
+            for i, part in enumerate(chunks(bodies, 100)):
+                if rate > 0:
+                    time.sleep(max(0.0, started + i * 100 / rate - time.time()))
+                failed += sum(pool.map(send, chunks(part, 10)))
         if failed:
             sys.exit(f"{failed} messages failed")
         print(len(bodies))

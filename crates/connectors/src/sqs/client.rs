@@ -161,10 +161,19 @@ impl SqsClient {
     /// S3: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, `AWS_ROLE_ARN` +
     /// `AWS_WEB_IDENTITY_TOKEN_FILE`, ECS/EKS container credentials, EC2 instance metadata), refreshed as they expire.
     pub fn new(cfg: &SqsConfig) -> Result<SqsClient, SqsError> {
+        Self::build(cfg, AmazonS3Builder::from_env())
+    }
+
+    /// A client signing with the given keys instead of the credential chain (tools and tests holding keys).
+    pub fn with_keys(cfg: &SqsConfig, key_id: &str, secret: &str) -> Result<SqsClient, SqsError> {
+        Self::build(cfg, AmazonS3Builder::new().with_access_key_id(key_id).with_secret_access_key(secret))
+    }
+
+    fn build(cfg: &SqsConfig, builder: AmazonS3Builder) -> Result<SqsClient, SqsError> {
         let creds_error =
             |e: object_store::Error| SqsError::Credentials { queue_url: cfg.queue_url.clone(), reason: e.to_string() };
         // object_store's S3 builder assembles the chain; the bucket is a placeholder it needs, never contacted.
-        let store = AmazonS3Builder::from_env()
+        let store = builder
             .with_bucket_name("nagare-sqs-credentials")
             .with_region(cfg.region.clone())
             .build()
@@ -318,11 +327,11 @@ impl SqsClient {
         Ok(answer.failed)
     }
 
-    /// The queue's attributes (checks that it exists and may be read with these credentials).
-    pub async fn queue_attributes(&self) -> Result<serde_json::Value, SqsError> {
-        let bytes = self
-            .call("GetQueueAttributes", json!({"QueueUrl": &*self.queue_url, "AttributeNames": ["VisibilityTimeout"]}))
-            .await?;
+    /// Attributes of the queue, e.g. `ApproximateNumberOfMessages` (also how the source checks, before the job
+    /// starts, that the queue exists and may be read with these credentials).
+    pub async fn queue_attributes(&self, names: &[&str]) -> Result<serde_json::Value, SqsError> {
+        let bytes =
+            self.call("GetQueueAttributes", json!({"QueueUrl": &*self.queue_url, "AttributeNames": names})).await?;
         serde_json::from_slice(&bytes).map_err(|e| SqsError::Protocol {
             action: "GetQueueAttributes",
             queue_url: self.queue_url.to_string(),

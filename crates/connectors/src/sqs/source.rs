@@ -594,7 +594,7 @@ pub async fn prepare(cfg: &SqsConfig) -> Result<(), EngineError> {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        match client.queue_attributes().await {
+        match client.queue_attributes(&["VisibilityTimeout"]).await {
             Ok(_) => return Ok(()),
             Err(e @ SqsError::Network { .. }) | Err(e @ SqsError::Aws { .. }) if e.retriable() && attempts < 4 => {
                 let d = backoff.next_delay().unwrap_or(Duration::from_secs(1));
