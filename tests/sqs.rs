@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::bq::{count, finish, nagare, rows_so_far, run_until};
+use common::bq::{finish, nagare, rows_so_far, run_until};
 use common::services::{aws, bigquery, bq_dataset, bq_query, moto};
 use common::{RunEnd, run_or_kill};
 
@@ -197,12 +197,23 @@ fn every_event_lands_exactly_once_across_sigkills_with_redeliveries() {
         let at = rng.usize(n..=bodies.len());
         bodies.insert(at, event_body(n, &name));
     }
-    // Sent while the pipeline runs, 100 a second: moto's receive and send take time proportional to the messages in
-    // the queue (about 0.5 s per receive at 1,000), so a short queue keeps the test quick.
+    // Sent while the pipeline runs, 200 at a time whenever the queue has fewer than 200 waiting: moto's receive and
+    // send take time proportional to the messages in the queue (about 0.5 s per receive at 1,000), so a short queue
+    // keeps the test quick.
     let sender = {
-        let (queue, file) = (queue.clone(), dir.path().join("bodies.txt"));
-        std::fs::write(&file, bodies.join("\n")).unwrap();
-        std::thread::spawn(move || aws(&["send", &queue, file.to_str().unwrap(), "100"]))
+        let (queue, dir) = (queue.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            for (i, chunk) in bodies.chunks(200).enumerate() {
+                while queue_counts(&queue).0 > 200 {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                let file = dir.join(format!("bodies-{i}.txt"));
+                std::fs::write(&file, chunk.join("\n")).unwrap();
+                sent += aws(&["send", &queue, file.to_str().unwrap()]).parse::<usize>().unwrap();
+            }
+            sent
+        })
     };
     let tick = dir.path().join("tick.txt");
     // A minute after the events (within dedup_ttl: a tick beyond it would end the dedup's memory of the events,
@@ -236,7 +247,7 @@ fn every_event_lands_exactly_once_across_sigkills_with_redeliveries() {
             break;
         }
     }
-    assert_eq!(sender.join().unwrap(), (n_events + n_events / 10).to_string());
+    assert_eq!(sender.join().unwrap(), n_events + n_events / 10);
     eprintln!("{kills} kills in {:?}; {} rows landed", t0.elapsed(), rows_so_far(&name, "events"));
     assert!(resumed >= 4, "only {resumed} of {kills} killed runs had resumed from a checkpoint");
 
@@ -261,4 +272,72 @@ fn every_event_lands_exactly_once_across_sigkills_with_redeliveries() {
     let n = n_events as i64;
     assert_eq!(events_in(&name, "events"), (n, n), "every event exactly once");
     assert_eq!(queue_counts(&queue), (0, 0), "every message deleted");
+}
+
+#[test]
+fn bad_messages_are_dead_lettered_with_their_id_and_reason_and_deleted() {
+    let _ = bigquery();
+    let name = unique("sqsbad");
+    bq_dataset(&name);
+    let queue = aws(&["queue", &name]);
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead");
+    let sns = serde_json::json!({"Type": "Notification", "TopicArn": "arn:aws:sns:us-east-1:1:t", "Message": "{}"});
+    let sns = sns.to_string();
+    let poison = [("not json at all", "not an EventBridge event"), (sns.as_str(), "SNS notification")];
+    let mut bodies: Vec<String> = (0..20).map(|n| event_body(n, &name)).collect();
+    bodies.insert(3, poison[0].0.to_string());
+    bodies.insert(9, poison[1].0.to_string());
+    // A field that does not fit its column (n is BIGINT).
+    let misfit = event_body(99, &name).replace("\"n\":99", "\"n\":\"ninety-nine\"");
+    bodies.insert(15, misfit.clone());
+    let file = dir.path().join("bodies.txt");
+    std::fs::write(&file, bodies.join("\n")).unwrap();
+    aws(&["send", &queue, file.to_str().unwrap()]);
+    let tick = dir.path().join("tick.txt");
+    std::fs::write(
+        &tick,
+        event_body(60_000, &name).replace("\"ev-60000\"", "\"tick\"").replace("\"n\":60000", "\"n\":-1"),
+    )
+    .unwrap();
+
+    let sql = dir.path().join("p.sql");
+    let opts = format!(", bad_records = 'dead_letter', dead_letter_path = '{}'", dead.display());
+    std::fs::write(&sql, pipeline("SET checkpoint_interval = '500ms';", &opts)).unwrap();
+    let (status, err) =
+        run_until(run_cmd(&sql, &name, "events", &queue, &dir.path().join("ckpt")), Duration::from_secs(60), || {
+            aws(&["send", &queue, tick.to_str().unwrap()]);
+            rows_so_far(&name, "events") >= 20
+        });
+    assert!(status.success(), "{err}");
+    assert!(err.contains("3 bad records"), "the run's summary counts them: {err}");
+    assert_eq!(events_in(&name, "events"), (20, 20));
+    let records = common::read_json_rows(&dead);
+    assert_eq!(records.len(), 3, "{records:?}");
+    let find =
+        |body: &str| records.iter().find(|r| r["record"] == body).unwrap_or_else(|| panic!("{body}: {records:?}"));
+    for (body, says) in [(poison[0].0, poison[0].1), (poison[1].0, poison[1].1), (&*misfit, "ninety-nine")] {
+        let r = find(body);
+        let location = r["location"].as_str().unwrap();
+        let id = location.strip_prefix("SQS message ").unwrap_or_else(|| panic!("{r}"));
+        assert_eq!(id.len(), 36, "a message id: {r}");
+        assert!(r["reason"].as_str().unwrap().contains(says), "{r}");
+    }
+    // The poison messages went with their checkpoint: nothing comes back.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(queue_counts(&queue), (0, 0));
+}
+
+#[test]
+fn a_missing_queue_fails_before_the_job_starts_with_the_aws_error() {
+    let _ = bigquery();
+    let name = unique("sqsmissing");
+    bq_dataset(&name);
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, pipeline("", "")).unwrap();
+    let queue = format!("{}/123456789012/{name}", moto()["AWS_ENDPOINT_URL"]);
+    let (status, err) = finish(run_cmd(&sql, &name, "events", &queue, &dir.path().join("ckpt")));
+    assert!(!status.success());
+    assert!(err.contains("QueueDoesNotExist") && err.contains(&queue), "{err}");
 }

@@ -235,7 +235,7 @@ pub fn prometheus(jobs: &[(&str, &JobMetrics)]) -> String {
         }
     }
     // Connector figures: each metric family once, with every node that has it.
-    let mut families: Vec<(Sample, Vec<(String, usize, &'static str, f64)>)> = Vec::new();
+    let mut families: Vec<(Sample, Vec<SampleRow>)> = Vec::new();
     for (job, m) in nodes() {
         for s in m.connector_samples() {
             let row = (job.clone(), m.node, m.kind, s.value);
@@ -254,6 +254,9 @@ pub fn prometheus(jobs: &[(&str, &JobMetrics)]) -> String {
     }
     out
 }
+
+/// One node's value of a connector figure: job, node id, node kind, value.
+type SampleRow = (String, usize, &'static str, f64);
 
 /// A Prometheus counter: name, help, and how to read it from a node.
 type Counter = (&'static str, &'static str, fn(&NodeMetrics) -> u64);
