@@ -264,3 +264,38 @@ type Counter = (&'static str, &'static str, fn(&NodeMetrics) -> u64);
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Fixed(f64, f64);
+
+    impl ConnectorMetrics for Fixed {
+        fn samples(&self) -> Vec<Sample> {
+            vec![
+                Sample { name: "nagare_x_total", help: "X.", kind: SampleKind::Counter, value: self.0 },
+                Sample { name: "nagare_x_age_seconds", help: "Age.", kind: SampleKind::MaxGauge, value: self.1 },
+            ]
+        }
+    }
+
+    #[test]
+    fn connector_figures_combine_over_subtasks_and_reach_prometheus() {
+        let node = Arc::new(NodeMetrics::new(0, "q".into(), "source", 2));
+        node.register_connector(Arc::new(Fixed(3.0, 5.0)));
+        node.register_connector(Arc::new(Fixed(4.0, 2.0)));
+        let samples = node.connector_samples();
+        assert_eq!(
+            samples.iter().map(|s| (s.name, s.value)).collect::<Vec<_>>(),
+            vec![("nagare_x_age_seconds", 5.0), ("nagare_x_total", 7.0)]
+        );
+        let text = JobMetrics { nodes: vec![node], started: Instant::now() }.prometheus("j");
+        assert!(
+            text.contains("# TYPE nagare_x_total counter\nnagare_x_total{job=\"j\",node=\"0\",kind=\"source\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE nagare_x_age_seconds gauge"), "{text}");
+    }
+}
