@@ -7,7 +7,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::services::{bigquery, bq_dataset, bq_log_tail, bq_query, bq_rest};
+use common::bq::{count, finish, nagare};
+use common::services::{bigquery, bq_dataset, bq_query, bq_rest};
 use common::{RunEnd, run_or_kill};
 
 /// A pipeline writing `count` generated events to `dataset.table`; `${...}` filled in by [`nagare`].
@@ -32,39 +33,6 @@ WITH (connector = 'bigquery', project = '${{PROJECT}}', dataset = '${{DATASET}}'
 INSERT INTO bq SELECT id, time, source, CAST(account AS BIGINT) FROM events;
 "#
     )
-}
-
-fn nagare(sql: &std::path::Path, dataset: &str, table: &str, args: &[&str]) -> Command {
-    let env = bigquery();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nagare"));
-    c.arg("run").arg(sql).arg("-q").args(args);
-    for (k, v) in [
-        ("PROJECT", env["BIGQUERY_PROJECT"].as_str()),
-        ("DATASET", dataset),
-        ("TABLE", table),
-        ("GRPC", env["BIGQUERY_GRPC_ENDPOINT"].as_str()),
-        ("REST", env["BIGQUERY_REST_URL"].as_str()),
-    ] {
-        c.args(["--var", &format!("{k}={v}")]);
-    }
-    c.env("NAGARE_LOG", "warn");
-    c
-}
-
-/// Runs a nagare command to its end, or fails the test (with nagare's and the emulator's logs) if it takes over two
-/// minutes: a hang is a failure to diagnose, never a CI timeout.
-fn finish(cmd: Command) -> (std::process::ExitStatus, String) {
-    match run_or_kill(cmd, Duration::from_secs(120)) {
-        (RunEnd::Exited(status), stderr) => (status, stderr),
-        (RunEnd::Killed, stderr) => panic!("nagare ran over 2 minutes; its stderr:\n{stderr}\n{}", bq_log_tail()),
-    }
-}
-
-fn count(dataset: &str, table: &str) -> (i64, i64) {
-    let project = &bigquery()["BIGQUERY_PROJECT"];
-    let r = bq_query(&format!("SELECT COUNT(*), COUNT(DISTINCT id) FROM `{project}.{dataset}.{table}`"));
-    let n = |i: usize| r[0][i].as_deref().unwrap().parse::<i64>().unwrap();
-    (n(0), n(1))
 }
 
 #[test]

@@ -112,6 +112,7 @@ pub fn read_parquet(dir: &Path) -> Vec<RecordBatch> {
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
+pub mod bq;
 pub mod procs;
 pub mod services;
 

@@ -50,6 +50,22 @@ pub fn moto() -> &'static BTreeMap<String, String> {
     })
 }
 
+/// Runs `scripts/services/moto-aws.py <args>` (boto3 against moto: queues, EventBridge rules, events, message
+/// batches) and returns its output, trimmed.
+pub fn aws(args: &[&str]) -> String {
+    let env = moto();
+    let script = super::repo_root().join("scripts/services/moto-aws.py");
+    let python = env.get("MOTO_PYTHON").cloned().unwrap_or_else(|| "python3".into());
+    let out = Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .envs(env.iter().filter(|(k, _)| k.starts_with("AWS_")))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "moto-aws.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Creates an S3 bucket on moto (path-style PUT).
 pub fn create_bucket(name: &str) {
     let endpoint = &moto()["AWS_ENDPOINT_URL"];

@@ -2,8 +2,6 @@
 //! codes, resend from the last acknowledged offset on `OUT_OF_RANGE`, count `ALREADY_EXISTS` as written, and stop on
 //! everything else with the server's message.
 
-use std::time::Duration;
-
 use nagare_engine::EngineError;
 use tonic::Code;
 
@@ -113,37 +111,7 @@ impl From<BqError> for EngineError {
 /// Results of this crate.
 pub type Result<T, E = BqError> = std::result::Result<T, E>;
 
-/// Exponential backoff with jitter, bounded in attempts: 100 ms doubling to 10 s, 10 attempts (about a minute).
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    attempt: u32,
-    max_attempts: u32,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { attempt: 0, max_attempts: 10 }
-    }
-}
-
-impl Backoff {
-    /// The wait before the next attempt, or `None` once attempts are used up.
-    pub fn next_delay(&mut self) -> Option<Duration> {
-        if self.attempt >= self.max_attempts {
-            return None;
-        }
-        let base = 100u64.saturating_mul(1 << self.attempt.min(7)).min(10_000);
-        self.attempt += 1;
-        // Up to 50% jitter so that subtasks do not retry in lockstep.
-        let jitter = fastrand::u64(0..=base / 2);
-        Some(Duration::from_millis(base / 2 + jitter))
-    }
-
-    /// Starts over after a success.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
+pub use nagare_core::backoff::Backoff;
 
 /// Runs `call` until it succeeds, fails permanently, or the backoff gives up; logs each retry.
 pub async fn with_retries<T, F, Fut>(what: &str, mut call: F) -> Result<T>
@@ -169,6 +137,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

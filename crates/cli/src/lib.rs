@@ -10,6 +10,7 @@ pub fn registry() -> Arc<Registry> {
         Registry::new()
             .with(Arc::new(nagare_connectors::filesystem::FilesystemSpec))
             .with(Arc::new(nagare_connectors::generator::GeneratorSpec))
+            .with(Arc::new(nagare_connectors::sqs::SqsSpec))
             .with(Arc::new(nagare_connectors::stdout::StdoutSpec))
             .with(Arc::new(nagare_bigquery::BigQuerySpec)),
     )

@@ -177,6 +177,31 @@ impl BlockDecoder {
         }
     }
 
+    /// Decodes `block` (complete lines) all or nothing: an error for the whole block when any line does not decode,
+    /// without applying the `bad_records` policy or counting. For sources that attribute bad records themselves
+    /// (SQS: to a message id) and must know which lines a batch's rows came from.
+    pub fn try_decode(&mut self, block: &[u8]) -> Result<Option<RecordBatch>, EngineError> {
+        if block.is_empty() {
+            return Ok(None);
+        }
+        if let Some(fast) = self.fast.as_mut() {
+            match fast.decode(block) {
+                Ok(batch) => {
+                    self.declines = 0;
+                    return Ok(batch);
+                }
+                Err(_) => {
+                    self.declines += 1;
+                    if self.declines >= MAX_DECLINES {
+                        self.fast = None;
+                    }
+                }
+            }
+        }
+        self.decode_fast(block)
+            .map_err(|e| EngineError::BadRecord { location: String::new(), reason: clean_reason(&e) })
+    }
+
     /// The whole block through arrow-json / arrow-csv (also line by line, from [`Self::decode_slow`]).
     fn decode_fast(&mut self, block: &[u8]) -> Result<Option<RecordBatch>, EngineError> {
         let lines = memchr::memchr_iter(b'\n', block).count() + 1;

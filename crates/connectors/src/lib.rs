@@ -5,4 +5,5 @@ pub mod decode;
 pub mod filesystem;
 pub mod generator;
 pub mod json_fast;
+pub mod sqs;
 pub mod stdout;

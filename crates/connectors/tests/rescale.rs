@@ -38,6 +38,7 @@ fn open(
         dead_letter: None,
         metrics: Arc::new(NodeMetrics::new(0, "source".into(), "source", parallelism)),
         stop: Default::default(),
+        checkpoints: true,
     };
     registry().create_source(spec, schema.clone(), ctx, restore).unwrap()
 }

@@ -1,6 +1,7 @@
 //! The data model every nagare crate shares: what flows on a channel (batches, watermarks, barriers), how keys map to
 //! key groups and subtasks, and the duration syntax used by options.
 
+pub mod backoff;
 pub mod checkpoint;
 pub mod duration;
 pub mod faults;

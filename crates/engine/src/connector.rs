@@ -44,6 +44,9 @@ pub struct SourceContext {
     pub metrics: Arc<NodeMetrics>,
     /// Set when the job is stopping; long waits should end early.
     pub stop: CancellationToken,
+    /// Whether the job takes checkpoints: input is then acknowledged upstream only in
+    /// [`Source::notify_checkpoint_complete`]; without them a source acknowledges what it handed downstream.
+    pub checkpoints: bool,
 }
 
 /// Where and how a sink subtask runs.
@@ -138,6 +141,7 @@ impl SourceRestore {
 /// One connector kind, whole: what the planner checks (its [`ConnectorSpec`]: option schema, validation, typed
 /// configuration) and what the runtime builds from the configuration the plan carries. Adding a connector is one
 /// implementation of this trait and one line in the [`Registry`].
+#[async_trait]
 pub trait Connector: ConnectorSpec {
     /// A source subtask reading `spec.table`, producing `schema` (the projected columns); when restoring, resuming
     /// from what the checkpointed subtasks' `snapshot_position` returned.
@@ -154,6 +158,12 @@ pub trait Connector: ConnectorSpec {
     /// Checks that can only be done on the machine that runs the job (paths exist, credentials resolve), before
     /// any task starts.
     fn check_source(&self, _spec: &SourceSpec) -> Result<()> {
+        Ok(())
+    }
+
+    /// Before any task starts: checks that the input exists and can be read with the credentials at hand (a queue
+    /// that does not exist fails the job here, with the service's error, rather than in a running task).
+    async fn prepare_source(&self, _spec: &SourceSpec) -> Result<()> {
         Ok(())
     }
 

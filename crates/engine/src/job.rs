@@ -431,6 +431,11 @@ pub async fn start(pipeline: &Pipeline, registry: Arc<Registry>, options: JobOpt
     let restored = restore_point(pipeline, &options, follow.as_ref().map(|f| f.restored)).await?;
     let stats =
         Arc::new(Mutex::new(CheckpointStats { restored_from: restored.as_ref().map(|m| m.id), ..Default::default() }));
+    for node in &graph.nodes {
+        if let OperatorSpec::Source(spec) = &node.operator {
+            registry.get(&spec.table.connector)?.prepare_source(spec).await?;
+        }
+    }
     let committers = prepare_sinks(pipeline, &registry, restored.as_ref(), &options, &chains, &chain_of).await?;
     // Part 0 waits for the other parts to join and tells them what it restored.
     let lead = match dist {
@@ -699,6 +704,7 @@ impl Assembly<'_> {
                     dead_letter: self.dead_letter_of(&spec.table)?,
                     metrics: self.metrics.nodes[head.id].clone(),
                     stop: self.stop.clone(),
+                    checkpoints: self.options.checkpoints.is_some(),
                 };
                 let restore = self.restored.map(|m| source_restore(m, head.id, head.parallelism));
                 let source = connector.create_source(spec, head.schema.clone(), ctx, restore.as_ref())?;

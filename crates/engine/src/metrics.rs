@@ -35,7 +35,40 @@ pub struct NodeMetrics {
     pub backpressure_us: AtomicU64,
     /// Write streams a sink created (BigQuery `CreateWriteStream`), whose rate a per-hour quota limits.
     pub streams_created: AtomicU64,
+    /// Figures particular to a connector (SQS messages in flight, ...), one entry per subtask that registered.
+    connector: std::sync::Mutex<Vec<Arc<dyn ConnectorMetrics>>>,
     watermarks: Vec<AtomicI64>,
+}
+
+/// Figures a connector keeps beyond the common counters, so that they reach the Prometheus endpoint without the
+/// runtime knowing each connector.
+pub trait ConnectorMetrics: Send + Sync + std::fmt::Debug {
+    /// The current values.
+    fn samples(&self) -> Vec<Sample>;
+}
+
+/// One value of a connector figure.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// Prometheus metric name (`nagare_` prefixed).
+    pub name: &'static str,
+    /// One line of help.
+    pub help: &'static str,
+    /// Counter or gauge, and how subtasks' values combine.
+    pub kind: SampleKind,
+    /// The value.
+    pub value: f64,
+}
+
+/// How a [`Sample`] is exposed and combined over a node's subtasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleKind {
+    /// A counter; subtasks' values add up.
+    Counter,
+    /// A gauge; subtasks' values add up (things held right now).
+    Gauge,
+    /// A gauge; the largest subtask value counts (ages).
+    MaxGauge,
 }
 
 impl NodeMetrics {
@@ -55,6 +88,7 @@ impl NodeMetrics {
             state_entries: AtomicI64::new(0),
             backpressure_us: AtomicU64::new(0),
             streams_created: AtomicU64::new(0),
+            connector: std::sync::Mutex::new(Vec::new()),
             watermarks: (0..parallelism).map(|_| AtomicI64::new(i64::MIN)).collect(),
         }
     }
@@ -86,6 +120,28 @@ impl NodeMetrics {
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Adds a subtask's connector figures to the node's.
+    pub fn register_connector(&self, metrics: Arc<dyn ConnectorMetrics>) {
+        if let Ok(mut m) = self.connector.lock() {
+            m.push(metrics);
+        }
+    }
+
+    /// The connector figures of the node, combined over its subtasks, in name order.
+    pub fn connector_samples(&self) -> Vec<Sample> {
+        let Ok(registered) = self.connector.lock() else { return Vec::new() };
+        let mut out: Vec<Sample> = Vec::new();
+        for s in registered.iter().flat_map(|m| m.samples()) {
+            match out.iter_mut().find(|o| o.name == s.name) {
+                Some(o) if s.kind == SampleKind::MaxGauge => o.value = o.value.max(s.value),
+                Some(o) => o.value += s.value,
+                None => out.push(s),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(b.name));
+        out
     }
 }
 
@@ -178,12 +234,68 @@ pub fn prometheus(jobs: &[(&str, &JobMetrics)]) -> String {
             );
         }
     }
+    // Connector figures: each metric family once, with every node that has it.
+    let mut families: Vec<(Sample, Vec<SampleRow>)> = Vec::new();
+    for (job, m) in nodes() {
+        for s in m.connector_samples() {
+            let row = (job.clone(), m.node, m.kind, s.value);
+            match families.iter_mut().find(|(f, _)| f.name == s.name) {
+                Some((_, rows)) => rows.push(row),
+                None => families.push((s, vec![row])),
+            }
+        }
+    }
+    for (s, rows) in families {
+        let kind = if s.kind == SampleKind::Counter { "counter" } else { "gauge" };
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {kind}", s.name, s.help, s.name);
+        for (job, node, node_kind, value) in rows {
+            let _ = writeln!(out, "{}{{job=\"{job}\",node=\"{node}\",kind=\"{node_kind}\"}} {value}", s.name);
+        }
+    }
     out
 }
+
+/// One node's value of a connector figure: job, node id, node kind, value.
+type SampleRow = (String, usize, &'static str, f64);
 
 /// A Prometheus counter: name, help, and how to read it from a node.
 type Counter = (&'static str, &'static str, fn(&NodeMetrics) -> u64);
 
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Fixed(f64, f64);
+
+    impl ConnectorMetrics for Fixed {
+        fn samples(&self) -> Vec<Sample> {
+            vec![
+                Sample { name: "nagare_x_total", help: "X.", kind: SampleKind::Counter, value: self.0 },
+                Sample { name: "nagare_x_age_seconds", help: "Age.", kind: SampleKind::MaxGauge, value: self.1 },
+            ]
+        }
+    }
+
+    #[test]
+    fn connector_figures_combine_over_subtasks_and_reach_prometheus() {
+        let node = Arc::new(NodeMetrics::new(0, "q".into(), "source", 2));
+        node.register_connector(Arc::new(Fixed(3.0, 5.0)));
+        node.register_connector(Arc::new(Fixed(4.0, 2.0)));
+        let samples = node.connector_samples();
+        assert_eq!(
+            samples.iter().map(|s| (s.name, s.value)).collect::<Vec<_>>(),
+            vec![("nagare_x_age_seconds", 5.0), ("nagare_x_total", 7.0)]
+        );
+        let text = JobMetrics { nodes: vec![node], started: Instant::now() }.prometheus("j");
+        assert!(
+            text.contains("# TYPE nagare_x_total counter\nnagare_x_total{job=\"j\",node=\"0\",kind=\"source\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE nagare_x_age_seconds gauge"), "{text}");
+    }
 }
