@@ -253,10 +253,14 @@ async fn plan_file(args: &PlanArgs) -> Result<Pipeline> {
     if let Some(p) = args.parallelism {
         planner = planner.with_setting("parallelism", p.to_string());
     }
-    planner.plan(&text).await.map_err(|e| {
+    let pipeline = planner.plan(&text).await.map_err(|e| {
         let sep = if e.location.is_some() { ":" } else { ": " };
         anyhow!("{}{sep}{e}", args.file.display())
-    })
+    })?;
+    for w in &pipeline.warnings {
+        eprintln!("warning: {}: {w}", args.file.display());
+    }
+    Ok(pipeline)
 }
 
 /// `--serve`: where the run's API listens and keeps its record.

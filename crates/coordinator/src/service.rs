@@ -100,6 +100,9 @@ impl JobService for Jobs {
         job.variables = variables;
         put_job(self.store.as_ref(), &job).await.map_err(unavailable)?;
         tracing::info!(job = job.id, name = job.name, plan_bytes = job.plan.len(), "job submitted");
+        for w in &pipeline.warnings {
+            tracing::warn!(job = job.id, "{w}");
+        }
         Ok(Response::new(job.to_pb()))
     }
 
@@ -110,7 +113,10 @@ impl JobService for Jobs {
         let req = request.into_inner();
         let variables: BTreeMap<String, String> = req.variables.into_iter().collect();
         Ok(Response::new(match self.registry.plan(&req.sql, 0, &BTreeMap::new(), &variables).await {
-            Ok(p) => pb::ValidatePipelineResponse { valid: true, diagnostics: Vec::new(), plan: p.to_string() },
+            Ok(p) => {
+                let warnings: String = p.warnings.iter().map(|w| format!("\nwarning: {w}")).collect();
+                pb::ValidatePipelineResponse { valid: true, diagnostics: Vec::new(), plan: format!("{p}{warnings}") }
+            }
             Err(e) => pb::ValidatePipelineResponse {
                 valid: false,
                 diagnostics: vec![pb::Diagnostic {

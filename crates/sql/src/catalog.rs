@@ -71,6 +71,13 @@ pub trait ConnectorSpec: Send + Sync {
     fn sink_needs_columns(&self) -> bool {
         false
     }
+
+    /// For sources that deliver at least once (a queue): how long after a first delivery a message may be
+    /// delivered again (its visibility timeout, before any restart). The planner warns when such a source reaches
+    /// a sink without a dedup, or through one that forgets keys sooner.
+    fn redelivery_window(&self, _table: &TableDef) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The connectors a planner knows.

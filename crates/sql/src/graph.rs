@@ -25,6 +25,9 @@ pub struct Pipeline {
     pub tables: BTreeMap<String, Arc<TableDef>>,
     /// The operators and edges.
     pub graph: DataflowGraph,
+    /// What the planner advises about the pipeline (it runs, but may not do what was meant); printed by `run`,
+    /// `validate` and `submit`.
+    pub warnings: Vec<String>,
 }
 
 /// What happens to rows that arrive after the watermark has passed their window.

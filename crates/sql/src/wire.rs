@@ -380,7 +380,7 @@ pub fn decode(text: &str) -> Result<Pipeline> {
             Ok(Edge { from: e.from, to: e.to, partitioning })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Pipeline { settings: doc.settings, tables, graph: DataflowGraph { nodes, edges } })
+    Ok(Pipeline { settings: doc.settings, tables, graph: DataflowGraph { nodes, edges }, warnings: Vec::new() })
 }
 
 fn expr_in(text: &str, schema: &Schema, ctx: &TaskContext) -> Result<Arc<dyn PhysicalExpr>> {

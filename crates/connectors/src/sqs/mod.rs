@@ -319,6 +319,10 @@ impl ConnectorSpec for SqsSpec {
         SqsConfig::from_table(table).map(|_| ())
     }
 
+    fn redelivery_window(&self, table: &TableDef) -> Option<Duration> {
+        SqsConfig::from_table(table).ok().map(|c| c.visibility_timeout)
+    }
+
     fn configure(&self, table: &TableDef, _role: TableRole) -> Result<serde_json::Value, PlanError> {
         serde_json::to_value(SqsConfig::from_table(table)?)
             .map_err(|e| PlanError::internal(format!("sqs configuration: {e}")))
@@ -440,5 +444,28 @@ mod tests {
         assert_eq!(region_from_url("sqs.eu-central-1.amazonaws.com").as_deref(), Some("eu-central-1"));
         assert_eq!(region_from_url("us-west-2.queue.amazonaws.com").as_deref(), Some("us-west-2"));
         assert_eq!(region_from_url("127.0.0.1"), None);
+    }
+
+    #[tokio::test]
+    async fn at_least_once_without_a_long_enough_dedup_is_warned_about() {
+        let warnings = |body: &str| {
+            let sql = format!(
+                "CREATE TABLE q (id TEXT, time TIMESTAMP, WATERMARK FOR time AS time - INTERVAL '5' SECOND) WITH \
+                 (connector = 'sqs', queue_url = 'https://sqs.ap-northeast-1.amazonaws.com/123456789012/e', \
+                 visibility_timeout = '2 minutes');\n\
+                 CREATE TABLE o WITH (connector = 'stdout');\n{body}"
+            );
+            async move {
+                let registry = test_registry();
+                registry.plan(&sql, 1, &Default::default(), &Default::default()).await.unwrap().warnings
+            }
+        };
+        let dedup = "INSERT INTO o SELECT id FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn \
+                     FROM q) WHERE rn = 1;";
+        let w = warnings("INSERT INTO o SELECT id FROM q;").await;
+        assert!(w.len() == 1 && w[0].contains("reaches sink 'o' without a dedup"), "{w:?}");
+        let w = warnings(&format!("SET dedup_ttl = '1 minute';\n{dedup}")).await;
+        assert!(w.len() == 1 && w[0].contains("remembers a key for 1m") && w[0].contains("2m"), "{w:?}");
+        assert_eq!(warnings(&format!("SET dedup_ttl = '10 minutes';\n{dedup}")).await, Vec::<String>::new());
     }
 }

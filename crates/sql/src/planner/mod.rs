@@ -246,7 +246,8 @@ impl Planner {
             }
         }
         let graph = tr.graph;
-        Ok(Pipeline { settings, tables, graph })
+        let warnings = redelivery_warnings(&graph, &self.connectors);
+        Ok(Pipeline { settings, tables, graph, warnings })
     }
 }
 
@@ -308,6 +309,56 @@ fn rewrite_window_bounds(query: &mut sql::Query) {
         }
     }
     let _ = query.visit(&mut Rewriter);
+}
+
+/// Warnings for at-least-once sources: a path to a sink without a dedup writes a redelivered message twice, and a
+/// dedup that forgets a key before the source may deliver it again lets the copy through.
+fn redelivery_warnings(graph: &crate::graph::DataflowGraph, connectors: &ConnectorCatalog) -> Vec<String> {
+    use crate::graph::{DedupScope, OperatorSpec};
+    let mut out = Vec::new();
+    for node in &graph.nodes {
+        let OperatorSpec::Source(spec) = &node.operator else { continue };
+        let Some(window) = connectors.get(&spec.table.connector).and_then(|c| c.redelivery_window(&spec.table)) else {
+            continue;
+        };
+        let source = &spec.table.name;
+        let mut seen = vec![false; graph.nodes.len()];
+        let mut stack = vec![node.id];
+        while let Some(id) = stack.pop() {
+            for e in graph.outputs(id) {
+                if std::mem::replace(&mut seen[e.to], true) {
+                    continue;
+                }
+                match &graph.nodes[e.to].operator {
+                    OperatorSpec::Dedup(d) => {
+                        let remembers = match d.scope {
+                            DedupScope::Ttl { ttl_us } | DedupScope::Window { size_us: ttl_us } => {
+                                std::time::Duration::from_micros(ttl_us.max(0) as u64)
+                            }
+                        };
+                        if remembers < window {
+                            out.push(format!(
+                                "source '{source}' ({}) may deliver a message again up to {} later (its visibility \
+                                 timeout, before any restart), but the dedup after it remembers a key for {}: set \
+                                 dedup_ttl longer than the visibility timeout plus a restart",
+                                spec.table.connector,
+                                nagare_core::format_duration(window),
+                                nagare_core::format_duration(remembers)
+                            ));
+                        }
+                    }
+                    OperatorSpec::Sink(s) => out.push(format!(
+                        "source '{source}' ({}) delivers at least once and reaches sink '{}' without a dedup: a \
+                         redelivered message is written twice; dedup by the event's id, e.g. SELECT ... FROM (SELECT \
+                         *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn FROM {source}) WHERE rn = 1",
+                        spec.table.connector, s.table.name
+                    )),
+                    _ => stack.push(e.to),
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The DataFusion session the planner (and a shipped plan's reader) binds functions in.
