@@ -141,7 +141,13 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("in")).unwrap();
     let originals = input(&dir.path().join("in"), 100_000, 99);
-    std::fs::write(dir.path().join("pipeline.sql"), PIPELINE).unwrap();
+    // Paced to some 2.5 s a run, so that kills land in runs that have checkpointed, on a quiet machine (where the
+    // input took about a second) and a loaded one alike.
+    let sql = PIPELINE.replace(
+        "SET checkpoint_interval = '100ms';",
+        "SET checkpoint_interval = '100ms';\nSET source_rate_limit = 40000;",
+    );
+    std::fs::write(dir.path().join("pipeline.sql"), sql).unwrap();
 
     let mut rng = fastrand::Rng::with_seed(4242);
     let mut kills = 0;
@@ -150,8 +156,8 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let mut finished = false;
     let faults: [&[&str]; 3] = [&[], &["upload=120ms"], &["commit=150ms"]];
     for round in 0..40 {
-        // A run takes about a second on a quiet machine: kill within it, so that most kills hit a job with progress.
-        let after = Duration::from_millis(rng.u64(150..1_200));
+        // Kill within a run (about 2.5 s), mostly after its first checkpoints.
+        let after = Duration::from_millis(rng.u64(300..2_200));
         match run_or_kill(nagare(dir.path(), faults[round % 3]), after) {
             (RunEnd::Exited(status), err) => {
                 assert!(status.success(), "run {round} failed: {err}");
@@ -315,11 +321,12 @@ fn dedup_state_is_incremental_and_a_damaged_chain_is_not_silently_dropped() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("in")).unwrap();
     input(&dir.path().join("in"), 20_000, 7);
-    // Every 100 ms: at least two checkpoints even on a fast machine, and few enough (under the 50 deltas after which
-    // a new base is written) that the last one extends a chain even on a slow one.
+    // Every 100 ms over input paced to half a second: several checkpoints however fast the machine (unpaced, a quiet
+    // one read it all before the first), and few enough (under the 50 deltas after which a new base is written) that
+    // the last one extends a chain even on a slow one.
     let sql = PIPELINE.replace(
         "SET checkpoint_interval = '100ms';",
-        "SET checkpoint_interval = '100ms';\nSET checkpoints_retained = 1;",
+        "SET checkpoint_interval = '100ms';\nSET checkpoints_retained = 1;\nSET source_rate_limit = 40000;",
     );
     std::fs::write(dir.path().join("pipeline.sql"), sql).unwrap();
     let out = nagare(dir.path(), &[]).output().unwrap();
