@@ -5,6 +5,9 @@
   moto-aws.py route-eventbridge QUEUE_URL RULE SOURCE  (rule on the default bus: events of SOURCE -> the queue)
   moto-aws.py put-events FILE                     (JSON lines: {"Source", "DetailType", "Detail": {...}, "Time"?})
   moto-aws.py send QUEUE_URL FILE [PER_SECOND]    (one message body per line, SendMessageBatch of 10, paced)
+  moto-aws.py send-bodies QUEUE_URL FILE          (one JSON string per line: bodies with newlines, up to 1 MiB)
+  moto-aws.py route-sns QUEUE_URL TOPIC           (SNS topic -> the queue, raw delivery off) -> prints the topic ARN
+  moto-aws.py publish TOPIC_ARN FILE              (one SNS message per line, PublishBatch of 10)
   moto-aws.py counts QUEUE_URL                    -> "visible not_visible"
 Endpoint and credentials from AWS_ENDPOINT_URL (default http://127.0.0.1:45660), AWS_REGION, AWS_ACCESS_KEY_ID.
 """
@@ -69,6 +72,28 @@ def main():
         if failed:
             sys.exit(f"{failed} messages failed")
         print(len(bodies))
+    elif cmd == "send-bodies":
+        bodies = [json.loads(l) for l in open(args[1]) if l.strip()]
+        for b in bodies:
+            sqs.send_message(QueueUrl=args[0], MessageBody=b)
+        print(len(bodies))
+    elif cmd == "route-sns":
+        url, topic = args
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        sns = boto3.client("sns", **KW)
+        topic_arn = sns.create_topic(Name=topic)["TopicArn"]
+        sns.subscribe(TopicArn=topic_arn, Protocol="sqs", Endpoint=arn, Attributes={"RawMessageDelivery": "false"})
+        print(topic_arn)
+    elif cmd == "publish":
+        sns = boto3.client("sns", **KW)
+        messages = [l.rstrip("\n") for l in open(args[1]) if l.strip()]
+        failed = 0
+        for c in chunks(messages, 10):
+            r = sns.publish_batch(TopicArn=args[0], PublishBatchRequestEntries=[{"Id": str(i), "Message": m} for i, m in enumerate(c)])
+            failed += len(r.get("Failed", []))
+        if failed:
+            sys.exit(f"{failed} messages failed")
+        print(len(messages))
     elif cmd == "counts":
         a = sqs.get_queue_attributes(QueueUrl=args[0], AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
         print(a["ApproximateNumberOfMessages"], a["ApproximateNumberOfMessagesNotVisible"])

@@ -114,6 +114,7 @@ pub fn repo_root() -> PathBuf {
 }
 pub mod bq;
 pub mod procs;
+pub mod proxy;
 pub mod services;
 
 /// How a run that may be killed ended.

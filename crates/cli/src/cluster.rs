@@ -495,6 +495,7 @@ fn print_job(j: &pb::Job, json: bool) {
                 "watermark": o.watermark_ms.map(rfc3339_ms), "state_entries": o.state_entries,
                 "late_rows": o.late_rows, "duplicates": o.duplicates, "bad_records": o.bad_records,
                 "late_kept": o.late_kept, "streams_created": o.streams_created,
+                "connector": o.connector.iter().map(|c| (c.name.clone(), serde_json::json!(c.value))).collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),
         });
         println!("{v}");
@@ -526,6 +527,10 @@ fn print_job(j: &pb::Job, json: bool) {
             o.watermark_ms.map(rfc3339_ms).unwrap_or_else(|| "-".into()),
             o.workers.join(",")
         );
+    }
+    for o in j.operators.iter().filter(|o| !o.connector.is_empty()) {
+        let figures = o.connector.iter().map(|c| (c.name.as_str(), c.label.as_str(), c.value));
+        println!("  [{}] {}", o.id, nagare_engine::metrics::figures_text(figures));
     }
     for o in j.operators.iter().filter(|o| o.late_kept > 0) {
         println!("  [{}] kept {} rows that arrived behind the watermark as first occurrences", o.id, o.late_kept);

@@ -159,6 +159,22 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
+/// Sources that acknowledge what they read (a queue: `sqs`), as `'name' (connector)`.
+fn acknowledged_sources(pipeline: &nagare_sql::Pipeline) -> Vec<String> {
+    let registry = nagare_cli::registry();
+    pipeline
+        .graph
+        .nodes
+        .iter()
+        .filter_map(|n| match &n.operator {
+            nagare_sql::graph::OperatorSpec::Source(s) => Some(&s.table),
+            _ => None,
+        })
+        .filter(|t| registry.get(&t.connector).is_ok_and(|c| c.redelivery_window(t).is_some()))
+        .map(|t| format!("'{}' ({})", t.name, t.connector))
+        .collect()
+}
+
 async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
@@ -179,18 +195,34 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 plan.settings.push(format!("checkpoint_interval={i}"));
             }
             let pipeline = plan_file(&plan).await?;
+            let settings = nagare_engine::checkpoint::coordinator::CheckpointSettings {
+                interval: pipeline.settings.checkpoint_interval,
+                timeout: pipeline.settings.checkpoint_timeout,
+                retained: pipeline.settings.checkpoints_retained,
+                tolerable_failures: pipeline.settings.checkpoint_tolerable_failures,
+            };
+            let acknowledged = acknowledged_sources(&pipeline);
             let checkpoints = match &checkpoint_dir {
                 Some(dir) => Some(nagare_engine::CheckpointOptions {
                     store: nagare_engine::checkpoint::store::CheckpointStore::open(dir)?,
-                    settings: nagare_engine::checkpoint::coordinator::CheckpointSettings {
-                        interval: pipeline.settings.checkpoint_interval,
-                        timeout: pipeline.settings.checkpoint_timeout,
-                        retained: pipeline.settings.checkpoints_retained,
-                        tolerable_failures: pipeline.settings.checkpoint_tolerable_failures,
-                    },
+                    settings,
                     from_scratch,
                 }),
                 None if from_scratch => anyhow::bail!("--from-scratch needs --checkpoint-dir"),
+                None if !acknowledged.is_empty() => {
+                    // A queue's messages go only once their rows are written and committed, which checkpoints mark.
+                    eprintln!(
+                        "note: no --checkpoint-dir: checkpoints are kept in memory, so that messages of {} are \
+                         deleted only after their rows are committed; a crash re-delivers them (at least once). Give \
+                         --checkpoint-dir for exactly once across restarts.",
+                        acknowledged.join(", ")
+                    );
+                    Some(nagare_engine::CheckpointOptions {
+                        store: nagare_engine::checkpoint::store::CheckpointStore::in_memory(),
+                        settings,
+                        from_scratch: false,
+                    })
+                }
                 None => None,
             };
             let serve =

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use nagare_engine::JobSummary;
-use nagare_engine::metrics::{JobMetrics, NodeMetrics};
+use nagare_engine::metrics::{JobMetrics, NodeMetrics, figures_text};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Human count: 1234567 → 1.23M.
@@ -56,7 +56,7 @@ pub fn spawn_progress(
                 .map(|c| format!("  ckpt #{} ({:.1}s, {} new)", c.id, c.duration.as_secs_f64(), bytes(c.bytes_written)))
                 .unwrap_or_default();
             let line = format!(
-                "in {} ({}/s)  out {}  dup {}  late {}  bad {}  watermark {}{ckpt}  {:.0}s",
+                "in {} ({}/s)  out {}  dup {}  late {}  bad {}  watermark {}{ckpt}{}  {:.0}s",
                 count(read as f64),
                 count(rate),
                 count(metrics.rows_written() as f64),
@@ -64,6 +64,7 @@ pub fn spawn_progress(
                 count(metrics.sum("", |n| &n.late_rows) as f64),
                 count(metrics.sum("", |n| &n.bad_records) as f64),
                 watermark_text(&metrics),
+                connector_text(&metrics),
                 metrics.started.elapsed().as_secs_f64()
             );
             let mut err = std::io::stderr().lock();
@@ -85,6 +86,16 @@ pub fn bytes(n: u64) -> String {
     } else {
         format!("{n} B")
     }
+}
+
+/// The connectors' own figures (e.g. SQS messages in flight), two spaces ahead of each node's.
+fn connector_text(m: &JobMetrics) -> String {
+    m.nodes
+        .iter()
+        .map(|n| n.connector_samples())
+        .filter(|s| !s.is_empty())
+        .map(|s| format!("  {}", figures_text(s.iter().map(|s| (s.name, s.label, s.value)))))
+        .collect()
 }
 
 /// Erases the progress line.
@@ -126,6 +137,12 @@ pub fn print_summary(s: &JobSummary, metrics: &JobMetrics, late_policy: nagare_s
             })
             .unwrap_or_default();
         eprintln!("checkpoints: {} completed, {} aborted{last}", c.completed, c.aborted);
+    }
+    for n in &metrics.nodes {
+        let samples = n.connector_samples();
+        if !samples.is_empty() {
+            eprintln!("[{}] {}: {}", n.node, n.label, figures_text(samples.iter().map(|s| (s.name, s.label, s.value))));
+        }
     }
     for f in &s.dead_letter_files {
         eprintln!("dead letters: {}", f.display());

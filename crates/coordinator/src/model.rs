@@ -116,6 +116,19 @@ pub struct OperatorStats {
     pub late_kept: u64,
     #[serde(default)]
     pub streams_created: u64,
+    /// The connector's own figures, combined over the workers' reports.
+    #[serde(default)]
+    pub connector: Vec<ConnectorFigure>,
+}
+
+/// One figure a connector keeps beyond the common counters (see [`pb::ConnectorFigure`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectorFigure {
+    pub name: String,
+    pub label: String,
+    pub value: f64,
+    /// Combined by maximum (ages), else summed.
+    pub max: bool,
 }
 
 impl OperatorStats {
@@ -135,6 +148,18 @@ impl OperatorStats {
         self.bad_records += o.bad_records;
         self.late_kept += o.late_kept;
         self.streams_created += o.streams_created;
+        for f in &o.connector {
+            match self.connector.iter_mut().find(|c| c.name == f.name) {
+                Some(c) if f.max => c.value = c.value.max(f.value),
+                Some(c) => c.value += f.value,
+                None => self.connector.push(ConnectorFigure {
+                    name: f.name.clone(),
+                    label: f.label.clone(),
+                    value: f.value,
+                    max: f.max,
+                }),
+            }
+        }
     }
 }
 
@@ -220,6 +245,16 @@ impl JobRecord {
                         workers: self.placement(*p),
                         late_kept: st.late_kept,
                         streams_created: st.streams_created,
+                        connector: st
+                            .connector
+                            .iter()
+                            .map(|c| pb::ConnectorFigure {
+                                name: c.name.clone(),
+                                label: c.label.clone(),
+                                value: c.value,
+                                max: c.max,
+                            })
+                            .collect(),
                     }
                 })
                 .collect(),
@@ -287,16 +322,21 @@ mod tests {
     #[test]
     fn operator_counters_sum_over_workers_and_old_records_still_load() {
         let mut st = OperatorStats::default();
-        let report = |late_kept, streams_created| pb::OperatorStatus {
+        let figure = |name: &str, value, max| pb::ConnectorFigure { name: name.into(), label: name.into(), value, max };
+        let report = |late_kept, streams_created, held, age| pb::OperatorStatus {
             late_kept,
             streams_created,
             late_rows: 1,
             watermark_us: Some(5),
+            connector: vec![figure("held", held, false), figure("age", age, true)],
             ..Default::default()
         };
-        st.add(&report(3, 2));
-        st.add(&report(4, 1));
+        st.add(&report(3, 2, 10.0, 4.0));
+        st.add(&report(4, 1, 5.0, 9.0));
         assert_eq!((st.late_kept, st.streams_created, st.late_rows, st.watermark_us), (7, 3, 2, Some(5)));
+        // Held messages add up over workers; the oldest age is the largest.
+        let figures: Vec<(&str, f64)> = st.connector.iter().map(|c| (c.name.as_str(), c.value)).collect();
+        assert_eq!(figures, vec![("held", 15.0), ("age", 9.0)]);
         // A record written before late_kept and streams_created existed.
         let old = r#"{"rows_in":1,"rows_out":1,"bytes":0,"backpressure_us":0,"watermark_us":null,"state_entries":0,
                       "late_rows":0,"duplicates":0,"bad_records":0}"#;

@@ -206,12 +206,20 @@ impl InputGate {
         if self.stopped {
             return None;
         }
-        let mut min: Option<i64> = None;
-        for i in self.inputs.iter().filter(|i| !i.finished && !i.idle) {
-            let w = i.watermark?;
-            min = Some(min.map_or(w, |m| m.min(w)));
-        }
-        let min = min?;
+        let open = || self.inputs.iter().filter(|i| !i.finished);
+        let min = if open().all(|i| i.idle) {
+            // Every input is quiet: what they sent is all there is for now, so the furthest watermark holds for all
+            // (otherwise rows of the input that saw the latest events would wait for the next event anywhere). A row
+            // that comes later behind it is late: a dedup keeps it as a first occurrence, a window counts it.
+            open().filter_map(|i| i.watermark).max()?
+        } else {
+            let mut min: Option<i64> = None;
+            for i in open().filter(|i| !i.idle) {
+                let w = i.watermark?;
+                min = Some(min.map_or(w, |m| m.min(w)));
+            }
+            min?
+        };
         if self.watermark.is_none_or(|w| min > w) {
             self.watermark = Some(min);
             return Some(GateEvent::Watermark(min));
@@ -259,6 +267,19 @@ mod tests {
         let (tx, mut g) = gate(2);
         tx[0].send(Message::Watermark(Watermark::EventTime(10))).await.unwrap();
         tx[1].send(Message::Watermark(Watermark::Idle)).await.unwrap();
+        assert!(matches!(g.next().await.unwrap(), GateEvent::Watermark(10)));
+    }
+
+    #[tokio::test]
+    async fn when_every_input_is_idle_the_furthest_watermark_holds() {
+        let (tx, mut g) = gate(2);
+        tx[0].send(Message::Watermark(Watermark::EventTime(10))).await.unwrap();
+        tx[1].send(Message::Watermark(Watermark::EventTime(7))).await.unwrap();
+        assert!(matches!(g.next().await.unwrap(), GateEvent::Watermark(7)));
+        // Input 0 goes quiet first: input 1 still holds the watermark back.
+        tx[0].send(Message::Watermark(Watermark::Idle)).await.unwrap();
+        tx[1].send(Message::Watermark(Watermark::Idle)).await.unwrap();
+        // Then both are quiet: input 0's rows up to 10 need not wait for input 1's next event.
         assert!(matches!(g.next().await.unwrap(), GateEvent::Watermark(10)));
     }
 

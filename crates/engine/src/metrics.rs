@@ -54,10 +54,25 @@ pub struct Sample {
     pub name: &'static str,
     /// One line of help.
     pub help: &'static str,
+    /// What people read in the progress line, the run's summary and `nagare status`, e.g. `sqs in flight`.
+    pub label: &'static str,
     /// Counter or gauge, and how subtasks' values combine.
     pub kind: SampleKind,
     /// The value.
     pub value: f64,
+}
+
+/// `label value` pairs of connector figures for people: ages (`_seconds`) as `12s`, counts as whole numbers.
+pub fn figures_text<'a>(figures: impl IntoIterator<Item = (&'a str, &'a str, f64)>) -> String {
+    figures
+        .into_iter()
+        .map(
+            |(name, label, value)| {
+                if name.ends_with("_seconds") { format!("{label} {value:.0}s") } else { format!("{label} {value:.0}") }
+            },
+        )
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// How a [`Sample`] is exposed and combined over a node's subtasks.
@@ -129,7 +144,7 @@ impl NodeMetrics {
         }
     }
 
-    /// The connector figures of the node, combined over its subtasks, in name order.
+    /// The connector figures of the node, combined over its subtasks, in the order the connector gives them.
     pub fn connector_samples(&self) -> Vec<Sample> {
         let Ok(registered) = self.connector.lock() else { return Vec::new() };
         let mut out: Vec<Sample> = Vec::new();
@@ -140,7 +155,6 @@ impl NodeMetrics {
                 None => out.push(s),
             }
         }
-        out.sort_by(|a, b| a.name.cmp(b.name));
         out
     }
 }
@@ -275,8 +289,14 @@ mod tests {
     impl ConnectorMetrics for Fixed {
         fn samples(&self) -> Vec<Sample> {
             vec![
-                Sample { name: "nagare_x_total", help: "X.", kind: SampleKind::Counter, value: self.0 },
-                Sample { name: "nagare_x_age_seconds", help: "Age.", kind: SampleKind::MaxGauge, value: self.1 },
+                Sample { name: "nagare_x_total", help: "X.", label: "x", kind: SampleKind::Counter, value: self.0 },
+                Sample {
+                    name: "nagare_x_age_seconds",
+                    help: "Age.",
+                    label: "x age",
+                    kind: SampleKind::MaxGauge,
+                    value: self.1,
+                },
             ]
         }
     }
@@ -289,7 +309,7 @@ mod tests {
         let samples = node.connector_samples();
         assert_eq!(
             samples.iter().map(|s| (s.name, s.value)).collect::<Vec<_>>(),
-            vec![("nagare_x_age_seconds", 5.0), ("nagare_x_total", 7.0)]
+            vec![("nagare_x_total", 7.0), ("nagare_x_age_seconds", 5.0)]
         );
         let text = JobMetrics { nodes: vec![node], started: Instant::now() }.prometheus("j");
         assert!(
@@ -297,5 +317,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE nagare_x_age_seconds gauge"), "{text}");
+        let shown = figures_text(samples.iter().map(|s| (s.name, s.label, s.value)));
+        assert_eq!(shown, "x 7, x age 5s");
     }
 }

@@ -346,16 +346,24 @@ impl Chain {
 ///
 /// The watermark expression is evaluated on the row with the latest event time only: watermark expressions are
 /// non-decreasing in the event time (`time - INTERVAL ...`), so that row gives the maximum.
+///
+/// A source that has received nothing for as long as the watermark's delay has seen every event up to its latest
+/// one (stragglers had the delay's time to come): its watermark then moves to that latest event time, so that rows
+/// waiting on it (a dedup choosing the first copy, windows) go out on a quiet input instead of waiting for the
+/// next event. It never passes an event time the source has seen, so state kept by event time (a dedup's
+/// `dedup_ttl`) is not cut short.
 pub struct WatermarkGenerator {
     column: usize,
     expr: Arc<dyn PhysicalExpr>,
     current: Option<i64>,
+    /// The latest event time seen (µs) and the watermark's delay behind it.
+    latest: Option<(i64, Duration)>,
 }
 
 impl WatermarkGenerator {
     /// A generator for `expr` over event-time column `column`.
     pub fn new(column: usize, expr: Arc<dyn PhysicalExpr>) -> Self {
-        WatermarkGenerator { column, expr, current: None }
+        WatermarkGenerator { column, expr, current: None, latest: None }
     }
 
     /// The new watermark after `batch`, if it advanced.
@@ -365,7 +373,8 @@ impl WatermarkGenerator {
             .as_any()
             .downcast_ref::<arrow::array::PrimitiveArray<Int64Type>>()
             .ok_or_else(|| EngineError::Internal("event-time cast".into()))?;
-        let Some((row, _)) = times.iter().enumerate().filter_map(|(i, v)| v.map(|v| (i, v))).max_by_key(|(_, v)| *v)
+        let Some((row, latest)) =
+            times.iter().enumerate().filter_map(|(i, v)| v.map(|v| (i, v))).max_by_key(|(_, v)| *v)
         else {
             return Ok(None);
         };
@@ -380,11 +389,29 @@ impl WatermarkGenerator {
         let Some(w) = raw.filter(|a| a.is_valid(0)).map(|a| nagare_core::keys::to_micros(a.value(0), unit)) else {
             return Ok(None);
         };
+        if let DataType::Timestamp(time_unit, _) = batch.schema().field(self.column).data_type() {
+            let latest = nagare_core::keys::to_micros(latest, *time_unit);
+            if self.latest.is_none_or(|(l, _)| latest > l) {
+                let delay = Duration::from_micros(latest.saturating_sub(w).max(0).unsigned_abs());
+                self.latest = Some((latest, delay));
+            }
+        }
         if self.current.is_none_or(|c| w > c) {
             self.current = Some(w);
             return Ok(Some(w));
         }
         Ok(None)
+    }
+
+    /// The watermark of a source idle for `idle_for`: its latest event time once the delay has passed, if that is
+    /// ahead of the watermark.
+    pub fn release_idle(&mut self, idle_for: Duration) -> Option<i64> {
+        let (latest, delay) = self.latest?;
+        if idle_for < delay || self.current.is_some_and(|c| c >= latest) {
+            return None;
+        }
+        self.current = Some(latest);
+        Some(latest)
     }
 }
 
@@ -532,6 +559,12 @@ pub async fn run_source_task(mut source: Box<dyn Source>, mut driver: SourceDriv
             }
             SourceEvent::Idle(wait) => {
                 let since = *idle_since.get_or_insert_with(Instant::now);
+                if let Some(w) = driver.watermarks.as_mut().and_then(|g| g.release_idle(since.elapsed())) {
+                    driver.metrics.set_watermark(chain.subtask, w);
+                    chain.push_watermark(w).await?;
+                    // The watermark made the input active again downstream: announce the idleness anew.
+                    announced_idle = false;
+                }
                 if !announced_idle && since.elapsed() >= driver.idle_timeout {
                     chain.push_idle().await?;
                     announced_idle = true;
@@ -680,5 +713,39 @@ mod tests {
         assert_eq!(t.ahead(started + Duration::from_secs(1)), Duration::ZERO, "behind the rate: read on");
         t.read(1500);
         assert_eq!(t.ahead(started + Duration::from_secs(1)), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_idle_source_releases_its_latest_event_time_once_the_delay_has_passed() {
+        use arrow::array::TimestampMicrosecondArray;
+        use arrow::datatypes::{IntervalMonthDayNano, TimeUnit};
+        use datafusion::logical_expr::Operator;
+        use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
+        use datafusion::scalar::ScalarValue;
+
+        let schema =
+            Arc::new(Schema::new(vec![Field::new("time", DataType::Timestamp(TimeUnit::Microsecond, None), true)]));
+        let ten_seconds = ScalarValue::IntervalMonthDayNano(Some(IntervalMonthDayNano::new(0, 0, 10_000_000_000)));
+        let expr = Arc::new(BinaryExpr::new(
+            Arc::new(Column::new("time", 0)),
+            Operator::Minus,
+            Arc::new(Literal::new(ten_seconds)),
+        ));
+        let mut g = WatermarkGenerator::new(0, expr);
+        assert_eq!(g.release_idle(Duration::from_secs(60)), None, "nothing seen, nothing to release");
+        let batch = |t: Vec<i64>| {
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(TimestampMicrosecondArray::from(t))]).unwrap()
+        };
+        let s = 1_000_000;
+        assert_eq!(g.observe(&batch(vec![30 * s, 50 * s, 40 * s])).unwrap(), Some(40 * s));
+        // Idle for less than the delay: stragglers may still come.
+        assert_eq!(g.release_idle(Duration::from_secs(9)), None);
+        // Idle for the delay: everything up to the latest event is final, and no further.
+        assert_eq!(g.release_idle(Duration::from_secs(10)), Some(50 * s));
+        assert_eq!(g.release_idle(Duration::from_secs(20)), None, "released once");
+        // An older event does not move it back; a newer one moves it on by its own delay.
+        assert_eq!(g.observe(&batch(vec![45 * s])).unwrap(), None);
+        assert_eq!(g.observe(&batch(vec![70 * s])).unwrap(), Some(60 * s));
+        assert_eq!(g.release_idle(Duration::from_secs(10)), Some(70 * s));
     }
 }

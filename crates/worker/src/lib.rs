@@ -90,6 +90,16 @@ pub fn operator_statuses(m: &nagare_engine::metrics::JobMetrics) -> Vec<pb::Oper
             bad_records: NodeMetrics::get(&n.bad_records),
             late_kept: NodeMetrics::get(&n.late_kept),
             streams_created: NodeMetrics::get(&n.streams_created),
+            connector: n
+                .connector_samples()
+                .into_iter()
+                .map(|s| pb::ConnectorFigure {
+                    name: s.name.into(),
+                    label: s.label.into(),
+                    value: s.value,
+                    max: s.kind == nagare_engine::metrics::SampleKind::MaxGauge,
+                })
+                .collect(),
         })
         .collect()
 }

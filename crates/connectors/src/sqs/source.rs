@@ -8,8 +8,8 @@
 //! - With checkpoints, messages whose rows were handed downstream before checkpoint *n*'s barrier are deleted
 //!   (`DeleteMessageBatch`) in `notify_checkpoint_complete(n)`, never before. After a crash the undeleted ones come
 //!   back and the pipeline's checkpointed dedup drops what was already committed.
-//! - Without checkpoints, a batch's messages are deleted once the batch has been handed downstream (at least once
-//!   only up to that hand-over: a crash before the sink writes can lose them).
+//! - A job without checkpoints is refused: nothing would say when a message's rows are written (`nagare run`
+//!   without `--checkpoint-dir` keeps checkpoints in memory for this: at least once across a crash).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,41 +105,47 @@ impl ConnectorMetrics for Shared {
             Err(_) => (0, None),
         };
         let age = oldest_ms.map_or(0.0, |ms| (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0);
-        let counter = |name, help, value| Sample { name, help, kind: SampleKind::Counter, value };
+        let counter = |name, help, label, value| Sample { name, help, label, kind: SampleKind::Counter, value };
         vec![
-            counter("nagare_sqs_messages_received_total", "SQS messages received.", get(&c.received)),
+            counter("nagare_sqs_messages_received_total", "SQS messages received.", "sqs received", get(&c.received)),
             counter(
                 "nagare_sqs_messages_deleted_total",
                 "SQS messages deleted after their checkpoint.",
+                "deleted",
                 get(&c.deleted),
-            ),
-            counter(
-                "nagare_sqs_delete_errors_total",
-                "SQS messages whose delete failed (they reappear).",
-                get(&c.delete_errors),
-            ),
-            counter(
-                "nagare_sqs_visibility_extensions_total",
-                "SQS visibility extensions of held messages.",
-                get(&c.extensions),
-            ),
-            counter(
-                "nagare_sqs_receive_errors_total",
-                "SQS receive calls that failed and were retried.",
-                get(&c.receive_errors),
             ),
             Sample {
                 name: "nagare_sqs_messages_in_flight",
                 help: "SQS messages received and not yet deleted.",
+                label: "in flight",
                 kind: SampleKind::Gauge,
                 value: in_flight as f64,
             },
             Sample {
                 name: "nagare_sqs_oldest_undeleted_message_age_seconds",
                 help: "Age (since sent) of the oldest SQS message not yet deleted.",
+                label: "oldest",
                 kind: SampleKind::MaxGauge,
                 value: age,
             },
+            counter(
+                "nagare_sqs_visibility_extensions_total",
+                "SQS visibility extensions of held messages.",
+                "extensions",
+                get(&c.extensions),
+            ),
+            counter(
+                "nagare_sqs_receive_errors_total",
+                "SQS receive calls that failed and were retried.",
+                "receive errors",
+                get(&c.receive_errors),
+            ),
+            counter(
+                "nagare_sqs_delete_errors_total",
+                "SQS messages whose delete failed (they reappear).",
+                "delete errors",
+                get(&c.delete_errors),
+            ),
         ]
     }
 }
@@ -169,7 +175,7 @@ pub struct SqsSource {
     emitted: Vec<Arc<str>>,
     /// Handles by the checkpoint that covers them, until it completes.
     pending: BTreeMap<CheckpointId, Vec<Arc<str>>>,
-    /// The delete calls of the last completed checkpoint (at most one round in flight).
+    /// The delete calls of the restored checkpoint's messages.
     deleting: Option<JoinHandle<()>>,
     /// Handles of the restored checkpoint, deleted when the subtask starts.
     restored: Vec<String>,
@@ -180,6 +186,12 @@ impl SqsSource {
     /// Subtask `ctx.subtask` of a source reading `cfg`'s queue into `schema` (the projected columns of `spec`).
     pub fn new(spec: &SourceSpec, cfg: &SqsConfig, schema: SchemaRef, ctx: SourceContext) -> Result<Self, EngineError> {
         let origin = format!("source {}", spec.table.name);
+        if !ctx.checkpoints {
+            return Err(EngineError::Config(format!(
+                "{origin}: the sqs source needs checkpoints (a message is deleted once the checkpoint covering its \
+                 rows completes); give the job a checkpoint store"
+            )));
+        }
         let policy: BadRecords = cfg.bad_records.into();
         if cfg.bad_records == BadRecordPolicy::DeadLetter && ctx.dead_letter.is_none() {
             return Err(EngineError::Config(format!(
@@ -263,14 +275,6 @@ impl SqsSource {
             tracing::info!(messages = restored.len(), queue = %self.cfg.queue_url, "deleting messages of the restored checkpoint");
             self.deleting = Some(tokio::spawn(delete_all(self.client.clone(), self.shared.clone(), restored)));
         }
-    }
-
-    /// Deletes `handles` in the background, after the previous round of deletes has finished.
-    async fn delete(&mut self, handles: Vec<Arc<str>>) {
-        if let Some(previous) = self.deleting.take() {
-            let _ = previous.await;
-        }
-        self.deleting = Some(tokio::spawn(delete_all(self.client.clone(), self.shared.clone(), handles)));
     }
 
     /// A malformed message: fail, dead-letter or skip it, per `bad_records`.
@@ -612,11 +616,6 @@ impl Source for SqsSource {
         if self.rx.is_none() {
             self.start();
         }
-        if !self.ctx.checkpoints && !self.emitted.is_empty() {
-            // No checkpoints: what was handed downstream is acknowledged.
-            let handles = std::mem::take(&mut self.emitted);
-            self.delete(handles).await;
-        }
         let batch_size = self.ctx.batch_size.max(1);
         let Some(rx) = self.rx.as_mut() else { return Err(EngineError::Internal("SQS receivers not started".into())) };
         let mut messages: Vec<Message> = Vec::new();
@@ -679,6 +678,10 @@ mod tests {
     use super::*;
 
     fn source() -> SqsSource {
+        source_with(true).unwrap()
+    }
+
+    fn source_with(checkpoints: bool) -> Result<SqsSource, EngineError> {
         let cfg = SqsConfig {
             queue_url: "http://127.0.0.1:9/1/q".into(),
             region: "us-east-1".into(),
@@ -720,9 +723,9 @@ mod tests {
             dead_letter: None,
             metrics: Arc::new(NodeMetrics::new(0, "q".into(), "source", 1)),
             stop: Default::default(),
-            checkpoints: true,
+            checkpoints,
         };
-        SqsSource::new(&spec, &cfg, schema, ctx).unwrap()
+        SqsSource::new(&spec, &cfg, schema, ctx)
     }
 
     fn message(id: &str, body: &str) -> Message {
@@ -740,6 +743,12 @@ mod tests {
 
     fn event(id: &str, n: &str) -> String {
         format!(r#"{{"id":"{id}","detail-type":"t","source":"s","n":{n},"detail":{{}}}}"#)
+    }
+
+    #[test]
+    fn a_job_without_checkpoints_is_refused_since_nothing_would_say_when_to_delete() {
+        let e = source_with(false).err().unwrap().to_string();
+        assert!(e.contains("source q: the sqs source needs checkpoints"), "{e}");
     }
 
     #[test]

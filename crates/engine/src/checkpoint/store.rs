@@ -50,6 +50,16 @@ fn storage_error(url: &str, what: &str, e: impl std::fmt::Display) -> EngineErro
 }
 
 impl CheckpointStore {
+    /// A store that lives as long as the process: checkpoints then only pace commits and acknowledgements (a queue
+    /// source deletes messages once their rows are committed), and a restart begins anew.
+    pub fn in_memory() -> Self {
+        CheckpointStore {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            root: Path::from(""),
+            url: "memory://".to_string(),
+        }
+    }
+
     /// Opens `location`: `file:///dir`, a plain directory path, `s3://bucket/prefix` (credentials and endpoint from
     /// the usual `AWS_*` variables) or `gs://bucket/prefix` (`GOOGLE_*` variables).
     pub fn open(location: &str) -> Result<Self> {
