@@ -108,6 +108,10 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 500)]
         latency_rate: u64,
     },
+    /// The sqs source: decoding EventBridge bodies into Arrow vs the filesystem JSON source on the same events; then
+    /// end to end against an SQS server (moto) into BigQuery, events/s at parallelism 1 and 4 and send→visible
+    /// latency, each against the SQS server alone with the same receive pattern.
+    Sqs(crate::bench_sqs::SqsArgs),
     /// Shuffle-heavy W1 (dedup by id, then a per-tenant window) in one process, in one worker process and split
     /// over two worker processes exchanging rows over Arrow Flight; then the exchange alone vs the in-process
     /// channel, in MB/s.
@@ -871,6 +875,7 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             }
             bench_bigquery(rows, &dir, &bq, parallelism, &checkpoint_interval).await
         }
+        BenchCommand::Sqs(args) => crate::bench_sqs::bench_sqs(args).await,
         BenchCommand::Json { rows, dir, repeat } => crate::bench_json::bench_json(rows, &dir, repeat),
         BenchCommand::State { keys, new_keys, dir } => bench_state(keys, new_keys, &dir).await,
         BenchCommand::Cluster { rows, dir, parallelism, exchange_mb } => {
