@@ -55,8 +55,9 @@ pub struct SqsArgs {
     /// Only the decode comparison (no SQS server, no BigQuery).
     #[arg(long)]
     decode_only: bool,
-    /// End to end: events put on the queue for each throughput run.
-    #[arg(long, default_value_t = 1000)]
+    /// End to end: events put on the queue for each throughput run (moto slows as its queue holds more: each
+    /// receive scans every message, in flight or not).
+    #[arg(long, default_value_t = 400)]
     e2e_events: u64,
     /// End to end: subtask counts of the throughput runs.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
@@ -65,7 +66,7 @@ pub struct SqsArgs {
     #[arg(long, default_value_t = 20)]
     latency_rate: u64,
     /// Latency run: seconds of sending.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 15)]
     latency_seconds: u64,
     /// Checkpoint interval of the end-to-end runs.
     #[arg(long, default_value = "1s")]
@@ -276,9 +277,9 @@ impl<'a> EndToEnd<'a> {
             a.e2e_events
         );
         let mut rows = Vec::new();
-        for &p in &a.parallelism {
-            let moto = self.moto_alone_throughput(p).await?;
-            let nagare = self.nagare_throughput(p).await?;
+        for (round, &p) in a.parallelism.iter().enumerate() {
+            let moto = self.moto_alone_throughput(round, p).await?;
+            let nagare = self.nagare_throughput(round, p).await?;
             rows.push((p, moto, nagare));
         }
         println!(
@@ -364,9 +365,9 @@ impl<'a> EndToEnd<'a> {
 
     /// The SQS server alone: `p` × receivers loops of receive + delete until every event is deleted; timed from the
     /// first message received to the last event deleted.
-    async fn moto_alone_throughput(&self, p: usize) -> Result<Throughput> {
+    async fn moto_alone_throughput(&self, round: usize, p: usize) -> Result<Throughput> {
         let a = self.args;
-        let queue = self.queue(&format!("moto_p{p}")).await?;
+        let queue = self.queue(&format!("moto_{round}_p{p}")).await?;
         let filled = self.fill(&queue, a.e2e_events, 1000 + p as u64).await?;
         let (received, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (first, all_received) = (Arc::new(std::sync::OnceLock::new()), Arc::new(std::sync::OnceLock::new()));
@@ -420,9 +421,9 @@ impl<'a> EndToEnd<'a> {
 
     /// nagare at parallelism `p`: timed from its first message received to its last deleted (after the checkpoint
     /// covering it), as its metrics endpoint reports them; then until every event is visible in BigQuery.
-    async fn nagare_throughput(&self, p: usize) -> Result<Throughput> {
+    async fn nagare_throughput(&self, round: usize, p: usize) -> Result<Throughput> {
         let a = self.args;
-        let label = format!("p{p}");
+        let label = format!("{round}_p{p}");
         let queue = self.queue(&format!("nagare_{label}")).await?;
         let filled = self.fill(&queue, a.e2e_events, 2000 + p as u64).await?;
         let table = format!("sqs_{label}_{}", std::process::id());
