@@ -88,18 +88,8 @@ pub enum BenchCommand {
         /// Working directory.
         #[arg(long, default_value = "target/bench-bq")]
         dir: PathBuf,
-        /// Storage Write API endpoint (an emulator by default).
-        #[arg(long, env = "BIGQUERY_GRPC_ENDPOINT", default_value = "http://127.0.0.1:19060")]
-        endpoint: String,
-        /// REST endpoint.
-        #[arg(long, env = "BIGQUERY_REST_URL", default_value = "http://127.0.0.1:19050")]
-        rest_endpoint: String,
-        /// Project.
-        #[arg(long, env = "BIGQUERY_PROJECT", default_value = "test-project")]
-        project: String,
-        /// `credentials` of the sink (`none` for an emulator).
-        #[arg(long, default_value = "none")]
-        credentials: String,
+        #[command(flatten)]
+        bq: BqTarget,
         /// Sink and pipeline parallelism.
         #[arg(long, default_value_t = 2)]
         parallelism: usize,
@@ -118,6 +108,10 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 500)]
         latency_rate: u64,
     },
+    /// The sqs source: decoding EventBridge bodies into Arrow vs the filesystem JSON source on the same events; then
+    /// end to end against an SQS server (moto) into BigQuery, events/s at parallelism 1 and 4 and send→visible
+    /// latency, each against the SQS server alone with the same receive pattern.
+    Sqs(crate::bench_sqs::SqsArgs),
     /// Shuffle-heavy W1 (dedup by id, then a per-tenant window) in one process, in one worker process and split
     /// over two worker processes exchanging rows over Arrow Flight; then the exchange alone vs the in-process
     /// channel, in MB/s.
@@ -553,17 +547,8 @@ fn children_cpu_seconds() -> f64 {
     (tick(13) + tick(14)) / 100.0
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn bench_bigquery(
-    rows: u64,
-    dir: &Path,
-    endpoint: &str,
-    rest_endpoint: &str,
-    project: &str,
-    credentials: &str,
-    p: usize,
-    interval: &str,
-) -> Result<()> {
+async fn bench_bigquery(rows: u64, dir: &Path, bq: &BqTarget, p: usize, interval: &str) -> Result<()> {
+    let BqTarget { endpoint, rest_endpoint, project, credentials } = bq;
     let (dir, input) = w1_input(dir, rows)?;
     let dataset = "nagare_bench";
     let table = format!("w1_{}", std::process::id());
@@ -636,15 +621,24 @@ async fn bench_bigquery(
 }
 
 /// Where the BigQuery benchmarks write.
-struct BqTarget {
-    endpoint: String,
-    rest_endpoint: String,
-    project: String,
-    credentials: String,
+#[derive(Debug, clap::Args)]
+pub struct BqTarget {
+    /// Storage Write API endpoint (an emulator by default).
+    #[arg(long, env = "BIGQUERY_GRPC_ENDPOINT", default_value = "http://127.0.0.1:19060")]
+    pub endpoint: String,
+    /// REST endpoint.
+    #[arg(long, env = "BIGQUERY_REST_URL", default_value = "http://127.0.0.1:19050")]
+    pub rest_endpoint: String,
+    /// Project.
+    #[arg(long, env = "BIGQUERY_PROJECT", default_value = "test-project")]
+    pub project: String,
+    /// `credentials` of the sink (`none` for an emulator).
+    #[arg(long, default_value = "none")]
+    pub credentials: String,
 }
 
 /// The `q` quantile (0..=1) of sorted values (nearest rank).
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -653,8 +647,67 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Microseconds since the Unix epoch, now.
-fn unix_micros() -> i64 {
+pub(crate) fn unix_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
+}
+
+/// When the rows of a BigQuery table became visible, learnt by polling it with `jobs.query`: the latency benchmarks
+/// share it so that their figures mean the same thing.
+pub(crate) struct Visibility {
+    query: String,
+    /// Rows counted so far per bucket of the time column.
+    counted: std::collections::HashMap<i64, u64>,
+    /// (row's time, first seen), µs since the epoch; a row's time is its bucket's middle.
+    seen: Vec<(i64, i64)>,
+}
+
+impl Visibility {
+    /// Rows visible per 10 ms of the time column: a poll's answer stays small (a query answers at most 10,000 rows
+    /// without paging) and a bucket's count going up by k is k rows becoming visible.
+    const BUCKET_US: i64 = 10_000;
+
+    /// Rows of `table` (`project.dataset.table`), those matching `filter` (a SQL condition) if given, by their
+    /// TIMESTAMP `column`.
+    pub(crate) fn new(table: &str, column: &str, filter: Option<&str>) -> Visibility {
+        let b = Self::BUCKET_US;
+        let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
+        let query = format!("SELECT DIV(UNIX_MICROS({column}), {b}) AS b, COUNT(*) FROM `{table}`{filter} GROUP BY b");
+        Visibility { query, counted: Default::default(), seen: Vec::new() }
+    }
+
+    /// Queries the table once; rows it counts for the first time are seen now. A failed query is left out (the
+    /// next poll sees those rows).
+    pub(crate) async fn poll(&mut self, rest: &nagare_bigquery::rest::RestClient, project: &str) {
+        let Ok(rows) = rest.query(project, &self.query, None).await else { return };
+        let now = unix_micros();
+        let cell = |r: &Vec<serde_json::Value>, i: usize| r.get(i).and_then(|v| v.as_str()?.parse::<i64>().ok());
+        for r in rows {
+            let (Some(bucket), Some(n)) = (cell(&r, 0), cell(&r, 1)) else { continue };
+            let had = self.counted.entry(bucket).or_insert(0);
+            let n = n.max(0) as u64;
+            for _ in *had..n {
+                self.seen.push((bucket * Self::BUCKET_US + Self::BUCKET_US / 2, now));
+            }
+            *had = (*had).max(n);
+        }
+    }
+
+    /// Rows seen so far.
+    pub(crate) fn count(&self) -> u64 {
+        self.seen.len() as u64
+    }
+
+    /// (row's time, first seen) of every row seen, µs since the epoch.
+    pub(crate) fn seen(&self) -> &[(i64, i64)] {
+        &self.seen
+    }
+
+    /// Time→visible of every row seen, in ms, sorted.
+    pub(crate) fn latencies_ms(&self) -> Vec<f64> {
+        let mut v: Vec<f64> = self.seen.iter().map(|(t, visible)| (visible - t) as f64 / 1e3).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    }
 }
 
 /// Times (µs since the epoch) of nagare's log lines containing `needle` (tracing's default format starts each line
@@ -723,15 +776,7 @@ async fn latency_run(
         .env("NAGARE_LOG", "warn,nagare_bigquery=debug")
         .stderr(std::fs::File::create(&log_path)?)
         .spawn()?;
-    // Rows visible per 10 ms of creation time: a poll's answer stays small (a query answers at most 10,000 rows
-    // without paging) and a bucket's count going up by k is k rows becoming visible.
-    const BUCKET_US: i64 = 10_000;
-    let q = format!(
-        "SELECT DIV(UNIX_MICROS(created), {BUCKET_US}) AS b, COUNT(*) FROM `{project}.{dataset}.{table}` GROUP BY b"
-    );
-    let mut counted: std::collections::HashMap<i64, u64> = std::collections::HashMap::new();
-    // (created, first seen), µs since the epoch; created is its bucket's middle.
-    let mut seen: Vec<(i64, i64)> = Vec::new();
+    let mut visibility = Visibility::new(&format!("{project}.{dataset}.{table}"), "created", None);
     let mut ran = None;
     loop {
         let status = child.try_wait()?;
@@ -739,20 +784,8 @@ async fn latency_run(
             anyhow::ensure!(st.success(), "{mode} at {interval} failed ({st}); log: {}", log_path.display());
             ran.get_or_insert(started.elapsed().as_secs_f64());
         }
-        if let Ok(rows) = rest.query(project, &q, None).await {
-            let now = unix_micros();
-            let cell = |r: &Vec<serde_json::Value>, i: usize| r.get(i).and_then(|v| v.as_str()?.parse::<i64>().ok());
-            for r in rows {
-                let (Some(bucket), Some(n)) = (cell(&r, 0), cell(&r, 1)) else { continue };
-                let had = counted.entry(bucket).or_insert(0);
-                let n = n.max(0) as u64;
-                for _ in *had..n {
-                    seen.push((bucket * BUCKET_US + BUCKET_US / 2, now));
-                }
-                *had = (*had).max(n);
-            }
-        }
-        if seen.len() as u64 >= count {
+        visibility.poll(rest, project).await;
+        if visibility.count() >= count {
             break;
         }
         let since_end = started.elapsed().as_secs_f64() - ran.unwrap_or(f64::INFINITY);
@@ -761,12 +794,13 @@ async fn latency_run(
         if mode == "per_subtask" && since_end > 3.0 {
             let log = std::fs::read_to_string(&log_path)?;
             let streams = log.lines().filter(|l| l.contains("created write stream")).count() as u64;
-            if count.saturating_sub(seen.len() as u64) <= streams {
+            if count.saturating_sub(visibility.count()) <= streams {
                 break;
             }
         }
         if since_end > 30.0 {
-            anyhow::bail!("{mode} at {interval}: {} of {count} rows visible 30 s after the job ended", seen.len());
+            let seen = visibility.count();
+            anyhow::bail!("{mode} at {interval}: {seen} of {count} rows visible 30 s after the job ended");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -776,18 +810,16 @@ async fn latency_run(
     let mut commits = log_times(&log, "committing a completed checkpoint's bigquery writes");
     commits.sort_unstable();
     let created = log.lines().filter(|l| l.contains("created write stream")).count();
-    let mut source = Vec::new();
+    let source = visibility.latencies_ms();
     let mut commit = Vec::new();
-    for (created_us, visible_us) in &seen {
-        source.push((visible_us - created_us) as f64 / 1e3);
+    for (_, visible_us) in visibility.seen() {
         // The last commit that began before the row was seen is the one that made it visible.
         if let Some(c) = commits.iter().rev().find(|c| **c <= *visible_us) {
             commit.push((visible_us - c) as f64 / 1e3);
         }
     }
-    source.sort_by(f64::total_cmp);
     commit.sort_by(f64::total_cmp);
-    Ok((source, commit, created, commits.len(), count.saturating_sub(seen.len() as u64)))
+    Ok((source, commit, created, commits.len(), count.saturating_sub(visibility.count())))
 }
 
 /// `nagare bench bigquery --latency`.
@@ -831,10 +863,7 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Bigquery {
             rows,
             dir,
-            endpoint,
-            rest_endpoint,
-            project,
-            credentials,
+            bq,
             parallelism,
             checkpoint_interval,
             latency,
@@ -842,21 +871,11 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             latency_rate,
         } => {
             if latency {
-                let target = BqTarget { endpoint, rest_endpoint, project, credentials };
-                return bench_bigquery_latency(&dir, &target, parallelism, latency_seconds, latency_rate).await;
+                return bench_bigquery_latency(&dir, &bq, parallelism, latency_seconds, latency_rate).await;
             }
-            bench_bigquery(
-                rows,
-                &dir,
-                &endpoint,
-                &rest_endpoint,
-                &project,
-                &credentials,
-                parallelism,
-                &checkpoint_interval,
-            )
-            .await
+            bench_bigquery(rows, &dir, &bq, parallelism, &checkpoint_interval).await
         }
+        BenchCommand::Sqs(args) => crate::bench_sqs::bench_sqs(args).await,
         BenchCommand::Json { rows, dir, repeat } => crate::bench_json::bench_json(rows, &dir, repeat),
         BenchCommand::State { keys, new_keys, dir } => bench_state(keys, new_keys, &dir).await,
         BenchCommand::Cluster { rows, dir, parallelism, exchange_mb } => {

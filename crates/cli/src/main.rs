@@ -3,6 +3,7 @@
 mod bench;
 mod bench_cluster;
 mod bench_json;
+mod bench_sqs;
 mod cluster;
 mod local_api;
 mod progress;

@@ -318,6 +318,37 @@ impl SqsClient {
         self.batch_failures("ChangeMessageVisibilityBatch", &bytes)
     }
 
+    /// Sends up to 10 bodies in one call; returns the entries (by index) that failed. The source never sends: this
+    /// is for tools and benchmarks that fill a queue.
+    pub async fn send_batch(&self, bodies: &[&str]) -> Result<Vec<BatchFailure>, SqsError> {
+        let entries: Vec<serde_json::Value> =
+            bodies.iter().enumerate().map(|(i, b)| json!({"Id": i.to_string(), "MessageBody": b})).collect();
+        let bytes = self.call("SendMessageBatch", json!({"QueueUrl": &*self.queue_url, "Entries": entries})).await?;
+        self.batch_failures("SendMessageBatch", &bytes)
+    }
+
+    /// Creates a queue named `name` at this client's endpoint (or finds the one of that name) and returns its URL:
+    /// for tools and benchmarks that set up their own queues.
+    pub async fn create_queue(&self, name: &str) -> Result<String, SqsError> {
+        let bytes = self.call("CreateQueue", json!({"QueueName": name})).await?;
+        #[derive(Deserialize)]
+        struct Created {
+            #[serde(rename = "QueueUrl")]
+            queue_url: String,
+        }
+        let created: Created = serde_json::from_slice(&bytes).map_err(|e| SqsError::Protocol {
+            action: "CreateQueue",
+            queue_url: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(created.queue_url)
+    }
+
+    /// Deletes this client's queue and its messages (benchmarks clean up after themselves).
+    pub async fn delete_queue(&self) -> Result<(), SqsError> {
+        self.call("DeleteQueue", json!({"QueueUrl": &*self.queue_url})).await.map(|_| ())
+    }
+
     fn batch_failures(&self, action: &'static str, bytes: &[u8]) -> Result<Vec<BatchFailure>, SqsError> {
         let answer: BatchAnswer = serde_json::from_slice(bytes).map_err(|e| SqsError::Protocol {
             action,

@@ -297,8 +297,9 @@ impl SqsSource {
         }
     }
 
-    /// Decodes `messages` into one batch of the output schema (None when none of them holds a good record).
-    fn decode(&mut self, messages: &[Message]) -> Result<Option<RecordBatch>, EngineError> {
+    /// Decodes `messages` into one batch of the output schema (None when none of them holds a good record); public
+    /// so that the decoding path can be measured without a queue (`nagare bench sqs`).
+    pub fn decode(&mut self, messages: &[Message]) -> Result<Option<RecordBatch>, EngineError> {
         let mut block = std::mem::take(&mut self.block);
         block.clear();
         // Per message: rows it gives, and where its lines are in the block.
