@@ -303,9 +303,9 @@ impl<'a> EndToEnd<'a> {
             }
         }
         println!(
-            "(all visible: to the last row visible in BigQuery; with several subtasks the dedup emits the last rows \
-             once every subtask's watermark has passed them, i.e. when a later event reaches each subtask or an idle \
-             one is skipped after 10 s)"
+            "(all visible: to the last row visible in BigQuery; the dedup emits the last rows once the watermark has \
+             passed them: a subtask that has received nothing for its watermark delay moves its watermark to its \
+             latest event, and once every subtask is idle (10 s) the furthest watermark holds for all)"
         );
         for (p, moto, nagare) in &rows {
             let (rate, base) = (nagare.events as f64 / nagare.seconds, moto.events as f64 / moto.seconds);
