@@ -21,7 +21,6 @@ use nagare_connectors::sqs::{BadRecordPolicy, Envelope, Format, SqsConfig};
 use nagare_core::backoff::Backoff;
 use nagare_engine::connector::{SourceContext, SourceEvent};
 use nagare_engine::metrics::NodeMetrics;
-use nagare_sql::graph::OperatorSpec;
 use nagare_sql::{Pipeline, SourceSpec};
 use tokio_util::sync::CancellationToken;
 
@@ -100,14 +99,7 @@ pub async fn bench_sqs(args: SqsArgs) -> Result<()> {
 
 /// The source node of a planned pipeline: its spec and output schema.
 fn source_of(p: &Pipeline) -> Result<(SourceSpec, SchemaRef)> {
-    p.graph
-        .nodes
-        .iter()
-        .find_map(|n| match &n.operator {
-            OperatorSpec::Source(s) => Some((s.clone(), n.schema.clone())),
-            _ => None,
-        })
-        .context("the pipeline has no source")
+    p.graph.sources().next().map(|(n, s)| (s.clone(), n.schema.clone())).context("the pipeline has no source")
 }
 
 /// What a source subtask gets from the runtime, for one subtask running alone.

@@ -165,12 +165,8 @@ fn acknowledged_sources(pipeline: &nagare_sql::Pipeline) -> Vec<String> {
     let registry = nagare_cli::registry();
     pipeline
         .graph
-        .nodes
-        .iter()
-        .filter_map(|n| match &n.operator {
-            nagare_sql::graph::OperatorSpec::Source(s) => Some(&s.table),
-            _ => None,
-        })
+        .sources()
+        .map(|(_, s)| &s.table)
         .filter(|t| registry.get(&t.connector).is_ok_and(|c| c.redelivery_window(t).is_some()))
         .map(|t| format!("'{}' ({})", t.name, t.connector))
         .collect()

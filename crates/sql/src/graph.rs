@@ -260,6 +260,14 @@ impl DataflowGraph {
     pub fn outputs(&self, node: NodeId) -> impl Iterator<Item = &Edge> {
         self.edges.iter().filter(move |e| e.from == node)
     }
+
+    /// The source nodes with their specs, in node order (what runners and tools look for in a plan).
+    pub fn sources(&self) -> impl Iterator<Item = (&Node, &SourceSpec)> {
+        self.nodes.iter().filter_map(|n| match &n.operator {
+            OperatorSpec::Source(s) => Some((n, s)),
+            _ => None,
+        })
+    }
 }
 
 impl fmt::Display for Pipeline {

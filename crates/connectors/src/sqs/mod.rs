@@ -304,10 +304,7 @@ impl ConnectorSpec for SqsSpec {
     }
 
     fn options(&self, role: TableRole) -> Option<&'static [OptionSpec]> {
-        match role {
-            TableRole::Source => Some(OPTIONS),
-            TableRole::Sink => None,
-        }
+        (role == TableRole::Source).then_some(OPTIONS)
     }
 
     fn validate(&self, table: &TableDef, _role: TableRole) -> Result<(), PlanError> {
@@ -371,15 +368,7 @@ mod tests {
              CREATE TABLE o WITH (connector = 'stdout');\nINSERT INTO o SELECT * FROM q;"
         );
         let p = nagare_sql::Planner::new(test_registry().catalog()).plan(&sql).await?;
-        let spec = p
-            .graph
-            .nodes
-            .iter()
-            .find_map(|n| match &n.operator {
-                nagare_sql::graph::OperatorSpec::Source(s) => Some(s.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let (_, spec) = p.graph.sources().next().unwrap();
         SqsConfig::from_table(&spec.table)
     }
 

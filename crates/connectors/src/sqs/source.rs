@@ -708,15 +708,7 @@ mod tests {
                    CREATE TABLE o WITH (connector = 'stdout');\nINSERT INTO o SELECT * FROM q;";
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let p = rt.block_on(nagare_sql::Planner::new(crate::sqs::test_registry().catalog()).plan(sql)).unwrap();
-        let spec = p
-            .graph
-            .nodes
-            .iter()
-            .find_map(|n| match &n.operator {
-                nagare_sql::graph::OperatorSpec::Source(s) => Some(s.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let spec = p.graph.sources().next().unwrap().1.clone();
         let ctx = SourceContext {
             subtask: 0,
             parallelism: 1,
