@@ -142,13 +142,15 @@ fn eventbridge_events_land_in_bigquery_once_with_their_fields() {
     assert!(status.success(), "{err}");
     assert_eq!(events_in(&name, "events"), (N as i64, N as i64));
     // The run's summary has the source's own figures: every message received was deleted (EventBridge and SQS may
-    // deliver one more than once).
+    // deliver one more than once; a second copy's delete may then fail because the first one's removed the
+    // message: the queue being empty below is what counts).
     let figure = |label: &str| -> u64 {
         let after = err.split(&format!("{label} ")).nth(1).unwrap_or_else(|| panic!("no '{label}' in: {err}"));
         after.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
     };
     assert!(figure("sqs received") >= N as u64, "{err}");
-    assert_eq!(figure("deleted"), figure("sqs received"), "{err}");
+    assert_eq!(figure("deleted") + figure("delete errors"), figure("sqs received"), "{err}");
+    assert!(figure("deleted") >= N as u64, "{err}");
     assert_eq!(figure("in flight"), 0, "{err}");
     let project = &bigquery()["BIGQUERY_PROJECT"];
     let rows = bq_query(&format!(

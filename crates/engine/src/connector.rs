@@ -80,8 +80,9 @@ pub trait Source: Send {
     /// so far is before it. Called between `next` calls; the factory gets it back to resume.
     fn snapshot_position(&mut self, checkpoint: CheckpointId) -> Result<serde_json::Value>;
 
-    /// Checkpoint `checkpoint` is durable: input before it may be acknowledged upstream.
-    async fn notify_checkpoint_complete(&mut self, _checkpoint: CheckpointId) -> Result<()> {
+    /// Checkpoint `checkpoint` is durable: input before it may be acknowledged upstream. `last` marks the job's
+    /// final checkpoint: acknowledgements still in flight must be done when this returns, since the task ends.
+    async fn notify_checkpoint_complete(&mut self, _checkpoint: CheckpointId, _last: bool) -> Result<()> {
         Ok(())
     }
 }

@@ -474,7 +474,7 @@ async fn source_control(
             Ok(false)
         }
         Control::Complete { id, last } => {
-            source.notify_checkpoint_complete(id).await?;
+            source.notify_checkpoint_complete(id, last).await?;
             chain.commit(id).await?;
             if last {
                 chain.finish().await?;

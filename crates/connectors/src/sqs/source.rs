@@ -41,6 +41,9 @@ const MAX_POSITION_HANDLES: usize = 256;
 /// Concurrent delete / visibility calls per subtask.
 const CALLS_IN_FLIGHT: usize = 8;
 
+/// Receipt handles of messages to delete.
+type Handles = Vec<Arc<str>>;
+
 /// A metadata column of the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Meta {
@@ -175,8 +178,8 @@ pub struct SqsSource {
     emitted: Vec<Arc<str>>,
     /// Handles by the checkpoint that covers them, until it completes.
     pending: BTreeMap<CheckpointId, Vec<Arc<str>>>,
-    /// The delete calls of the restored checkpoint's messages.
-    deleting: Option<JoinHandle<()>>,
+    /// The deleter: completed checkpoints' handles go to it, so a slow SQS delays deletes, not checkpoints.
+    deleter: Option<(mpsc::UnboundedSender<Handles>, JoinHandle<()>)>,
     /// Handles of the restored checkpoint, deleted when the subtask starts.
     restored: Vec<String>,
     block: Vec<u8>,
@@ -241,7 +244,7 @@ impl SqsSource {
             background: Vec::new(),
             emitted: Vec::new(),
             pending: BTreeMap::new(),
-            deleting: None,
+            deleter: None,
             restored: Vec::new(),
             block: Vec::new(),
         })
@@ -270,11 +273,27 @@ impl SqsSource {
         let (client, shared, vis) = (self.client.clone(), self.shared.clone(), self.cfg.visibility_timeout);
         self.background.push(tokio::spawn(keep_hidden(client, shared, vis)));
         self.rx = Some(rx);
+        self.delete_restored();
+    }
+
+    /// Hands the restored checkpoint's handles to the deleter (once).
+    fn delete_restored(&mut self) {
         let restored: Vec<Arc<str>> = self.restored.drain(..).map(Arc::from).collect();
         if !restored.is_empty() {
             tracing::info!(messages = restored.len(), queue = %self.cfg.queue_url, "deleting messages of the restored checkpoint");
-            self.deleting = Some(tokio::spawn(delete_all(self.client.clone(), self.shared.clone(), restored)));
+            self.delete(restored);
         }
+    }
+
+    /// Queues handles for deletion, starting the deleter on first use.
+    fn delete(&mut self, handles: Vec<Arc<str>>) {
+        let (client, shared) = (self.client.clone(), self.shared.clone());
+        let (tx, _) = self.deleter.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (tx, tokio::spawn(delete_in_order(client, shared, rx)))
+        });
+        // The deleter ends only when its sender is dropped, so this send cannot fail while we hold it.
+        let _ = tx.send(handles);
     }
 
     /// A malformed message: fail, dead-letter or skip it, per `bad_records`.
@@ -435,7 +454,8 @@ enum ArrayValue {
 
 impl Drop for SqsSource {
     fn drop(&mut self) {
-        // Receivers and the keeper end with the subtask; a round of deletes in flight is left to finish.
+        // Receivers and the keeper end with the subtask; the deleter finishes what it was handed (its sender goes
+        // with us) and ends.
         for t in &self.background {
             t.abort();
         }
@@ -543,6 +563,17 @@ async fn keep_hidden(client: SqsClient, shared: Arc<Shared>, visibility: Duratio
                 }
             })
             .await;
+    }
+}
+
+/// Deletes what completed checkpoints hand over, in order, merging whatever queued up while a round was in flight
+/// (so a slow SQS makes rounds larger, not checkpoints slower). Ends when the source drops its sender.
+async fn delete_in_order(client: SqsClient, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Handles>) {
+    while let Some(mut handles) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            handles.extend(more);
+        }
+        delete_all(client.clone(), shared.clone(), handles).await;
     }
 }
 
@@ -654,20 +685,23 @@ impl Source for SqsSource {
         serde_json::to_value(Position { handles }).map_err(|e| EngineError::Internal(e.to_string()))
     }
 
-    async fn notify_checkpoint_complete(&mut self, checkpoint: CheckpointId) -> Result<(), EngineError> {
+    async fn notify_checkpoint_complete(&mut self, checkpoint: CheckpointId, last: bool) -> Result<(), EngineError> {
         let handles = completed(&mut self.pending, checkpoint);
-        if handles.is_empty() {
-            return Ok(());
+        if !handles.is_empty() {
+            // Dead-lettered records of these messages are on disk before the messages go.
+            if let Some(dl) = &self.ctx.dead_letter {
+                dl.flush()?;
+            }
+            self.delete(handles);
         }
-        // Dead-lettered records of these messages are on disk before the messages go.
-        if let Some(dl) = &self.ctx.dead_letter {
-            dl.flush()?;
+        if last {
+            // The task ends after this: every queued delete is done first, so a finished job leaves nothing behind.
+            self.delete_restored();
+            if let Some((tx, deleter)) = self.deleter.take() {
+                drop(tx);
+                deleter.await.map_err(|e| EngineError::Internal(format!("SQS deleter failed: {e}")))?;
+            }
         }
-        // Awaited (several calls in flight): a job that stops after its final checkpoint leaves nothing behind.
-        if let Some(previous) = self.deleting.take() {
-            let _ = previous.await;
-        }
-        delete_all(self.client.clone(), self.shared.clone(), handles).await;
         Ok(())
     }
 }
@@ -775,6 +809,25 @@ mod tests {
         s.policy = BadRecords::Fail;
         let e = s.decode(&[message("m1", &event("e1", "1")), message("m-bad", "{\"x\":")]).unwrap_err().to_string();
         assert!(e.contains("SQS message m-bad") && e.contains("not an EventBridge event"), "{e}");
+    }
+
+    #[test]
+    fn deletes_run_behind_checkpoints_and_the_final_one_waits_for_them() {
+        let s = source();
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(deletes_run_behind(s));
+    }
+
+    async fn deletes_run_behind(mut s: SqsSource) {
+        // Nothing listens on the endpoint's port: every delete fails and is retried with backoff for ~30 s.
+        s.emitted = vec![Arc::from("a")];
+        s.snapshot_position(CheckpointId(1)).unwrap();
+        let quick = tokio::time::timeout(Duration::from_secs(10), s.notify_checkpoint_complete(CheckpointId(1), false));
+        quick.await.expect("a checkpoint's completion does not wait for its deletes").unwrap();
+        assert!(s.pending.is_empty() && s.deleter.is_some(), "the handles went to the deleter");
+        s.emitted = vec![Arc::from("b")];
+        s.snapshot_position(CheckpointId(2)).unwrap();
+        let last = tokio::time::timeout(Duration::from_secs(1), s.notify_checkpoint_complete(CheckpointId(2), true));
+        assert!(last.await.is_err(), "the final checkpoint's completion waits until the deletes are done");
     }
 
     #[test]
