@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::bq::{finish, nagare, rows_so_far, run_until};
-use common::services::{aws, bigquery, bq_dataset, bq_query, moto};
+use common::services::{aws, aws_at, bigquery, bq_dataset, bq_query, moto, moto_iam};
 use common::{RunEnd, run_or_kill};
 
 /// A pipeline from queue `${QUEUE}` (EventBridge events whose detail has `n`, `tenant_id`, `amount`, `note`),
@@ -461,6 +461,64 @@ fn bad_messages_are_dead_lettered_with_their_id_and_reason_and_deleted() {
     // The poison messages went with their checkpoint: nothing comes back.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(queue_counts(&queue), (0, 0));
+}
+
+#[test]
+fn web_identity_credentials_sign_the_calls_and_wrong_keys_are_refused() {
+    const N: usize = 30;
+    // This moto checks every signature against the keys it issued; its STS serves AssumeRoleWithWebIdentity.
+    let iam = moto_iam();
+    let _ = bigquery();
+    let name = unique("sqswebid");
+    bq_dataset(&name);
+    let queue = aws_at(iam, &["queue", &name]);
+    let dir = tempfile::tempdir().unwrap();
+    let bodies = dir.path().join("bodies.txt");
+    std::fs::write(&bodies, (0..N).map(|n| event_body(n, &name)).collect::<Vec<_>>().join("\n")).unwrap();
+    assert_eq!(aws_at(iam, &["send", &queue, bodies.to_str().unwrap()]), N.to_string());
+    let sql = dir.path().join("p.sql");
+    std::fs::write(&sql, pipeline("SET checkpoint_interval = '1s';", "")).unwrap();
+    let command = |env: &[(&str, &str)]| {
+        let mut c = nagare(&sql, &name, "events", &[]);
+        c.args(["--var", &format!("QUEUE={queue}"), "--var", &format!("AWS={}", iam["AWS_ENDPOINT_URL"])]);
+        for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ROLE_ARN"] {
+            c.env_remove(k);
+        }
+        c.envs(env.iter().copied()).env("AWS_REGION", &iam["AWS_REGION"]).env("NAGARE_LOG", "debug");
+        c
+    };
+
+    // A pod's projected token and its role: no keys anywhere. The token is exchanged at STS (over HTTPS: the
+    // front's certificate is self-signed, hence AWS_ALLOW_INVALID_CERTIFICATES, which only object_store's STS
+    // client reads) and the temporary keys sign every SQS call, which this moto would refuse otherwise.
+    let token = format!("eyJhbGciOiJSUzI1NiJ9.web-identity-{}.sig", fastrand::u64(..));
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    let web_identity = command(&[
+        ("AWS_ROLE_ARN", &iam["AWS_ROLE_ARN"]),
+        ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file.to_str().unwrap()),
+        ("AWS_ENDPOINT_URL_STS", &iam["AWS_ENDPOINT_URL_STS"]),
+        ("AWS_ALLOW_INVALID_CERTIFICATES", "true"),
+    ]);
+    let (status, err) = run_until(web_identity, Duration::from_secs(60), || rows_so_far(&name, "events") >= N as i64);
+    assert!(status.success(), "{err}");
+    assert_eq!(events_in(&name, "events"), (N as i64, N as i64));
+    assert!(!err.contains(&token) && !err.contains("web-identity-"), "the token reached the log: {err}");
+    let in_queue = aws_at(iam, &["counts", &queue]);
+    assert_eq!(in_queue, "0 0", "every message deleted with the temporary keys");
+
+    // A known key with a wrong secret, and a key moto never issued: refused before the job starts, with AWS's code
+    // and the queue, and the secret nowhere in the output.
+    let key = iam["AWS_ACCESS_KEY_ID"].as_str();
+    let wrong_secret = "wR0ng/secret/0f/forty/characters/xxxxxxxxx";
+    for (id, secret, code) in
+        [(key, wrong_secret, "SignatureDoesNotMatch"), ("AKIANEVERISSUED00000", wrong_secret, "InvalidClientTokenId")]
+    {
+        let (status, err) = finish(command(&[("AWS_ACCESS_KEY_ID", id), ("AWS_SECRET_ACCESS_KEY", secret)]));
+        assert!(!status.success(), "{err}");
+        assert!(err.contains(code) && err.contains(&queue), "{code}: {err}");
+        assert!(!err.contains(secret), "the secret reached the output: {err}");
+    }
 }
 
 #[test]

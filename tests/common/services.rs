@@ -53,7 +53,18 @@ pub fn moto() -> &'static BTreeMap<String, String> {
 /// Runs `scripts/services/moto-aws.py <args>` (boto3 against moto: queues, EventBridge rules, events, message
 /// batches) and returns its output, trimmed.
 pub fn aws(args: &[&str]) -> String {
-    let env = moto();
+    aws_at(moto(), args)
+}
+
+/// moto in IAM-auth mode with an HTTPS STS front (scripts/services/start-moto-iam.sh): signatures are checked, and
+/// `AWS_ROLE_ARN` + `AWS_ENDPOINT_URL_STS` serve web identity credentials.
+pub fn moto_iam() -> &'static BTreeMap<String, String> {
+    static MOTO_IAM: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+    MOTO_IAM.get_or_init(|| start("start-moto-iam.sh"))
+}
+
+/// [`aws`] against the moto whose variables are `env`.
+pub fn aws_at(env: &BTreeMap<String, String>, args: &[&str]) -> String {
     let script = super::repo_root().join("scripts/services/moto-aws.py");
     let python = env.get("MOTO_PYTHON").cloned().unwrap_or_else(|| "python3".into());
     let out = Command::new(&python)
