@@ -321,13 +321,15 @@ fn every_event_lands_exactly_once_across_sigkills_with_redeliveries() {
     let ckpt = dir.path().join("ckpt");
     let t0 = std::time::Instant::now();
     let (mut kills, mut resumed) = (0, 0);
+    // Runs of up to 5 s per 1,000 events: with more events the kills spread over the run, not only its start.
+    let kill_after_ms = (n_events as u64 * 5).max(5_000);
     for round in 0..100 {
         let mut c = run_cmd(&sql, &name, "events", &queue, &ckpt);
         if round % 2 == 1 {
             // Between a checkpoint's completion (metadata written) and its commits and deletes.
             c.args(["--test-fault", "commit=400ms"]);
         }
-        match run_or_kill(c, Duration::from_millis(rng.u64(1_500..5_000))) {
+        match run_or_kill(c, Duration::from_millis(rng.u64(1_500..kill_after_ms))) {
             (RunEnd::Exited(status), err) => panic!("run {round} ended by itself ({status}): {err}"),
             (RunEnd::Killed, err) => {
                 kills += 1;
@@ -348,17 +350,21 @@ fn every_event_lands_exactly_once_across_sigkills_with_redeliveries() {
     // (messages the killed runs held come back after their visibility timeout) and the run stops with a final
     // checkpoint.
     let mut quiet_since: Option<std::time::Instant> = None;
-    let (status, err) = run_until(run_cmd(&sql, &name, "events", &queue, &ckpt), Duration::from_secs(180), || {
-        if !sender.is_finished() || rows_so_far(&name, "events") < n_events as i64 {
-            return false;
-        }
-        let (visible, _) = queue_counts(&queue);
-        if visible > 0 {
-            quiet_since = None;
-            return false;
-        }
-        quiet_since.get_or_insert_with(std::time::Instant::now).elapsed() > Duration::from_secs(4)
-    });
+    let (status, err) = run_until(
+        run_cmd(&sql, &name, "events", &queue, &ckpt),
+        Duration::from_secs(180 + n_events as u64 / 10),
+        || {
+            if !sender.is_finished() || rows_so_far(&name, "events") < n_events as i64 {
+                return false;
+            }
+            let (visible, _) = queue_counts(&queue);
+            if visible > 0 {
+                quiet_since = None;
+                return false;
+            }
+            quiet_since.get_or_insert_with(std::time::Instant::now).elapsed() > Duration::from_secs(4)
+        },
+    );
     eprintln!("last run done at {:?}", t0.elapsed());
     assert!(status.success(), "{err}");
     assert_eq!(sender.join().unwrap(), n_events + n_events / 10);

@@ -163,7 +163,7 @@ async fn bench_decode(args: &SqsArgs, input: &Path) -> Result<()> {
         loop {
             match src.next().await? {
                 SourceEvent::Batch(b) => out.push(b),
-                SourceEvent::Idle(_) => {}
+                SourceEvent::Idle(_) | SourceEvent::Pending => {}
                 SourceEvent::End => break,
             }
         }

@@ -53,7 +53,7 @@ async fn read(source: &mut Box<dyn Source>, batches: Option<usize>, ids: &mut Ve
                 ids.extend((0..col.len()).map(|i| col.value(i).to_string()));
                 n += 1;
             }
-            SourceEvent::Idle(_) => {}
+            SourceEvent::Idle(_) | SourceEvent::Pending => {}
             SourceEvent::End => return,
         }
     }
@@ -127,7 +127,7 @@ async fn read_column(source: &mut Box<dyn Source>, col: usize) -> Vec<String> {
                     out.extend((0..n.len()).map(|i| format!("{:020}", n.value(i))));
                 }
             }
-            SourceEvent::Idle(_) => {}
+            SourceEvent::Idle(_) | SourceEvent::Pending => {}
             SourceEvent::End => return out,
         }
     }

@@ -25,6 +25,9 @@ pub enum SourceEvent {
     Batch(RecordBatch),
     /// Nothing right now; ask again after about this long.
     Idle(Duration),
+    /// Rows are on their way but not here yet (e.g. a reading thread is busy): ask again at once. Unlike `Idle`,
+    /// this never makes the source count as idle for watermarks.
+    Pending,
     /// The input is exhausted (bounded sources only).
     End,
 }

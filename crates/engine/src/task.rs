@@ -574,6 +574,7 @@ pub async fn run_source_task(mut source: Box<dyn Source>, mut driver: SourceDriv
                     _ = tokio::time::sleep(wait.min(Duration::from_millis(200))) => {}
                 }
             }
+            SourceEvent::Pending => {}
             SourceEvent::End => {
                 driver.metrics.set_watermark(chain.subtask, i64::MAX);
                 chain.push_watermark(i64::MAX).await?;

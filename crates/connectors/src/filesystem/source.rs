@@ -17,6 +17,7 @@ use nagare_engine::metrics::NodeMetrics;
 use nagare_sql::SourceSpec;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use tokio::sync::mpsc;
 
 use super::SourceConfig;
 use super::listing::{Resume, Split, assign, list_files, owner_of, plan_splits};
@@ -75,7 +76,6 @@ pub fn compression_for(option: &str, path: &Path) -> Compression {
 
 /// Reads lines of one split in blocks.
 struct TextReader {
-    split: Split,
     /// Stream offset of the split's first byte that counts towards its resume point.
     origin: u64,
     display: String,
@@ -185,7 +185,6 @@ impl TextReader {
 
 /// Reads a Parquet file, projecting and casting to the declared columns.
 struct ParquetReader {
-    split: Split,
     rows_read: u64,
     display: String,
     reader: ParquetRecordBatchReader,
@@ -205,8 +204,8 @@ struct Watch {
     seen: HashSet<PathBuf>,
 }
 
-/// One subtask of a filesystem source.
-pub struct FileSource {
+/// What one subtask reads, and how: runs on its own thread (file reads, decompression and decoding block).
+struct FileReader {
     schema: SchemaRef,
     format: Format,
     compression: String,
@@ -219,9 +218,8 @@ pub struct FileSource {
     ctx: SourceContext,
 }
 
-impl FileSource {
-    /// The subtask `ctx.subtask` of a source over `spec` (configured by `config`), producing `schema`.
-    pub fn new(
+impl FileReader {
+    fn new(
         config: &SourceConfig,
         spec: &SourceSpec,
         schema: SchemaRef,
@@ -258,7 +256,7 @@ impl FileSource {
                 )?)
             }
         };
-        Ok(FileSource {
+        Ok(FileReader {
             schema,
             format,
             compression,
@@ -326,7 +324,6 @@ impl FileSource {
             offset = discard;
         }
         Ok(Reader::Text(TextReader {
-            split: split.clone(),
             origin,
             display,
             input,
@@ -377,7 +374,7 @@ impl FileSource {
             .with_offset(rows_read as usize)
             .build()?;
         NodeMetrics::add(&self.ctx.metrics.bytes, size as usize);
-        Ok(Reader::Parquet(ParquetReader { split: split.clone(), rows_read, display, reader, columns }))
+        Ok(Reader::Parquet(ParquetReader { rows_read, display, reader, columns }))
     }
 
     fn adapt_parquet(&self, r: &ParquetReader, batch: RecordBatch) -> Result<RecordBatch, EngineError> {
@@ -408,12 +405,12 @@ impl FileSource {
         Ok(RecordBatch::try_new(self.schema.clone(), cols)?)
     }
 
-    /// Looks for new files; returns how long to wait if there are none.
-    fn poll_watch(&mut self) -> Result<Option<Duration>, EngineError> {
+    /// Looks for new files: `Ok(None)` when not watching, else what was found (or how long to wait).
+    fn poll_watch(&mut self) -> Result<Option<Polled>, EngineError> {
         let Some(w) = self.watch.as_mut() else { return Ok(None) };
         let now = Instant::now();
         if now < w.next_poll {
-            return Ok(Some(w.next_poll - now));
+            return Ok(Some(Polled::Wait(w.next_poll - now)));
         }
         w.next_poll = now + w.interval;
         let files = match list_files(&w.path) {
@@ -422,21 +419,213 @@ impl FileSource {
             Err(EngineError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
         };
-        let mut new = Vec::new();
-        for f in files {
-            if w.seen.insert(f.clone()) && owner_of(&f, self.ctx.parallelism) == self.ctx.subtask {
-                new.push(f);
-            }
+        let seen: Vec<PathBuf> = files.into_iter().filter(|f| w.seen.insert(f.clone())).collect();
+        let new: Vec<PathBuf> =
+            seen.iter().filter(|f| owner_of(f, self.ctx.parallelism) == self.ctx.subtask).cloned().collect();
+        if seen.is_empty() {
+            return Ok(Some(Polled::Wait(w.interval)));
         }
-        if new.is_empty() {
-            return Ok(Some(w.interval));
+        if !new.is_empty() {
+            tracing::info!(files = new.len(), path = %w.path, "new files to read");
         }
-        tracing::info!(files = new.len(), path = %w.path, "new files to read");
         let format = self.format;
         let compression = self.compression.clone();
         let splittable = |p: &Path| format == Format::Json && compression_for(&compression, p) == Compression::None;
-        self.splits.extend(plan_splits(&new, splittable, self.split_size)?);
-        Ok(Some(Duration::ZERO))
+        let splits = plan_splits(&new, splittable, self.split_size)?;
+        self.splits.extend(splits.iter().cloned());
+        Ok(Some(Polled::Found { seen, splits }))
+    }
+
+    /// The next thing to tell the source task: one read, one open, or one look for new files.
+    fn step(&mut self) -> Result<Step, EngineError> {
+        if self.current.is_none() {
+            return match self.splits.pop_front() {
+                Some(split) => {
+                    self.current = Some(self.open(&split)?);
+                    Ok(Step::Tell(Event::Opened(split)))
+                }
+                None => match self.poll_watch()? {
+                    None => Ok(Step::Tell(Event::End)),
+                    Some(Polled::Wait(wait)) => Ok(Step::Wait(wait)),
+                    Some(Polled::Found { seen, splits }) => Ok(Step::Tell(Event::Found { seen, splits })),
+                },
+            };
+        }
+        let batch_size = self.ctx.batch_size;
+        match self.current.as_mut() {
+            Some(Reader::Text(r)) => match r.next_block(batch_size)? {
+                Some((range, base)) => {
+                    let decoder =
+                        self.decoder.as_mut().ok_or_else(|| EngineError::Internal("no text decoder".into()))?;
+                    let batch = decoder.decode(&r.buf[range], &r.display, base)?;
+                    let resume = Resume { bytes: r.offset - r.origin, line: r.line, rows: 0 };
+                    let last = r.done;
+                    if last {
+                        self.current = None;
+                    }
+                    Ok(Step::Tell(Event::Read { batch, resume, last }))
+                }
+                None => {
+                    self.current = None;
+                    Ok(Step::Tell(Event::Closed))
+                }
+            },
+            Some(Reader::Parquet(r)) => match r.reader.next() {
+                Some(batch) => {
+                    let batch =
+                        batch.map_err(|e| EngineError::Config(format!("reading Parquet file {}: {e}", r.display)))?;
+                    r.rows_read += batch.num_rows() as u64;
+                    let resume = Resume { bytes: 0, line: None, rows: r.rows_read };
+                    let batch = match self.current.as_ref() {
+                        Some(Reader::Parquet(r)) => Some(self.adapt_parquet(r, batch)?),
+                        _ => None,
+                    };
+                    Ok(Step::Tell(Event::Read { batch, resume, last: false }))
+                }
+                None => {
+                    self.current = None;
+                    Ok(Step::Tell(Event::Closed))
+                }
+            },
+            None => Err(EngineError::Internal("no open split".into())),
+        }
+    }
+
+    /// Reads ahead of the source task, a few events at a time, until the input ends, the task goes away or an
+    /// error (which the task gets).
+    fn run(mut self, tx: mpsc::Sender<Result<Event, EngineError>>) {
+        loop {
+            match self.step() {
+                Ok(Step::Tell(event)) => {
+                    let end = matches!(event, Event::End);
+                    if tx.blocking_send(Ok(event)).is_err() || end {
+                        return;
+                    }
+                }
+                Ok(Step::Wait(wait)) => {
+                    // Watching with nothing new: sleep in short steps, so a stopped task does not wait for us.
+                    let until = Instant::now() + wait;
+                    while Instant::now() < until {
+                        if tx.is_closed() {
+                            return;
+                        }
+                        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What a look for new files found.
+enum Polled {
+    /// Nothing new: look again after this long.
+    Wait(Duration),
+    /// Files not seen before (any subtask's) and the splits of those that are this subtask's.
+    Found { seen: Vec<PathBuf>, splits: Vec<Split> },
+}
+
+/// One step of the reading thread.
+enum Step {
+    Tell(Event),
+    Wait(Duration),
+}
+
+/// What the reading thread tells the source task, in order; the task keeps the read position from it.
+#[derive(Debug)]
+enum Event {
+    /// The next split of the queue was opened.
+    Opened(Split),
+    /// Rows of the open split (none when every record of the block was bad); `resume` is where it continues after
+    /// them; `last`: the split is done.
+    Read { batch: Option<RecordBatch>, resume: Resume, last: bool },
+    /// The open split is done.
+    Closed,
+    /// Watching: files seen for the first time, and the splits that join the queue.
+    Found { seen: Vec<PathBuf>, splits: Vec<Split> },
+    /// The input has ended (not watching).
+    End,
+}
+
+/// Events the reading thread may be ahead of the source task by.
+const READ_AHEAD: usize = 2;
+
+/// One subtask of a filesystem source. Reading, decompressing and decoding run on a thread of their own, a few
+/// batches ahead, so a slow disk or a large gzip member never stalls the other tasks of the runtime; the task keeps
+/// the position of what it has handed downstream.
+pub struct FileSource {
+    /// Until the first read.
+    reader: Option<FileReader>,
+    rx: Option<mpsc::Receiver<Result<Event, EngineError>>>,
+    /// Splits not yet opened, in order.
+    queue: VecDeque<Split>,
+    /// The open split, with where it resumes after what was handed downstream.
+    current: Option<Split>,
+    /// Watching: every file seen.
+    seen: Option<HashSet<PathBuf>>,
+    label: String,
+}
+
+impl FileSource {
+    /// The subtask `ctx.subtask` of a source over `spec` (configured by `config`), producing `schema`.
+    pub fn new(
+        config: &SourceConfig,
+        spec: &SourceSpec,
+        schema: SchemaRef,
+        ctx: SourceContext,
+    ) -> Result<Self, EngineError> {
+        let label = format!("nagare-read-{}", ctx.subtask);
+        let reader = FileReader::new(config, spec, schema, ctx)?;
+        let mut source =
+            FileSource { reader: None, rx: None, queue: VecDeque::new(), current: None, seen: None, label };
+        source.follow(reader);
+        Ok(source)
+    }
+
+    /// Takes the reader's queue and seen files as the position (before it starts).
+    fn follow(&mut self, reader: FileReader) {
+        self.queue = reader.splits.clone();
+        self.seen = reader.watch.as_ref().map(|w| w.seen.clone());
+        self.current = None;
+        self.reader = Some(reader);
+    }
+
+    /// Applies an event to the position; the rows to hand on, if any.
+    fn apply(&mut self, event: Event) -> Result<Option<SourceEvent>, EngineError> {
+        match event {
+            Event::Opened(split) => {
+                let next = self.queue.pop_front();
+                if next.as_ref().is_none_or(|n| (&n.path, n.start) != (&split.path, split.start)) {
+                    return Err(EngineError::Internal(format!("reader opened {} out of order", split.path.display())));
+                }
+                self.current = Some(split);
+                Ok(None)
+            }
+            Event::Read { batch, resume, last } => {
+                match self.current.as_mut() {
+                    Some(_) if last => self.current = None,
+                    Some(s) => s.resume = Some(resume),
+                    None => return Err(EngineError::Internal("rows read outside a split".into())),
+                }
+                Ok(batch.map(SourceEvent::Batch))
+            }
+            Event::Closed => {
+                self.current = None;
+                Ok(None)
+            }
+            Event::Found { seen, splits } => {
+                if let Some(s) = self.seen.as_mut() {
+                    s.extend(seen);
+                }
+                self.queue.extend(splits);
+                Ok(None)
+            }
+            Event::End => Ok(Some(SourceEvent::End)),
+        }
     }
 }
 
@@ -460,6 +649,9 @@ impl FileSource {
                 EngineError::Config(format!("checkpoint position of a filesystem source is not valid: {e}"))
             })
         };
+        let Some(mut reader) = self.reader.take() else {
+            return Err(EngineError::Internal("a filesystem source is restored before it reads".into()));
+        };
         let mut splits = Vec::new();
         for p in mine {
             splits.extend(parse(p)?.splits);
@@ -467,14 +659,15 @@ impl FileSource {
         // In the input's own order, whichever old subtask had each split: read one old subtask's rest after
         // another's, event time would jump back and those rows would fall behind the watermark.
         splits.sort_by(|a, b| (&a.path, a.start).cmp(&(&b.path, b.start)));
-        self.splits = splits.into();
-        if let Some(w) = self.watch.as_mut() {
+        reader.splits = splits.into();
+        if let Some(w) = reader.watch.as_mut() {
             w.seen.clear();
             for p in all {
                 w.seen.extend(parse(p)?.seen.unwrap_or_default());
             }
         }
-        self.current = None;
+        reader.current = None;
+        self.follow(reader);
         Ok(())
     }
 }
@@ -482,23 +675,9 @@ impl FileSource {
 #[async_trait]
 impl Source for FileSource {
     fn snapshot_position(&mut self, _checkpoint: nagare_core::CheckpointId) -> Result<serde_json::Value, EngineError> {
-        let mut splits = Vec::with_capacity(self.splits.len() + 1);
-        match &self.current {
-            Some(Reader::Text(r)) if !r.done => {
-                let mut s = r.split.clone();
-                s.resume = Some(Resume { bytes: r.offset - r.origin, line: r.line, rows: 0 });
-                splits.push(s);
-            }
-            Some(Reader::Parquet(r)) => {
-                let mut s = r.split.clone();
-                s.resume = Some(Resume { bytes: 0, line: None, rows: r.rows_read });
-                splits.push(s);
-            }
-            _ => {}
-        }
-        splits.extend(self.splits.iter().cloned());
-        let seen = self.watch.as_ref().map(|w| {
-            let mut v: Vec<PathBuf> = w.seen.iter().cloned().collect();
+        let splits: Vec<Split> = self.current.iter().chain(self.queue.iter()).cloned().collect();
+        let seen = self.seen.as_ref().map(|seen| {
+            let mut v: Vec<PathBuf> = seen.iter().cloned().collect();
             v.sort();
             v
         });
@@ -506,41 +685,31 @@ impl Source for FileSource {
     }
 
     async fn next(&mut self) -> Result<SourceEvent, EngineError> {
+        if let Some(reader) = self.reader.take() {
+            let (tx, rx) = mpsc::channel(READ_AHEAD);
+            std::thread::Builder::new()
+                .name(self.label.clone())
+                .spawn(move || reader.run(tx))
+                .map_err(|e| EngineError::io("starting a file reading thread", e))?;
+            self.rx = Some(rx);
+        }
         loop {
-            if self.current.is_none() {
-                match self.splits.pop_front() {
-                    Some(split) => self.current = Some(self.open(&split)?),
-                    None => match self.poll_watch()? {
-                        None => return Ok(SourceEvent::End),
-                        Some(wait) if wait.is_zero() => continue,
-                        Some(wait) => return Ok(SourceEvent::Idle(wait.min(Duration::from_secs(1)))),
-                    },
+            let Some(rx) = self.rx.as_mut() else { return Ok(SourceEvent::End) };
+            // Not waiting long: coordinator messages (barriers) are taken between calls.
+            let event = match tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+                Ok(Some(event)) => event?,
+                Ok(None) => return Err(EngineError::Internal("the file reading thread ended early".into())),
+                Err(_) if self.current.is_none() && self.queue.is_empty() && self.seen.is_some() => {
+                    // Watching, and nothing left to read: idle.
+                    return Ok(SourceEvent::Idle(Duration::from_millis(100)));
                 }
-            }
-            let batch_size = self.ctx.batch_size;
-            match self.current.as_mut() {
-                Some(Reader::Text(r)) => match r.next_block(batch_size)? {
-                    Some((range, base)) => {
-                        let decoder =
-                            self.decoder.as_mut().ok_or_else(|| EngineError::Internal("no text decoder".into()))?;
-                        if let Some(batch) = decoder.decode(&r.buf[range], &r.display, base)? {
-                            return Ok(SourceEvent::Batch(batch));
-                        }
-                    }
-                    None => self.current = None,
-                },
-                Some(Reader::Parquet(r)) => match r.reader.next() {
-                    Some(batch) => {
-                        let batch = batch
-                            .map_err(|e| EngineError::Config(format!("reading Parquet file {}: {e}", r.display)))?;
-                        r.rows_read += batch.num_rows() as u64;
-                        if let Some(Reader::Parquet(r)) = self.current.as_ref() {
-                            return Ok(SourceEvent::Batch(self.adapt_parquet(r, batch)?));
-                        }
-                    }
-                    None => self.current = None,
-                },
-                None => {}
+                Err(_) => return Ok(SourceEvent::Pending),
+            };
+            if let Some(out) = self.apply(event)? {
+                if matches!(out, SourceEvent::End) {
+                    self.rx = None;
+                }
+                return Ok(out);
             }
         }
     }
