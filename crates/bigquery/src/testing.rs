@@ -40,6 +40,8 @@ pub struct StreamState {
     pub buffered: bool,
     /// BUFFERED: rows `0..flushed` are visible.
     pub flushed: i64,
+    /// The table's schema version when the stream was created.
+    pub schema_version: u64,
 }
 
 impl StreamState {
@@ -67,6 +69,9 @@ pub struct State {
     /// Answer a flush at or behind the flushed offset ALREADY_EXISTS and a flush of a finalized stream
     /// INVALID_ARGUMENT, as Google's Beam connector expects of BigQuery (the default is the documented no-op).
     pub strict_flush: bool,
+    /// Bumped by [`Fake::change_schema`]: appends to streams created before answer with `updated_schema`, as
+    /// BigQuery does once it notices a table's schema changed.
+    pub schema_version: u64,
     next_id: u64,
 }
 
@@ -111,6 +116,11 @@ impl Fake {
     /// Serves on a free loopback port; returns its `http://` endpoint.
     pub async fn serve(&self) -> String {
         serve_write(self.clone()).await
+    }
+
+    /// Someone altered the table (e.g. added a column): streams opened before now report `updated_schema`.
+    pub fn change_schema(&self) {
+        self.state.lock().unwrap().schema_version += 1;
     }
 
     /// Every row of a stream, in offset order.
@@ -164,7 +174,8 @@ impl BigQueryWrite for Fake {
         st.next_id += 1;
         st.streams_created += 1;
         let name = format!("{}/streams/s{}", req.parent, st.next_id);
-        st.streams.insert(name.clone(), StreamState { buffered, ..Default::default() });
+        let schema_version = st.schema_version;
+        st.streams.insert(name.clone(), StreamState { buffered, schema_version, ..Default::default() });
         Ok(Response::new(pb::WriteStream { name, r#type: kind, ..Default::default() }))
     }
 
@@ -204,6 +215,7 @@ impl BigQueryWrite for Fake {
                         return Ok(Ok(error_response(tonic::Code::OutOfRange, "injected", Vec::new())));
                     }
                     let reject = st.reject;
+                    let schema_version = st.schema_version;
                     let Some(stream) = st.streams.get_mut(&req.write_stream) else {
                         return Err(Status::not_found("stream"));
                     };
@@ -238,10 +250,13 @@ impl BigQueryWrite for Fake {
                     if fault == Some(Fault::AckLost) {
                         return Err(Status::unavailable("ack lost (injected)"));
                     }
+                    // The new schema itself is not modelled: its presence is what a writer reacts to.
+                    let updated_schema = (stream.schema_version < schema_version).then(pb::TableSchema::default);
                     Ok(Ok(pb::AppendRowsResponse {
                         response: Some(pb::append_rows_response::Response::AppendResult(
                             pb::append_rows_response::AppendResult { offset: Some(offset) },
                         )),
+                        updated_schema,
                         ..Default::default()
                     }))
                 })();

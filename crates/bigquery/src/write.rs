@@ -242,6 +242,8 @@ impl WriteClient {
             max_inflight: 8,
             max_request_bytes,
             use_offsets: true,
+            bytes_sent: 0,
+            schema_changed: false,
         })
     }
 
@@ -345,6 +347,10 @@ pub struct Appender {
     max_inflight: usize,
     max_request_bytes: usize,
     use_offsets: bool,
+    /// Estimated bytes of every row sent (what stream rotation by size counts).
+    bytes_sent: u64,
+    /// A response said the table's schema changed since the stream was opened.
+    schema_changed: bool,
 }
 
 impl Appender {
@@ -356,6 +362,17 @@ impl Appender {
     /// Rows sent so far (acknowledged or not).
     pub fn rows_sent(&self) -> i64 {
         self.next_offset
+    }
+
+    /// Estimated bytes sent so far (Arrow buffer sizes), so a long-lived stream can be replaced past a size.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    /// Whether BigQuery answered with an `updated_schema`: the table changed under the stream, which a new stream
+    /// sees (Google: a stream's table schema "could go out of date during the life time of the stream").
+    pub fn schema_changed(&self) -> bool {
+        self.schema_changed
     }
 
     fn request(&self, sent: &Sent, with_schema: bool) -> Result<pb::AppendRowsRequest> {
@@ -431,6 +448,7 @@ impl Appender {
             while self.inflight.len() >= self.max_inflight {
                 rejected.extend(self.await_one().await?);
             }
+            self.bytes_sent += approx_bytes(&part) as u64;
             let sent = Sent { offset: self.next_offset, batch: part };
             self.next_offset += sent.batch.num_rows() as i64;
             // Without a connection, connecting sends everything in flight, this request included; encode it once.
@@ -518,6 +536,10 @@ impl Appender {
                     }
                 }
             };
+            if outcome.updated_schema.is_some() && !self.schema_changed {
+                tracing::info!(stream = %self.stream, "BigQuery reports the table's schema changed under this stream");
+                self.schema_changed = true;
+            }
             let Some(front) = self.inflight.front() else {
                 return Err(BqError::Protocol("a response arrived with no request in flight".into()));
             };
