@@ -773,4 +773,26 @@ mod tests {
         let st = job.fake.state.lock().unwrap();
         assert!(st.streams.values().all(|s| s.finalized));
     }
+
+    #[tokio::test]
+    async fn rows_refused_for_a_column_the_stream_has_not_seen_are_resent_and_the_stream_replaced() {
+        let mut job = Job::new(crate::config::DEFAULT_STREAM_MAX_BYTES).await;
+        job.fake.state.lock().unwrap().refuse_stale_schema = true;
+        job.write(100).await;
+        job.checkpoint().await;
+        job.write(100).await;
+        // The table gains a column: the open connection's next append is refused with SCHEMA_MISMATCH_EXTRA_FIELDS,
+        // and a new connection to the same stream takes the rows.
+        job.fake.change_schema();
+        job.write(100).await;
+        let h = job.checkpoint().await;
+        assert!(h.buffered.iter().any(|b| b.retired && b.rows == 300), "{h:?}");
+        job.write(100).await;
+        job.finish().await;
+        assert_eq!(job.stream_rows(), vec![300, 100]);
+        assert_eq!(job.visible(), (0..400).collect::<Vec<_>>());
+        // Everything unacknowledged went again on the new connection: the second batch (answered ALREADY_EXISTS)
+        // and the refused third.
+        assert_eq!(job.fake.state.lock().unwrap().append_requests, 6);
+    }
 }

@@ -72,6 +72,10 @@ pub struct State {
     /// Bumped by [`Fake::change_schema`]: appends to streams created before answer with `updated_schema`, as
     /// BigQuery does once it notices a table's schema changed.
     pub schema_version: u64,
+    /// After a schema change, refuse appends on connections opened before it to streams created before it with
+    /// `SCHEMA_MISMATCH_EXTRA_FIELDS` (rows with a new column, sent where BigQuery has not seen the column yet); a
+    /// new connection takes them.
+    pub refuse_stale_schema: bool,
     next_id: u64,
 }
 
@@ -103,6 +107,25 @@ fn error_response(code: tonic::Code, message: &str, row_errors: Vec<pb::RowError
         row_errors,
         ..Default::default()
     }
+}
+
+/// BigQuery's answer to rows with a column its view of the table lacks.
+fn stale_schema_response() -> pb::AppendRowsResponse {
+    use prost::Message;
+    let detail = pb::StorageError {
+        code: pb::storage_error::StorageErrorCode::SchemaMismatchExtraFields as i32,
+        entity: String::new(),
+        error_message: "Input schema has more fields than BigQuery schema".into(),
+    };
+    let mut r =
+        error_response(tonic::Code::InvalidArgument, "Input schema has more fields than BigQuery schema", Vec::new());
+    if let Some(pb::append_rows_response::Response::Error(status)) = r.response.as_mut() {
+        status.details.push(prost_types::Any {
+            type_url: "type.googleapis.com/google.cloud.bigquery.storage.v1.StorageError".into(),
+            value: detail.encode_to_vec(),
+        });
+    }
+    r
 }
 
 fn decode(schema: &[u8], batch: &[u8]) -> RecordBatch {
@@ -188,6 +211,7 @@ impl BigQueryWrite for Fake {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
+        let opened_at_version = self.state.lock().unwrap().schema_version;
         tokio::spawn(async move {
             let mut schema: Option<Vec<u8>> = None;
             while let Ok(Some(req)) = inbound.message().await {
@@ -216,6 +240,7 @@ impl BigQueryWrite for Fake {
                     }
                     let reject = st.reject;
                     let schema_version = st.schema_version;
+                    let refuse_stale = st.refuse_stale_schema && opened_at_version < schema_version;
                     let Some(stream) = st.streams.get_mut(&req.write_stream) else {
                         return Err(Status::not_found("stream"));
                     };
@@ -241,6 +266,9 @@ impl BigQueryWrite for Fake {
                     }
                     if offset > stream.row_count {
                         return Ok(Ok(error_response(tonic::Code::OutOfRange, "offset beyond the end", Vec::new())));
+                    }
+                    if refuse_stale && stream.schema_version < schema_version {
+                        return Ok(Ok(stale_schema_response()));
                     }
                     if !bad.is_empty() {
                         return Ok(Ok(error_response(tonic::Code::InvalidArgument, "rows have errors", bad)));

@@ -316,6 +316,17 @@ pub fn split_for_requests(batch: &RecordBatch, max_bytes: usize) -> Vec<RecordBa
     (0..n).step_by(per).map(|start| batch.slice(start, per.min(n - start))).collect()
 }
 
+/// Whether an append failed because its rows have columns the stream's view of the table lacks
+/// (`SCHEMA_MISMATCH_EXTRA_FIELDS`): the table gained them after the stream (or its connection) was opened.
+fn stale_schema(status: &googleapis_tonic_google_cloud_bigquery_storage_v1::google::rpc::Status) -> bool {
+    use prost::Message;
+    status.details.iter().any(|d| {
+        d.type_url.ends_with("google.cloud.bigquery.storage.v1.StorageError")
+            && pb::StorageError::decode(d.value.as_slice())
+                .is_ok_and(|e| e.code == pb::storage_error::StorageErrorCode::SchemaMismatchExtraFields as i32)
+    })
+}
+
 /// Rows a request carried, kept until acknowledged so they can be resent.
 struct Sent {
     offset: i64,
@@ -559,6 +570,14 @@ impl Appender {
                     let e = BqError::Grpc { call: "AppendRows", code, message: status.message.clone() };
                     if !outcome.row_errors.is_empty() {
                         return self.reject_rows(&outcome.row_errors).await;
+                    }
+                    if stale_schema(&status) {
+                        // Google: once the Storage Write API has seen the new schema (within minutes), a new
+                        // connection takes rows of it. Nothing at this offset was written; the rows are resent, and
+                        // the stream is replaced at the next barrier.
+                        self.schema_changed = true;
+                        self.reconnect_with_backoff(&mut backoff, Some(&e)).await?;
+                        continue;
                     }
                     match append_reaction(code) {
                         Reaction::AlreadyWritten => {
