@@ -300,7 +300,7 @@ impl ConnectorSpec for BigQuerySpec {
             return Err(o.error("stream_max_age", "must be at least 1s"));
         }
         if let Some(bytes) = o.get_bytes("stream_max_bytes")
-            && bytes < 64 * 1024
+            && bytes < 64_000
         {
             return Err(o.error(
                 "stream_max_bytes",

@@ -407,6 +407,8 @@ pub struct InclusiveFlushProxy {
     upstream: pb::big_query_write_client::BigQueryWriteClient<tonic::transport::Channel>,
     /// The highest (inclusive) offset flushed through this proxy, per stream.
     flushed: Arc<Mutex<HashMap<String, i64>>>,
+    /// `CreateWriteStream` calls forwarded.
+    pub created: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl InclusiveFlushProxy {
@@ -418,6 +420,7 @@ impl InclusiveFlushProxy {
                 .max_encoding_message_size(64 * 1024 * 1024)
                 .max_decoding_message_size(64 * 1024 * 1024),
             flushed: Arc::default(),
+            created: Arc::default(),
         }
     }
 
@@ -433,7 +436,11 @@ impl BigQueryWrite for InclusiveFlushProxy {
         &self,
         request: Request<pb::CreateWriteStreamRequest>,
     ) -> Result<Response<pb::WriteStream>, Status> {
-        self.upstream.clone().create_write_stream(request.into_inner()).await
+        let r = self.upstream.clone().create_write_stream(request.into_inner()).await;
+        if r.is_ok() {
+            self.created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
     }
 
     type AppendRowsStream = AppendStream;
