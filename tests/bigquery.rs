@@ -187,26 +187,34 @@ fn double_count(fake: &nagare_bigquery::testing::Fake, dataset: &str, table: &st
     (keys.len() as i64, distinct.len() as i64)
 }
 
+/// Small enough that each subtask's stream (about 100 KB of rows a second) is replaced every second or third
+/// checkpoint: rotations land between and across the kills.
+const ROTATE_OFTEN: &str = ", stream_max_bytes = '64KB'";
+
 #[test]
-fn append_per_subtask_is_exactly_once_across_sigkills_on_the_emulator() {
+fn append_per_subtask_is_exactly_once_across_sigkills_and_rotations_on_the_emulator() {
     const N: usize = 40_000;
     // The checkpoint interval (300 ms) makes commit = 'auto' choose per_subtask; the proxy adapts the emulator's
     // FlushRows to Google's semantics (its offset is exclusive there).
     let rt = tokio::runtime::Runtime::new().unwrap();
     let upstream = bigquery()["BIGQUERY_GRPC_ENDPOINT"].clone();
-    let grpc = rt.block_on(async { nagare_bigquery::testing::InclusiveFlushProxy::new(&upstream).serve().await });
+    let proxy = rt.block_on(async { nagare_bigquery::testing::InclusiveFlushProxy::new(&upstream) });
+    let grpc = rt.block_on(proxy.serve());
     let dataset = format!("buffered_{}", std::process::id());
     bq_dataset(&dataset);
     let dir = tempfile::tempdir().unwrap();
     let sql = dir.path().join("p.sql");
-    std::fs::write(&sql, pipeline_via(&grpc, N, "")).unwrap();
+    std::fs::write(&sql, pipeline_via(&grpc, N, ROTATE_OFTEN)).unwrap();
     let table = crash_loop(&sql, &dataset, "events", &dir.path().join("ckpt"), 81);
     assert_eq!(count(&dataset, &table), (N as i64, N as i64));
+    let created = proxy.created.load(std::sync::atomic::Ordering::Relaxed);
+    // Without rotation: two streams per run, about 30 in all; measured with it: 70 to 150.
+    assert!(created >= 45, "streams were rotated many times: {created} created");
     drop(rt);
 }
 
 #[test]
-fn append_per_subtask_is_exactly_once_across_sigkills_on_the_double() {
+fn append_per_subtask_is_exactly_once_across_sigkills_and_rotations_on_the_double() {
     const N: usize = 40_000;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fake = nagare_bigquery::testing::Fake::default();
@@ -215,12 +223,14 @@ fn append_per_subtask_is_exactly_once_across_sigkills_on_the_double() {
     bq_dataset(&dataset);
     let dir = tempfile::tempdir().unwrap();
     let sql = dir.path().join("p.sql");
-    std::fs::write(&sql, pipeline_via(&grpc, N, ", commit = 'per_subtask'")).unwrap();
+    std::fs::write(&sql, pipeline_via(&grpc, N, &format!(", commit = 'per_subtask'{ROTATE_OFTEN}"))).unwrap();
     let table = crash_loop(&sql, &dataset, "events", &dir.path().join("ckpt"), 82);
     assert_eq!(double_count(&fake, &dataset, &table), (N as i64, N as i64));
     let st = fake.state.lock().unwrap();
     let finalized = st.streams.values().filter(|s| s.buffered && s.finalized).count();
     assert!(finalized >= 10, "recoveries finalized the restored streams: {finalized}");
+    // Without rotation: two streams per run, about 30 in all.
+    assert!(st.streams_created >= 45, "streams were rotated many times: {} created", st.streams_created);
     drop(st);
     drop(rt);
 }
@@ -273,6 +283,7 @@ fn per_subtask_creates_streams_per_subtask_and_age_not_per_checkpoint() {
             "only used with write_mode = 'append'",
         ),
         (", stream_max_age = '10ms'", "at least 1s"),
+        (", stream_max_bytes = '1KB'", "at least 64KB"),
     ] {
         std::fs::write(&sql, pipeline_via("http://127.0.0.1:9", 10, opts)).unwrap();
         let (status, err) = finish(nagare(&sql, &dataset, "refused", &[]));

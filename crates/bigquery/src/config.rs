@@ -40,6 +40,9 @@ pub struct BigQueryConfig {
     pub commit: String,
     /// `stream_max_age`.
     pub stream_max_age: Duration,
+    /// `stream_max_bytes`.
+    #[serde(default = "default_stream_max_bytes")]
+    pub stream_max_bytes: u64,
     /// `sequence_by` (upsert).
     pub sequence_by: Vec<String>,
     /// `change_type_column` (upsert).
@@ -72,6 +75,13 @@ pub struct BigQueryConfig {
     pub primary_key: Vec<String>,
 }
 
+/// `stream_max_bytes` when not set (and in plans made before the option existed).
+pub const DEFAULT_STREAM_MAX_BYTES: u64 = 10 * 1000 * 1000 * 1000;
+
+fn default_stream_max_bytes() -> u64 {
+    DEFAULT_STREAM_MAX_BYTES
+}
+
 /// A comma-separated column list option.
 pub(crate) fn columns_of(opts: &Options, name: &str) -> Vec<String> {
     opts.get_str(name)
@@ -99,6 +109,7 @@ impl BigQueryConfig {
             mode,
             commit: o.get_str("commit").unwrap_or_else(|| "auto".into()),
             stream_max_age: o.get_duration("stream_max_age").unwrap_or(Duration::from_secs(3600)),
+            stream_max_bytes: o.get_bytes("stream_max_bytes").unwrap_or(DEFAULT_STREAM_MAX_BYTES),
             sequence_by: columns_of(o, "sequence_by"),
             change_type_column: o.get_str("change_type_column"),
             staging_uri: o.get_str("staging_uri").map(trim),

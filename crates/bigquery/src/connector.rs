@@ -53,6 +53,13 @@ pub const OPTIONS: &[OptionSpec] = &[
          this age",
     ),
     OptionSpec::optional(
+        "stream_max_bytes",
+        OptionKind::ByteSize,
+        Some("10GB"),
+        "commit = 'per_subtask': a subtask's write stream is replaced by a new one at the first checkpoint after \
+         this much has been appended to it (also replaced when BigQuery reports the table's schema changed)",
+    ),
+    OptionSpec::optional(
         "sequence_by",
         OptionKind::String,
         None,
@@ -279,7 +286,7 @@ impl ConnectorSpec for BigQuerySpec {
                 return Err(o.error(name, "only used with write_mode = 'load'"));
             }
         }
-        for name in ["commit", "stream_max_age"] {
+        for name in ["commit", "stream_max_age", "stream_max_bytes"] {
             if o.is_set(name) && mode != "append" {
                 return Err(o.error(
                     name,
@@ -291,6 +298,14 @@ impl ConnectorSpec for BigQuerySpec {
             && age < Duration::from_secs(1)
         {
             return Err(o.error("stream_max_age", "must be at least 1s"));
+        }
+        if let Some(bytes) = o.get_bytes("stream_max_bytes")
+            && bytes < 64_000
+        {
+            return Err(o.error(
+                "stream_max_bytes",
+                "must be at least 64KB (a new write stream per checkpoint would meet BigQuery's CreateWriteStream quota)",
+            ));
         }
         for name in ["sequence_by", "change_type_column"] {
             if o.is_set(name) && mode != "upsert" {

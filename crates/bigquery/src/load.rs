@@ -331,6 +331,7 @@ mod tests {
             merge: None,
             commit: "auto".into(),
             stream_max_age: std::time::Duration::from_secs(3600),
+            stream_max_bytes: crate::config::DEFAULT_STREAM_MAX_BYTES,
         };
         let t = spec_target("t");
         assert_eq!(job_id(&t, &["a", "b"]), job_id(&t, &["b", "a"]));

@@ -8,8 +8,11 @@
 //! `{stream, rows appended}` in the checkpoint; when the checkpoint completes the committer calls `FlushRows` up to
 //! that offset (inclusive: rows - 1), which makes exactly those rows visible. Flushing is idempotent, so recovery
 //! flushes the restored checkpoint's offsets again, then finalizes those streams (rows appended after the
-//! checkpoint stay in their buffers, never visible) and the new run writes to new streams. A stream is replaced
-//! after `stream_max_age`. Streams are created about once per subtask per `stream_max_age`, not per checkpoint.
+//! checkpoint stay in their buffers, never visible) and the new run writes to new streams. A stream is replaced at
+//! the first barrier after `stream_max_age`, after `stream_max_bytes`, or after BigQuery reported a schema change:
+//! the checkpoint lists it (retired, with its final row count) next to the streams still open, so the old stream's
+//! last rows flush when that checkpoint completes and the new stream holds only rows after the barrier. Streams are
+//! created about once per subtask per `stream_max_age` (or per `stream_max_bytes` written), not per checkpoint.
 //!
 //! `commit = 'atomic'`: each sink subtask writes an epoch's rows to its own PENDING write
 //! stream; at the checkpoint barrier it waits for every acknowledgement, finalizes the stream, checks the row count
@@ -250,7 +253,7 @@ impl BigQuerySink {
                     "this sink may create write streams near BigQuery's CreateWriteStream quota: with commit = \
                      'atomic' a stream per subtask per checkpoint (use commit = 'per_subtask', a longer \
                      checkpoint_interval or fewer sink subtasks); with 'per_subtask' one per subtask per \
-                     stream_max_age (raise it)"
+                     stream_max_age or stream_max_bytes (raise them)"
                 );
             }
         }
@@ -284,13 +287,15 @@ impl BigQuerySink {
     }
 
     /// `per_subtask` at the barrier: everything sent is acknowledged, the current stream's row count goes in the
-    /// checkpoint, and a stream past `stream_max_age` is retired (its last rows flush with this checkpoint).
+    /// checkpoint, and a stream due for replacement (see [`BigQuerySink::rotation`]) is retired: its last rows flush
+    /// with this checkpoint and rows after the barrier go to a new stream.
     async fn pre_commit_buffered(&mut self, checkpoint: CheckpointId) -> Result<(), EngineError> {
         let Some(a) = self.current.as_mut() else { return Ok(()) };
         let rejected = a.flush().await?;
         let (stream, rows) = (a.stream().to_string(), a.rows_sent());
         self.dead_letter(rejected)?;
-        let retire = self.opened.is_some_and(|t| t.elapsed() >= self.target.stream_max_age);
+        let why = self.rotation();
+        let retire = why.is_some();
         match self.unflushed.iter_mut().find(|b| b.name == stream) {
             Some(b) => {
                 b.rows = rows;
@@ -305,12 +310,29 @@ impl BigQuerySink {
                 flushed: 0,
             }),
         }
-        if retire && let Some(mut a) = self.current.take() {
+        if let Some(why) = why
+            && let Some(mut a) = self.current.take()
+        {
             a.close();
             self.opened = None;
-            tracing::debug!(stream, rows, "write stream reached stream_max_age: the next rows go to a new one");
+            tracing::debug!(stream, rows, reason = why, "write stream retired: the next rows go to a new one");
         }
         Ok(())
+    }
+
+    /// Why the current BUFFERED stream should be replaced at this barrier, if it should: its age or size passed
+    /// `stream_max_age` / `stream_max_bytes`, or BigQuery reported the table's schema changed under it.
+    fn rotation(&self) -> Option<&'static str> {
+        let a = self.current.as_ref()?;
+        if a.schema_changed() {
+            Some("the table's schema changed")
+        } else if a.bytes_sent() >= self.target.stream_max_bytes {
+            Some("stream_max_bytes")
+        } else if self.opened.is_some_and(|t| t.elapsed() >= self.target.stream_max_age) {
+            Some("stream_max_age")
+        } else {
+            None
+        }
     }
 
     fn dead_letter(&self, rejected: Vec<Rejected>) -> Result<(), EngineError> {
@@ -457,6 +479,7 @@ mod tests {
             merge: None,
             commit: commit.into(),
             stream_max_age: Duration::from_secs(3600),
+            stream_max_bytes: crate::config::DEFAULT_STREAM_MAX_BYTES,
         };
         let every = |s: u64| Some(Duration::from_secs(s));
         assert!(target("auto").buffered(every(1)));
@@ -476,5 +499,300 @@ mod tests {
         let h: CommitHandle = serde_json::from_value(old).unwrap();
         assert!(h.buffered.is_empty());
         assert_eq!(h.streams.len(), 1);
+    }
+
+    /// A `per_subtask` sink on the test double, driven the way the engine drives it: writes, barriers, the table's
+    /// commit when a checkpoint completes, then the subtask's; a crash drops the sink and recovers the table from the
+    /// last completed checkpoint, and the source replays the rows after it.
+    struct Job {
+        fake: crate::testing::Fake,
+        spec: SinkSpec,
+        committer: Arc<dyn nagare_engine::connector::Committer>,
+        sink: Option<BigQuerySink>,
+        /// Ids written so far (the source's position).
+        next: i64,
+        checkpoint: u64,
+        /// The last completed checkpoint's handles, and the source position it holds.
+        completed: (Vec<serde_json::Value>, i64),
+        /// The last barrier's handle and position, until its checkpoint completes.
+        pending: Option<(serde_json::Value, i64)>,
+    }
+
+    const TABLE: &str = "projects/p/datasets/d/tables/t";
+
+    fn id_schema() -> SchemaRef {
+        Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
+            "id",
+            arrow::datatypes::DataType::Int64,
+            false,
+        )]))
+    }
+
+    impl Job {
+        async fn new(stream_max_bytes: u64) -> Job {
+            use nagare_engine::connector::Connector;
+            let fake = crate::testing::Fake::default();
+            let endpoint = fake.serve().await;
+            let mut config = crate::config::BigQueryConfig::from_table(&nagare_sql::TableDef {
+                name: "bq".into(),
+                connector: "bigquery".into(),
+                schema: id_schema(),
+                has_columns: true,
+                watermark: None,
+                primary_key: Vec::new(),
+                options: nagare_sql::Options::default(),
+                raw_options: Vec::new(),
+                config: serde_json::Value::Null,
+                location: None,
+            });
+            config.project = "p".into();
+            config.dataset = "d".into();
+            config.table = "t".into();
+            config.commit = "per_subtask".into();
+            config.credentials = "none".into();
+            config.endpoint = endpoint;
+            config.rest_endpoint = "http://127.0.0.1:9".into();
+            config.stream_max_bytes = stream_max_bytes;
+            let table = nagare_sql::TableDef {
+                name: "bq".into(),
+                connector: "bigquery".into(),
+                schema: id_schema(),
+                has_columns: true,
+                watermark: None,
+                primary_key: Vec::new(),
+                options: nagare_sql::Options::default(),
+                raw_options: Vec::new(),
+                config: serde_json::to_value(&config).unwrap(),
+                location: None,
+            };
+            let spec = SinkSpec { table: Arc::new(table) };
+            let committer = crate::BigQuerySpec.committer(&spec).unwrap();
+            let mut job = Job {
+                fake,
+                spec,
+                committer,
+                sink: None,
+                next: 0,
+                checkpoint: 0,
+                completed: (Vec::new(), 0),
+                pending: None,
+            };
+            job.start();
+            job
+        }
+
+        fn start(&mut self) {
+            let ctx = SinkContext {
+                subtask: 0,
+                parallelism: 1,
+                run_id: "r".into(),
+                metrics: Arc::new(nagare_engine::metrics::NodeMetrics::new(0, "bq".into(), "sink", 1)),
+                exactly_once: true,
+                checkpoint_interval: Some(Duration::from_secs(1)),
+                dead_letter: None,
+            };
+            self.sink = Some(BigQuerySink::new(&self.spec, id_schema(), ctx).unwrap());
+        }
+
+        fn sink(&mut self) -> &mut BigQuerySink {
+            self.sink.as_mut().unwrap()
+        }
+
+        /// Writes the next `n` ids.
+        async fn write(&mut self, n: i64) {
+            let ids = arrow::array::Int64Array::from_iter_values(self.next..self.next + n);
+            let batch = RecordBatch::try_new(id_schema(), vec![Arc::new(ids)]).unwrap();
+            self.next += n;
+            self.sink().write(batch).await.unwrap();
+        }
+
+        /// The barrier of the next checkpoint; returns its handle.
+        async fn barrier(&mut self) -> CommitHandle {
+            self.checkpoint += 1;
+            let id = CheckpointId(self.checkpoint);
+            let h = self.sink().pre_commit(id, false).await.unwrap();
+            self.pending = Some((h.clone(), self.next));
+            serde_json::from_value(h).unwrap()
+        }
+
+        /// The checkpoint's metadata is written: the commit point.
+        fn complete(&mut self) {
+            let (h, at) = self.pending.take().unwrap();
+            self.completed = (vec![h], at);
+        }
+
+        /// The table's commit of the completed checkpoint (the flushes).
+        async fn commit_table(&mut self) {
+            self.committer.commit(&self.completed.0).await.unwrap();
+        }
+
+        /// The subtask's commit (retired streams are finalized).
+        async fn commit_subtask(&mut self) {
+            let id = CheckpointId(self.checkpoint);
+            self.sink().commit(id).await.unwrap();
+        }
+
+        async fn checkpoint(&mut self) -> CommitHandle {
+            let h = self.barrier().await;
+            self.complete();
+            self.commit_table().await;
+            self.commit_subtask().await;
+            h
+        }
+
+        /// SIGKILL: the sink is gone; the next run recovers the table and replays from the completed checkpoint.
+        async fn crash_and_recover(&mut self) {
+            self.sink = None;
+            self.pending = None;
+            self.committer.recover(&self.completed.0).await.unwrap();
+            self.next = self.completed.1;
+            self.start();
+        }
+
+        async fn finish(&mut self) {
+            self.checkpoint().await;
+            self.sink().finish().await.unwrap();
+        }
+
+        fn visible(&self) -> Vec<i64> {
+            self.fake.visible_keys(TABLE).iter().map(|k| k.parse().unwrap()).collect()
+        }
+
+        /// Rows in each stream, in creation order.
+        fn stream_rows(&self) -> Vec<i64> {
+            let st = self.fake.state.lock().unwrap();
+            let mut v: Vec<(u64, i64)> = st
+                .streams
+                .iter()
+                .map(|(n, s)| (n.rsplit("/s").next().unwrap().parse().unwrap(), s.row_count))
+                .collect();
+            v.sort();
+            v.into_iter().map(|(_, r)| r).collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_past_stream_max_bytes_is_replaced_at_a_barrier_and_every_row_is_visible_once() {
+        // 100 ids are about 900 bytes: a stream passes 2,000 bytes in its third batch, during its second checkpoint.
+        let mut job = Job::new(2_000).await;
+        let mut rotations = 0;
+        for c in 1..=10 {
+            job.write(100).await;
+            job.write(100).await;
+            let h = job.checkpoint().await;
+            rotations += h.buffered.iter().filter(|b| b.retired).count();
+            assert_eq!(job.visible(), (0..c * 200).collect::<Vec<_>>(), "checkpoint {c}: its rows, once");
+        }
+        job.finish().await;
+        assert_eq!(job.visible(), (0..2_000).collect::<Vec<_>>());
+        let per_stream = job.stream_rows();
+        // A rotation every second checkpoint; the one at the tenth leaves no rows for another stream.
+        assert_eq!(per_stream.len(), rotations, "a new stream after each rotation: {per_stream:?}");
+        assert_eq!(rotations, 5, "{per_stream:?}");
+        assert!(per_stream.iter().all(|r| r % 200 == 0), "streams change only at barriers: {per_stream:?}");
+        let st = job.fake.state.lock().unwrap();
+        assert!(st.streams.values().all(|s| s.finalized), "retired streams are finalized once flushed");
+        assert_eq!(st.streams_created, per_stream.len(), "each rotation is one CreateWriteStream");
+        let metric = nagare_engine::metrics::NodeMetrics::get(&job.sink.as_ref().unwrap().ctx.metrics.streams_created);
+        assert_eq!(metric as usize, st.streams_created, "counted in nagare_write_streams_created_total");
+    }
+
+    /// Where a SIGKILL lands around a rotation at barrier 3.
+    #[derive(Debug, Clone, Copy)]
+    enum Kill {
+        /// After the barrier decided to rotate, before the checkpoint completed.
+        BeforeComplete,
+        /// After the commit point, before the old stream's flush.
+        BeforeFlush,
+        /// After the flush, before the old stream is finalized.
+        BeforeFinalize,
+        /// After the finalize, before the first append to the new stream.
+        BeforeNewAppend,
+        /// After appends to the new stream, before the next barrier.
+        AfterNewAppend,
+    }
+
+    #[tokio::test]
+    async fn a_kill_anywhere_around_a_rotation_leaves_every_row_once() {
+        use Kill::*;
+        for strict in [false, true] {
+            for kill in [BeforeComplete, BeforeFlush, BeforeFinalize, BeforeNewAppend, AfterNewAppend] {
+                // Every checkpoint's 200 ids pass 1,000 bytes: a rotation at every barrier.
+                let mut job = Job::new(1_000).await;
+                job.fake.state.lock().unwrap().strict_flush = strict;
+                for _ in 0..2 {
+                    job.write(200).await;
+                    job.checkpoint().await;
+                }
+                job.write(200).await;
+                let h = job.barrier().await;
+                assert!(h.buffered.iter().any(|b| b.retired), "barrier 3 rotates");
+                if !matches!(kill, BeforeComplete) {
+                    job.complete();
+                    if !matches!(kill, BeforeFlush) {
+                        job.commit_table().await;
+                        if !matches!(kill, BeforeFinalize) {
+                            job.commit_subtask().await;
+                            if matches!(kill, AfterNewAppend) {
+                                job.write(150).await;
+                            }
+                        }
+                    }
+                }
+                job.crash_and_recover().await;
+                // A recovered job sees exactly the restored checkpoint's rows; the replay writes the rest once.
+                assert_eq!(job.visible(), (0..job.next).collect::<Vec<_>>(), "{kill:?} strict={strict}");
+                while job.next < 1_000 {
+                    job.write(200.min(1_000 - job.next)).await;
+                    job.checkpoint().await;
+                }
+                job.finish().await;
+                assert_eq!(job.visible(), (0..1_000).collect::<Vec<_>>(), "{kill:?} strict={strict}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_schema_change_replaces_the_stream_at_the_next_barrier() {
+        let mut job = Job::new(crate::config::DEFAULT_STREAM_MAX_BYTES).await;
+        job.write(100).await;
+        job.checkpoint().await;
+        job.write(100).await;
+        // Someone adds a column: the next acknowledgements carry updated_schema.
+        job.fake.change_schema();
+        job.write(100).await;
+        job.write(100).await;
+        let h = job.checkpoint().await;
+        assert!(h.buffered.iter().any(|b| b.retired && b.rows == 400), "{h:?}");
+        assert_eq!(job.stream_rows(), vec![400], "the stream keeps its checkpoint's rows after the change");
+        job.write(100).await;
+        job.checkpoint().await;
+        job.finish().await;
+        assert_eq!(job.stream_rows(), vec![400, 100], "the rows after the barrier went to a new stream");
+        assert_eq!(job.visible(), (0..500).collect::<Vec<_>>());
+        let st = job.fake.state.lock().unwrap();
+        assert!(st.streams.values().all(|s| s.finalized));
+    }
+
+    #[tokio::test]
+    async fn rows_refused_for_a_column_the_stream_has_not_seen_are_resent_and_the_stream_replaced() {
+        let mut job = Job::new(crate::config::DEFAULT_STREAM_MAX_BYTES).await;
+        job.fake.state.lock().unwrap().refuse_stale_schema = true;
+        job.write(100).await;
+        job.checkpoint().await;
+        job.write(100).await;
+        // The table gains a column: the open connection's next append is refused with SCHEMA_MISMATCH_EXTRA_FIELDS,
+        // and a new connection to the same stream takes the rows.
+        job.fake.change_schema();
+        job.write(100).await;
+        let h = job.checkpoint().await;
+        assert!(h.buffered.iter().any(|b| b.retired && b.rows == 300), "{h:?}");
+        job.write(100).await;
+        job.finish().await;
+        assert_eq!(job.stream_rows(), vec![300, 100]);
+        assert_eq!(job.visible(), (0..400).collect::<Vec<_>>());
+        // Everything unacknowledged went again on the new connection: the second batch (answered ALREADY_EXISTS)
+        // and the refused third.
+        assert_eq!(job.fake.state.lock().unwrap().append_requests, 6);
     }
 }

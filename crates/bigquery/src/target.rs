@@ -33,6 +33,8 @@ pub struct Target {
     pub commit: String,
     /// `stream_max_age`.
     pub stream_max_age: Duration,
+    /// `stream_max_bytes`.
+    pub stream_max_bytes: u64,
 }
 
 /// Where the merge mode stages rows, and what it matches on.
@@ -60,6 +62,7 @@ impl Target {
         Ok(Target {
             commit: c.commit.clone(),
             stream_max_age: c.stream_max_age,
+            stream_max_bytes: c.stream_max_bytes,
             merge,
             table,
             auth: Auth::from_option(&c.credentials)?,

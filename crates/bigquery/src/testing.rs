@@ -40,6 +40,8 @@ pub struct StreamState {
     pub buffered: bool,
     /// BUFFERED: rows `0..flushed` are visible.
     pub flushed: i64,
+    /// The table's schema version when the stream was created.
+    pub schema_version: u64,
 }
 
 impl StreamState {
@@ -67,6 +69,13 @@ pub struct State {
     /// Answer a flush at or behind the flushed offset ALREADY_EXISTS and a flush of a finalized stream
     /// INVALID_ARGUMENT, as Google's Beam connector expects of BigQuery (the default is the documented no-op).
     pub strict_flush: bool,
+    /// Bumped by [`Fake::change_schema`]: appends to streams created before answer with `updated_schema`, as
+    /// BigQuery does once it notices a table's schema changed.
+    pub schema_version: u64,
+    /// After a schema change, refuse appends on connections opened before it to streams created before it with
+    /// `SCHEMA_MISMATCH_EXTRA_FIELDS` (rows with a new column, sent where BigQuery has not seen the column yet); a
+    /// new connection takes them.
+    pub refuse_stale_schema: bool,
     next_id: u64,
 }
 
@@ -100,6 +109,25 @@ fn error_response(code: tonic::Code, message: &str, row_errors: Vec<pb::RowError
     }
 }
 
+/// BigQuery's answer to rows with a column its view of the table lacks.
+fn stale_schema_response() -> pb::AppendRowsResponse {
+    use prost::Message;
+    let detail = pb::StorageError {
+        code: pb::storage_error::StorageErrorCode::SchemaMismatchExtraFields as i32,
+        entity: String::new(),
+        error_message: "Input schema has more fields than BigQuery schema".into(),
+    };
+    let mut r =
+        error_response(tonic::Code::InvalidArgument, "Input schema has more fields than BigQuery schema", Vec::new());
+    if let Some(pb::append_rows_response::Response::Error(status)) = r.response.as_mut() {
+        status.details.push(prost_types::Any {
+            type_url: "type.googleapis.com/google.cloud.bigquery.storage.v1.StorageError".into(),
+            value: detail.encode_to_vec(),
+        });
+    }
+    r
+}
+
 fn decode(schema: &[u8], batch: &[u8]) -> RecordBatch {
     let mut bytes = schema.to_vec();
     bytes.extend_from_slice(batch);
@@ -111,6 +139,11 @@ impl Fake {
     /// Serves on a free loopback port; returns its `http://` endpoint.
     pub async fn serve(&self) -> String {
         serve_write(self.clone()).await
+    }
+
+    /// Someone altered the table (e.g. added a column): streams opened before now report `updated_schema`.
+    pub fn change_schema(&self) {
+        self.state.lock().unwrap().schema_version += 1;
     }
 
     /// Every row of a stream, in offset order.
@@ -164,7 +197,8 @@ impl BigQueryWrite for Fake {
         st.next_id += 1;
         st.streams_created += 1;
         let name = format!("{}/streams/s{}", req.parent, st.next_id);
-        st.streams.insert(name.clone(), StreamState { buffered, ..Default::default() });
+        let schema_version = st.schema_version;
+        st.streams.insert(name.clone(), StreamState { buffered, schema_version, ..Default::default() });
         Ok(Response::new(pb::WriteStream { name, r#type: kind, ..Default::default() }))
     }
 
@@ -177,6 +211,7 @@ impl BigQueryWrite for Fake {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
+        let opened_at_version = self.state.lock().unwrap().schema_version;
         tokio::spawn(async move {
             let mut schema: Option<Vec<u8>> = None;
             while let Ok(Some(req)) = inbound.message().await {
@@ -204,6 +239,8 @@ impl BigQueryWrite for Fake {
                         return Ok(Ok(error_response(tonic::Code::OutOfRange, "injected", Vec::new())));
                     }
                     let reject = st.reject;
+                    let schema_version = st.schema_version;
+                    let refuse_stale = st.refuse_stale_schema && opened_at_version < schema_version;
                     let Some(stream) = st.streams.get_mut(&req.write_stream) else {
                         return Err(Status::not_found("stream"));
                     };
@@ -230,6 +267,9 @@ impl BigQueryWrite for Fake {
                     if offset > stream.row_count {
                         return Ok(Ok(error_response(tonic::Code::OutOfRange, "offset beyond the end", Vec::new())));
                     }
+                    if refuse_stale && stream.schema_version < schema_version {
+                        return Ok(Ok(stale_schema_response()));
+                    }
                     if !bad.is_empty() {
                         return Ok(Ok(error_response(tonic::Code::InvalidArgument, "rows have errors", bad)));
                     }
@@ -238,10 +278,13 @@ impl BigQueryWrite for Fake {
                     if fault == Some(Fault::AckLost) {
                         return Err(Status::unavailable("ack lost (injected)"));
                     }
+                    // The new schema itself is not modelled: its presence is what a writer reacts to.
+                    let updated_schema = (stream.schema_version < schema_version).then(pb::TableSchema::default);
                     Ok(Ok(pb::AppendRowsResponse {
                         response: Some(pb::append_rows_response::Response::AppendResult(
                             pb::append_rows_response::AppendResult { offset: Some(offset) },
                         )),
+                        updated_schema,
                         ..Default::default()
                     }))
                 })();
@@ -364,6 +407,8 @@ pub struct InclusiveFlushProxy {
     upstream: pb::big_query_write_client::BigQueryWriteClient<tonic::transport::Channel>,
     /// The highest (inclusive) offset flushed through this proxy, per stream.
     flushed: Arc<Mutex<HashMap<String, i64>>>,
+    /// `CreateWriteStream` calls forwarded.
+    pub created: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl InclusiveFlushProxy {
@@ -375,6 +420,7 @@ impl InclusiveFlushProxy {
                 .max_encoding_message_size(64 * 1024 * 1024)
                 .max_decoding_message_size(64 * 1024 * 1024),
             flushed: Arc::default(),
+            created: Arc::default(),
         }
     }
 
@@ -390,7 +436,11 @@ impl BigQueryWrite for InclusiveFlushProxy {
         &self,
         request: Request<pb::CreateWriteStreamRequest>,
     ) -> Result<Response<pb::WriteStream>, Status> {
-        self.upstream.clone().create_write_stream(request.into_inner()).await
+        let r = self.upstream.clone().create_write_stream(request.into_inner()).await;
+        if r.is_ok() {
+            self.created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
     }
 
     type AppendRowsStream = AppendStream;

@@ -242,6 +242,8 @@ impl WriteClient {
             max_inflight: 8,
             max_request_bytes,
             use_offsets: true,
+            bytes_sent: 0,
+            schema_changed: false,
         })
     }
 
@@ -314,6 +316,17 @@ pub fn split_for_requests(batch: &RecordBatch, max_bytes: usize) -> Vec<RecordBa
     (0..n).step_by(per).map(|start| batch.slice(start, per.min(n - start))).collect()
 }
 
+/// Whether an append failed because its rows have columns the stream's view of the table lacks
+/// (`SCHEMA_MISMATCH_EXTRA_FIELDS`): the table gained them after the stream (or its connection) was opened.
+fn stale_schema(status: &googleapis_tonic_google_cloud_bigquery_storage_v1::google::rpc::Status) -> bool {
+    use prost::Message;
+    status.details.iter().any(|d| {
+        d.type_url.ends_with("google.cloud.bigquery.storage.v1.StorageError")
+            && pb::StorageError::decode(d.value.as_slice())
+                .is_ok_and(|e| e.code == pb::storage_error::StorageErrorCode::SchemaMismatchExtraFields as i32)
+    })
+}
+
 /// Rows a request carried, kept until acknowledged so they can be resent.
 struct Sent {
     offset: i64,
@@ -345,6 +358,10 @@ pub struct Appender {
     max_inflight: usize,
     max_request_bytes: usize,
     use_offsets: bool,
+    /// Estimated bytes of every row sent (what stream rotation by size counts).
+    bytes_sent: u64,
+    /// A response said the table's schema changed since the stream was opened.
+    schema_changed: bool,
 }
 
 impl Appender {
@@ -356,6 +373,17 @@ impl Appender {
     /// Rows sent so far (acknowledged or not).
     pub fn rows_sent(&self) -> i64 {
         self.next_offset
+    }
+
+    /// Estimated bytes sent so far (Arrow buffer sizes), so a long-lived stream can be replaced past a size.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    /// Whether BigQuery answered with an `updated_schema`: the table changed under the stream, which a new stream
+    /// sees (Google: a stream's table schema "could go out of date during the life time of the stream").
+    pub fn schema_changed(&self) -> bool {
+        self.schema_changed
     }
 
     fn request(&self, sent: &Sent, with_schema: bool) -> Result<pb::AppendRowsRequest> {
@@ -431,6 +459,7 @@ impl Appender {
             while self.inflight.len() >= self.max_inflight {
                 rejected.extend(self.await_one().await?);
             }
+            self.bytes_sent += approx_bytes(&part) as u64;
             let sent = Sent { offset: self.next_offset, batch: part };
             self.next_offset += sent.batch.num_rows() as i64;
             // Without a connection, connecting sends everything in flight, this request included; encode it once.
@@ -518,6 +547,10 @@ impl Appender {
                     }
                 }
             };
+            if outcome.updated_schema.is_some() && !self.schema_changed {
+                tracing::info!(stream = %self.stream, "BigQuery reports the table's schema changed under this stream");
+                self.schema_changed = true;
+            }
             let Some(front) = self.inflight.front() else {
                 return Err(BqError::Protocol("a response arrived with no request in flight".into()));
             };
@@ -537,6 +570,14 @@ impl Appender {
                     let e = BqError::Grpc { call: "AppendRows", code, message: status.message.clone() };
                     if !outcome.row_errors.is_empty() {
                         return self.reject_rows(&outcome.row_errors).await;
+                    }
+                    if stale_schema(&status) {
+                        // Google: once the Storage Write API has seen the new schema (within minutes), a new
+                        // connection takes rows of it. Nothing at this offset was written; the rows are resent, and
+                        // the stream is replaced at the next barrier.
+                        self.schema_changed = true;
+                        self.reconnect_with_backoff(&mut backoff, Some(&e)).await?;
+                        continue;
                     }
                     match append_reaction(code) {
                         Reaction::AlreadyWritten => {
