@@ -17,6 +17,7 @@ use nagare_engine::metrics::NodeMetrics;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{OutFormat, SinkConfig};
 
@@ -60,8 +61,8 @@ impl OpenFile {
     }
 }
 
-/// One subtask of a filesystem sink.
-pub struct FileSink {
+/// What one sink subtask writes, and how: runs on its own thread (encoding, writes and fsync block).
+struct FileWriter {
     dir: PathBuf,
     schema: SchemaRef,
     format: OutFormat,
@@ -102,13 +103,12 @@ impl Pending {
     }
 }
 
-impl FileSink {
-    /// The sink subtask `ctx.subtask` writing rows of `schema` as `config` says.
-    pub fn new(config: SinkConfig, schema: SchemaRef, ctx: SinkContext) -> Result<Self, EngineError> {
+impl FileWriter {
+    fn new(config: SinkConfig, schema: SchemaRef, ctx: SinkContext) -> Result<Self, EngineError> {
         let dir = PathBuf::from(&config.path);
         std::fs::create_dir_all(&dir)
             .map_err(|e| EngineError::io(format!("creating output directory {}", dir.display()), e))?;
-        Ok(FileSink {
+        Ok(FileWriter {
             dir,
             schema,
             format: config.format,
@@ -203,15 +203,7 @@ impl FileSink {
             || self.rollover_interval.is_some_and(|d| f.opened.elapsed() >= d)
     }
 
-    /// The directory written to.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-}
-
-#[async_trait]
-impl Sink for FileSink {
-    async fn write(&mut self, batch: RecordBatch) -> Result<(), EngineError> {
+    fn write(&mut self, batch: RecordBatch) -> Result<(), EngineError> {
         let batch = if batch.schema() == self.schema {
             batch
         } else {
@@ -244,24 +236,20 @@ impl Sink for FileSink {
         Ok(())
     }
 
-    async fn tick(&mut self) -> Result<(), EngineError> {
+    fn tick(&mut self) -> Result<(), EngineError> {
         if self.should_roll() {
             self.close()?;
         }
         Ok(())
     }
 
-    async fn pre_commit(
-        &mut self,
-        checkpoint: nagare_core::CheckpointId,
-        _last: bool,
-    ) -> Result<serde_json::Value, EngineError> {
+    fn pre_commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<serde_json::Value, EngineError> {
         self.close()?;
         self.prepared.insert(checkpoint.0, self.uncommitted.len());
         serde_json::to_value(&self.uncommitted).map_err(|e| EngineError::Internal(e.to_string()))
     }
 
-    async fn commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<(), EngineError> {
+    fn commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<(), EngineError> {
         let covered = self.prepared.range(..=checkpoint.0).map(|(_, n)| *n).max().unwrap_or(0);
         for p in self.uncommitted.drain(..covered) {
             p.commit()?;
@@ -273,7 +261,7 @@ impl Sink for FileSink {
         Ok(())
     }
 
-    async fn finish(&mut self) -> Result<(), EngineError> {
+    fn finish(&mut self) -> Result<(), EngineError> {
         if !self.ctx.exactly_once {
             return self.close();
         }
@@ -285,6 +273,137 @@ impl Sink for FileSink {
             let _ = std::fs::remove_file(&f.temp);
         }
         Ok(())
+    }
+}
+
+/// Work for the writing thread, in order; all but writes are answered.
+enum Command {
+    Write(RecordBatch),
+    Tick(oneshot::Sender<Result<(), EngineError>>),
+    PreCommit(nagare_core::CheckpointId, oneshot::Sender<Result<serde_json::Value, EngineError>>),
+    Commit(nagare_core::CheckpointId, oneshot::Sender<Result<(), EngineError>>),
+    Finish(oneshot::Sender<Result<(), EngineError>>),
+}
+
+/// Batches the sink task may be ahead of the writing thread by.
+const WRITE_AHEAD: usize = 2;
+
+impl FileWriter {
+    /// Serves commands until the task goes away. A failed write fails every later answer (the task learns of it at
+    /// the next tick or barrier, before any checkpoint could cover the lost rows); later writes are dropped.
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut failed: Option<String> = None;
+        let mut first_error: Option<EngineError> = None;
+        let answer = |failed: &Option<String>, first: &mut Option<EngineError>| -> Option<EngineError> {
+            first
+                .take()
+                .or_else(|| failed.as_ref().map(|f| EngineError::Internal(format!("an earlier write failed: {f}"))))
+        };
+        while let Some(command) = rx.blocking_recv() {
+            match command {
+                Command::Write(batch) => {
+                    if failed.is_none()
+                        && let Err(e) = self.write(batch)
+                    {
+                        failed = Some(e.to_string());
+                        first_error = Some(e);
+                    }
+                }
+                Command::Tick(reply) => {
+                    let r = match answer(&failed, &mut first_error) {
+                        Some(e) => Err(e),
+                        None => self.tick(),
+                    };
+                    let _ = reply.send(r);
+                }
+                Command::PreCommit(checkpoint, reply) => {
+                    let r = match answer(&failed, &mut first_error) {
+                        Some(e) => Err(e),
+                        None => self.pre_commit(checkpoint),
+                    };
+                    let _ = reply.send(r);
+                }
+                Command::Commit(checkpoint, reply) => {
+                    // Files of a completed checkpoint are renamed even after a later write failed.
+                    let _ = reply.send(self.commit(checkpoint));
+                }
+                Command::Finish(reply) => {
+                    let r = match answer(&failed, &mut first_error) {
+                        Some(e) => Err(e),
+                        None => self.finish(),
+                    };
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+/// One subtask of a filesystem sink. Encoding, writing, fsync and renames run on a thread of their own; batches are
+/// handed to it a couple ahead, and ticks and checkpoint calls wait for it, so the task never blocks on the disk.
+pub struct FileSink {
+    tx: mpsc::Sender<Command>,
+    dir: PathBuf,
+}
+
+impl FileSink {
+    /// The sink subtask `ctx.subtask` writing rows of `schema` as `config` says.
+    pub fn new(config: SinkConfig, schema: SchemaRef, ctx: SinkContext) -> Result<Self, EngineError> {
+        let name = format!("nagare-write-{}", ctx.subtask);
+        let writer = FileWriter::new(config, schema, ctx)?;
+        let dir = writer.dir.clone();
+        let (tx, rx) = mpsc::channel(WRITE_AHEAD);
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || writer.run(rx))
+            .map_err(|e| EngineError::io("starting a file writing thread", e))?;
+        Ok(FileSink { tx, dir })
+    }
+
+    /// The directory written to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Command,
+    ) -> Result<T, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(command(reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+/// The writing thread is gone (it panicked).
+fn gone() -> EngineError {
+    EngineError::Internal("the file writing thread ended".into())
+}
+
+#[async_trait]
+impl Sink for FileSink {
+    async fn write(&mut self, batch: RecordBatch) -> Result<(), EngineError> {
+        self.tx.send(Command::Write(batch)).await.map_err(|_| gone())
+    }
+
+    async fn tick(&mut self) -> Result<(), EngineError> {
+        self.ask(Command::Tick).await
+    }
+
+    async fn pre_commit(
+        &mut self,
+        checkpoint: nagare_core::CheckpointId,
+        _last: bool,
+    ) -> Result<serde_json::Value, EngineError> {
+        self.ask(|r| Command::PreCommit(checkpoint, r)).await
+    }
+
+    async fn commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<(), EngineError> {
+        self.ask(|r| Command::Commit(checkpoint, r)).await
+    }
+
+    async fn finish(&mut self) -> Result<(), EngineError> {
+        self.ask(Command::Finish).await
     }
 }
 
@@ -336,4 +455,91 @@ pub fn recover(dir: &Path, handles: &[serde_json::Value]) -> Result<(), EngineEr
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use nagare_core::CheckpointId;
+
+    use super::*;
+
+    fn sink(dir: &Path) -> FileSink {
+        let config = SinkConfig {
+            path: dir.display().to_string(),
+            format: OutFormat::Json,
+            compression: "none".into(),
+            rollover_rows: None,
+            rollover_bytes: None,
+            rollover_interval: None,
+        };
+        let ctx = SinkContext {
+            subtask: 0,
+            parallelism: 1,
+            run_id: "r".into(),
+            metrics: Arc::new(nagare_engine::metrics::NodeMetrics::new(0, "o".into(), "sink", 1)),
+            exactly_once: true,
+            checkpoint_interval: Some(Duration::from_secs(1)),
+            dead_letter: None,
+        };
+        FileSink::new(config, schema(), ctx).unwrap()
+    }
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]))
+    }
+
+    fn batch(from: i64, to: i64) -> RecordBatch {
+        RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from_iter_values(from..to))]).unwrap()
+    }
+
+    /// Lines of the committed (visible) files.
+    fn visible(dir: &Path) -> usize {
+        let mut lines = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if !p.file_name().unwrap().to_string_lossy().starts_with('.') {
+                lines += std::fs::read_to_string(&p).unwrap().lines().count();
+            }
+        }
+        lines
+    }
+
+    #[tokio::test]
+    async fn files_appear_when_their_checkpoint_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sink(dir.path());
+        for i in 0..10 {
+            s.write(batch(i * 100, i * 100 + 100)).await.unwrap();
+        }
+        s.pre_commit(CheckpointId(1), false).await.unwrap();
+        assert_eq!(visible(dir.path()), 0, "pre-committed files stay hidden");
+        s.write(batch(1000, 1050)).await.unwrap();
+        s.commit(CheckpointId(1)).await.unwrap();
+        assert_eq!(visible(dir.path()), 1000, "the completed checkpoint's rows, and only those");
+        s.pre_commit(CheckpointId(2), true).await.unwrap();
+        s.commit(CheckpointId(2)).await.unwrap();
+        s.finish().await.unwrap();
+        assert_eq!(visible(dir.path()), 1050);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_fails_the_next_barrier() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let mut s = sink(&out);
+        // The directory vanishes: the file cannot be created. Writes are handed over without waiting, so the
+        // failure comes back at the barrier, before a checkpoint could cover the lost rows.
+        std::fs::remove_dir(&out).unwrap();
+        s.write(batch(0, 10)).await.unwrap();
+        let e = s.pre_commit(CheckpointId(1), false).await.unwrap_err().to_string();
+        assert!(e.contains("creating") && e.contains("out"), "{e}");
+        let again = s.pre_commit(CheckpointId(2), false).await.unwrap_err().to_string();
+        assert!(again.contains("an earlier write failed"), "{again}");
+    }
 }
