@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod operator;
 pub mod operators;
 pub mod partition;
+pub mod state;
 
 pub use error::{EngineError, Result};
 pub mod job;

@@ -558,7 +558,7 @@ impl DedupOperator {
         let key_groups = self.key_groups_of_encoded(&keys)?;
         let mut fields = vec![
             Field::new("key", DataType::Binary, false),
-            Field::new("_key_group", DataType::UInt16, false),
+            Field::new(crate::state::KEY_GROUP, DataType::UInt16, false),
             Field::new("end", DataType::Int64, false),
             Field::new("keep_until", DataType::Int64, false),
         ];
@@ -587,7 +587,7 @@ impl DedupOperator {
         };
         let keys = col("key")?;
         let keys = keys.as_binary_opt::<i32>().ok_or_else(|| EngineError::Internal("dedup key column".into()))?;
-        let kg = col("_key_group")?;
+        let kg = col(crate::state::KEY_GROUP)?;
         let kg = kg
             .as_primitive_opt::<arrow::datatypes::UInt16Type>()
             .ok_or_else(|| EngineError::Internal("key group column".into()))?;
@@ -1067,9 +1067,7 @@ impl Operator for DedupOperator {
                 .iter()
                 .map(|k| k.evaluate(&pending).and_then(|v| v.into_array(n)))
                 .collect::<Result<Vec<_>, _>>()?;
-            let groups = key_groups_of(&key_cols, n, self.ctx.max_parallelism)?;
-            let mine: BooleanArray = groups.iter().map(|g| Some(self.ctx.key_groups.contains(u32::from(*g)))).collect();
-            let batch = filter_record_batch(&pending, &mine)?;
+            let batch = crate::state::rows_in(&pending, &key_cols, self.ctx.key_groups, self.ctx.max_parallelism)?;
             if batch.num_rows() > 0 {
                 let mut unused = Vec::new();
                 self.process(batch, &mut unused)?;

@@ -22,6 +22,7 @@ use super::window::aggregate_inputs;
 use super::{OperatorContext, event_times, key_groups_of, meta_part, meta_value};
 use crate::error::{EngineError, Result};
 use crate::operator::{Operator, StatePart, take_part};
+use crate::state::{StateRows, rows_in};
 
 struct Session {
     key: OwnedRow,
@@ -87,7 +88,7 @@ impl SessionOperator {
             .enumerate()
             .map(|(i, t)| arrow::datatypes::Field::new(format!("k{i}"), t.clone(), true))
             .collect();
-        fields.push(arrow::datatypes::Field::new("_key_group", DataType::UInt16, false));
+        fields.push(arrow::datatypes::Field::new(crate::state::KEY_GROUP, DataType::UInt16, false));
         fields.push(arrow::datatypes::Field::new("start", DataType::Int64, false));
         fields.push(arrow::datatypes::Field::new("last", DataType::Int64, false));
         for (a, spec) in self.aggregates.iter().enumerate() {
@@ -386,15 +387,13 @@ impl Operator for SessionOperator {
             self.watermark = meta_value(&meta, "watermark")?.unwrap_or(i64::MIN);
         }
         if let Some(state) = take_part(&mut parts, "sessions") {
+            // By name and type, this subtask's key groups only; then in the operator's own column order.
+            let state = StateRows::mine(state, self.ctx.key_groups, "session state")?.columns(&self.state_schema()?)?;
             let n_keys = self.key_types.len();
             let keys = self.converter.convert_columns(&state.columns()[..n_keys])?;
-            let kgs = state.column(n_keys).as_primitive::<arrow::datatypes::UInt16Type>().clone();
             let starts = state.column(n_keys + 1).as_primitive::<arrow::datatypes::Int64Type>().clone();
             let lasts = state.column(n_keys + 2).as_primitive::<arrow::datatypes::Int64Type>().clone();
             for i in 0..state.num_rows() {
-                if !self.ctx.key_groups.contains(u32::from(kgs.value(i))) {
-                    continue;
-                }
                 let mut session = self.new_session(keys.row(i).owned(), starts.value(i))?;
                 session.last = lasts.value(i);
                 let mut col = n_keys + 3;
@@ -411,10 +410,8 @@ impl Operator for SessionOperator {
         if let Some(pending) = take_part(&mut parts, "pending")
             && pending.num_rows() > 0
         {
-            let n = pending.num_rows();
-            let groups = key_groups_of(&self.key_columns(&pending)?, n, self.ctx.max_parallelism)?;
-            let mine: BooleanArray = groups.iter().map(|g| Some(self.ctx.key_groups.contains(u32::from(*g)))).collect();
-            let batch = filter_record_batch(&pending, &mine)?;
+            let keys = self.key_columns(&pending)?;
+            let batch = rows_in(&pending, &keys, self.ctx.key_groups, self.ctx.max_parallelism)?;
             let mut unused = Vec::new();
             self.process(batch, &mut unused)?;
         }

@@ -22,6 +22,7 @@ use nagare_sql::{AggregateSpec, WindowAggregateSpec};
 use super::{OperatorContext, event_times, key_groups_of, meta_part, meta_value};
 use crate::error::{EngineError, Result};
 use crate::operator::{Operator, StatePart, take_part};
+use crate::state::StateRows;
 
 struct OpenWindow {
     groups: Box<dyn GroupValues>,
@@ -86,7 +87,7 @@ impl WindowAggregateOperator {
     fn state_schema(&self) -> Result<SchemaRef> {
         let mut fields = vec![Field::new("window_start", DataType::Int64, false)];
         fields.extend(self.key_schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)));
-        fields.push(Field::new("_key_group", DataType::UInt16, false));
+        fields.push(Field::new(crate::state::KEY_GROUP, DataType::UInt16, false));
         for (a, spec) in self.aggregates.iter().enumerate() {
             for (i, f) in spec.expr.state_fields()?.iter().enumerate() {
                 fields.push(Field::new(format!("s{a}_{i}"), f.data_type().clone(), true));
@@ -330,19 +331,13 @@ impl Operator for WindowAggregateOperator {
             self.watermark = meta_value(&meta, "watermark")?.unwrap_or(i64::MIN);
         }
         if let Some(state) = take_part(&mut parts, "windows") {
-            let expected = self.state_schema()?;
-            if state.schema().fields().len() != expected.fields().len() {
-                return Err(EngineError::Internal("window state does not match the operator".into()));
-            }
-            let state = RecordBatch::try_new(expected, state.columns().to_vec())?;
+            // By name and type, this subtask's key groups only; then in the operator's own column order.
+            let state = StateRows::mine(state, self.ctx.key_groups, "window state")?.columns(&self.state_schema()?)?;
             let n_keys = self.key_schema.fields().len();
             let starts = state.column(0).as_primitive::<arrow::datatypes::Int64Type>().clone();
-            let kgs = state.column(1 + n_keys).as_primitive::<arrow::datatypes::UInt16Type>().clone();
             let mut by_window: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
             for i in 0..state.num_rows() {
-                if self.ctx.key_groups.contains(u32::from(kgs.value(i))) {
-                    by_window.entry(starts.value(i)).or_default().push(i as u32);
-                }
+                by_window.entry(starts.value(i)).or_default().push(i as u32);
             }
             let mut ids = Vec::new();
             for (start, rows) in by_window {
