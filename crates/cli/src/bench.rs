@@ -956,7 +956,43 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                 &df_out,
                 repeat,
             )?;
-            let one_core = nagare("nagare streaming, 1 core", 1, "out-nagare-1", None, repeat)?;
+            // One core means one CPU, not one tokio thread: the filesystem source and sink read and write on
+            // threads of their own, so the run is pinned to CPU 0 where taskset exists.
+            let one_core = {
+                let label = "nagare streaming, 1 core";
+                let output = dir.join("out-nagare-1");
+                let stats = dir.join("out-nagare-1.json");
+                let exe = std::env::current_exe().context("locating the nagare binary")?;
+                let args = vec![
+                    "run".into(),
+                    s(&sql),
+                    "--quiet".into(),
+                    "--var".into(),
+                    format!("INPUT={}", s(&input)),
+                    "--var".into(),
+                    format!("OUTPUT={}", s(&output)),
+                    "--parallelism".into(),
+                    "1".into(),
+                    "--threads".into(),
+                    "1".into(),
+                    "--stats-json".into(),
+                    s(&stats),
+                ];
+                let taskset = Command::new("taskset").arg("--version").output().is_ok_and(|o| o.status.success());
+                if taskset {
+                    let pinned: Vec<String> = ["-c".to_string(), "0".into(), s(&exe)].into_iter().chain(args).collect();
+                    run_program(Path::new("taskset"), label, &pinned, &stats, &output, repeat)?
+                } else {
+                    run_program(
+                        &exe,
+                        "nagare streaming, 1 thread (not pinned: no taskset)",
+                        &args,
+                        &stats,
+                        &output,
+                        repeat,
+                    )?
+                }
+            };
             // Runs with and without checkpoints alternate, so that a machine whose speed drifts (shared hosts)
             // treats them alike; the best of each counts.
             let best = |a: Option<Measured>, b: Measured| match a {

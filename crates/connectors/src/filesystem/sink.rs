@@ -17,7 +17,6 @@ use nagare_engine::metrics::NodeMetrics;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use tokio::sync::{mpsc, oneshot};
 
 use super::{OutFormat, SinkConfig};
 
@@ -61,8 +60,8 @@ impl OpenFile {
     }
 }
 
-/// What one sink subtask writes, and how: runs on its own thread (encoding, writes and fsync block).
-struct FileWriter {
+/// One subtask of a filesystem sink.
+pub struct FileSink {
     dir: PathBuf,
     schema: SchemaRef,
     format: OutFormat,
@@ -103,12 +102,13 @@ impl Pending {
     }
 }
 
-impl FileWriter {
-    fn new(config: SinkConfig, schema: SchemaRef, ctx: SinkContext) -> Result<Self, EngineError> {
+impl FileSink {
+    /// The sink subtask `ctx.subtask` writing rows of `schema` as `config` says.
+    pub fn new(config: SinkConfig, schema: SchemaRef, ctx: SinkContext) -> Result<Self, EngineError> {
         let dir = PathBuf::from(&config.path);
         std::fs::create_dir_all(&dir)
             .map_err(|e| EngineError::io(format!("creating output directory {}", dir.display()), e))?;
-        Ok(FileWriter {
+        Ok(FileSink {
             dir,
             schema,
             format: config.format,
@@ -169,30 +169,19 @@ impl FileWriter {
         Ok(())
     }
 
-    fn close(&mut self) -> Result<(), EngineError> {
+    /// Closes the open file off the async threads (flushing, the Parquet footer and fsync block): visible at once,
+    /// or (exactly once) kept for the checkpoint that covers it.
+    async fn close(&mut self) -> Result<(), EngineError> {
         let Some(f) = self.current.take() else { return Ok(()) };
-        match f.writer {
-            Writer::Parquet(w) => {
-                w.close()?;
-            }
-            Writer::Json(mut w) => {
-                w.finish()?;
-                let mut inner = w.into_inner();
-                inner.flush().map_err(|e| EngineError::io(format!("writing {}", f.temp.display()), e))?;
-                drop(inner);
-            }
-        }
-        let size = std::fs::metadata(&f.temp).map(|m| m.len()).unwrap_or(0);
-        let pending = Pending { temp: f.temp.clone(), final_path: f.final_path.clone() };
-        if self.ctx.exactly_once {
+        let exactly_once = self.ctx.exactly_once;
+        let (pending, size) = tokio::task::spawn_blocking(move || finish_file(f, exactly_once))
+            .await
+            .map_err(|e| EngineError::Internal(format!("closing an output file: {e}")))??;
+        if exactly_once {
             // Visible only when a checkpoint covering it completes.
-            sync_file(&f.temp)?;
             self.uncommitted.push(pending);
-        } else {
-            pending.commit()?;
         }
         NodeMetrics::add(&self.ctx.metrics.bytes, size as usize);
-        tracing::debug!(file = %f.final_path.display(), rows = f.rows, bytes = size, "closed output file");
         Ok(())
     }
 
@@ -203,7 +192,15 @@ impl FileWriter {
             || self.rollover_interval.is_some_and(|d| f.opened.elapsed() >= d)
     }
 
-    fn write(&mut self, batch: RecordBatch) -> Result<(), EngineError> {
+    /// The directory written to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+#[async_trait]
+impl Sink for FileSink {
+    async fn write(&mut self, batch: RecordBatch) -> Result<(), EngineError> {
         let batch = if batch.schema() == self.schema {
             batch
         } else {
@@ -230,29 +227,36 @@ impl FileWriter {
             }
             offset += len;
             if self.should_roll() {
-                self.close()?;
+                self.close().await?;
             }
         }
         Ok(())
     }
 
-    fn tick(&mut self) -> Result<(), EngineError> {
+    async fn tick(&mut self) -> Result<(), EngineError> {
         if self.should_roll() {
-            self.close()?;
+            self.close().await?;
         }
         Ok(())
     }
 
-    fn pre_commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<serde_json::Value, EngineError> {
-        self.close()?;
+    async fn pre_commit(
+        &mut self,
+        checkpoint: nagare_core::CheckpointId,
+        _last: bool,
+    ) -> Result<serde_json::Value, EngineError> {
+        self.close().await?;
         self.prepared.insert(checkpoint.0, self.uncommitted.len());
         serde_json::to_value(&self.uncommitted).map_err(|e| EngineError::Internal(e.to_string()))
     }
 
-    fn commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<(), EngineError> {
+    async fn commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<(), EngineError> {
         let covered = self.prepared.range(..=checkpoint.0).map(|(_, n)| *n).max().unwrap_or(0);
-        for p in self.uncommitted.drain(..covered) {
-            p.commit()?;
+        let renames: Vec<Pending> = self.uncommitted.drain(..covered).collect();
+        if !renames.is_empty() {
+            tokio::task::spawn_blocking(move || renames.iter().try_for_each(Pending::commit))
+                .await
+                .map_err(|e| EngineError::Internal(format!("committing output files: {e}")))??;
         }
         self.prepared = self.prepared.split_off(&(checkpoint.0 + 1));
         for n in self.prepared.values_mut() {
@@ -261,9 +265,9 @@ impl FileWriter {
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<(), EngineError> {
+    async fn finish(&mut self) -> Result<(), EngineError> {
         if !self.ctx.exactly_once {
-            return self.close();
+            return self.close().await;
         }
         // The final checkpoint committed everything; rows after it cannot exist.
         if let Some(f) = self.current.take() {
@@ -276,135 +280,29 @@ impl FileWriter {
     }
 }
 
-/// Work for the writing thread, in order; all but writes are answered.
-enum Command {
-    Write(RecordBatch),
-    Tick(oneshot::Sender<Result<(), EngineError>>),
-    PreCommit(nagare_core::CheckpointId, oneshot::Sender<Result<serde_json::Value, EngineError>>),
-    Commit(nagare_core::CheckpointId, oneshot::Sender<Result<(), EngineError>>),
-    Finish(oneshot::Sender<Result<(), EngineError>>),
-}
-
-/// Batches the sink task may be ahead of the writing thread by.
-const WRITE_AHEAD: usize = 2;
-
-impl FileWriter {
-    /// Serves commands until the task goes away. A failed write fails every later answer (the task learns of it at
-    /// the next tick or barrier, before any checkpoint could cover the lost rows); later writes are dropped.
-    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        let mut failed: Option<String> = None;
-        let mut first_error: Option<EngineError> = None;
-        let answer = |failed: &Option<String>, first: &mut Option<EngineError>| -> Option<EngineError> {
-            first
-                .take()
-                .or_else(|| failed.as_ref().map(|f| EngineError::Internal(format!("an earlier write failed: {f}"))))
-        };
-        while let Some(command) = rx.blocking_recv() {
-            match command {
-                Command::Write(batch) => {
-                    if failed.is_none()
-                        && let Err(e) = self.write(batch)
-                    {
-                        failed = Some(e.to_string());
-                        first_error = Some(e);
-                    }
-                }
-                Command::Tick(reply) => {
-                    let r = match answer(&failed, &mut first_error) {
-                        Some(e) => Err(e),
-                        None => self.tick(),
-                    };
-                    let _ = reply.send(r);
-                }
-                Command::PreCommit(checkpoint, reply) => {
-                    let r = match answer(&failed, &mut first_error) {
-                        Some(e) => Err(e),
-                        None => self.pre_commit(checkpoint),
-                    };
-                    let _ = reply.send(r);
-                }
-                Command::Commit(checkpoint, reply) => {
-                    // Files of a completed checkpoint are renamed even after a later write failed.
-                    let _ = reply.send(self.commit(checkpoint));
-                }
-                Command::Finish(reply) => {
-                    let r = match answer(&failed, &mut first_error) {
-                        Some(e) => Err(e),
-                        None => self.finish(),
-                    };
-                    let _ = reply.send(r);
-                }
-            }
+/// Ends a file: flushes it and writes its footer; with exactly once, syncs it to disk for its checkpoint, else makes
+/// it visible. Returns it and its size.
+fn finish_file(f: OpenFile, exactly_once: bool) -> Result<(Pending, u64), EngineError> {
+    match f.writer {
+        Writer::Parquet(w) => {
+            w.close()?;
+        }
+        Writer::Json(mut w) => {
+            w.finish()?;
+            let mut inner = w.into_inner();
+            inner.flush().map_err(|e| EngineError::io(format!("writing {}", f.temp.display()), e))?;
+            drop(inner);
         }
     }
-}
-
-/// One subtask of a filesystem sink. Encoding, writing, fsync and renames run on a thread of their own; batches are
-/// handed to it a couple ahead, and ticks and checkpoint calls wait for it, so the task never blocks on the disk.
-pub struct FileSink {
-    tx: mpsc::Sender<Command>,
-    dir: PathBuf,
-}
-
-impl FileSink {
-    /// The sink subtask `ctx.subtask` writing rows of `schema` as `config` says.
-    pub fn new(config: SinkConfig, schema: SchemaRef, ctx: SinkContext) -> Result<Self, EngineError> {
-        let name = format!("nagare-write-{}", ctx.subtask);
-        let writer = FileWriter::new(config, schema, ctx)?;
-        let dir = writer.dir.clone();
-        let (tx, rx) = mpsc::channel(WRITE_AHEAD);
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || writer.run(rx))
-            .map_err(|e| EngineError::io("starting a file writing thread", e))?;
-        Ok(FileSink { tx, dir })
+    let size = std::fs::metadata(&f.temp).map(|m| m.len()).unwrap_or(0);
+    let pending = Pending { temp: f.temp.clone(), final_path: f.final_path.clone() };
+    if exactly_once {
+        sync_file(&f.temp)?;
+    } else {
+        pending.commit()?;
     }
-
-    /// The directory written to.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    async fn ask<T>(
-        &self,
-        command: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Command,
-    ) -> Result<T, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.tx.send(command(reply)).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
-    }
-}
-
-/// The writing thread is gone (it panicked).
-fn gone() -> EngineError {
-    EngineError::Internal("the file writing thread ended".into())
-}
-
-#[async_trait]
-impl Sink for FileSink {
-    async fn write(&mut self, batch: RecordBatch) -> Result<(), EngineError> {
-        self.tx.send(Command::Write(batch)).await.map_err(|_| gone())
-    }
-
-    async fn tick(&mut self) -> Result<(), EngineError> {
-        self.ask(Command::Tick).await
-    }
-
-    async fn pre_commit(
-        &mut self,
-        checkpoint: nagare_core::CheckpointId,
-        _last: bool,
-    ) -> Result<serde_json::Value, EngineError> {
-        self.ask(|r| Command::PreCommit(checkpoint, r)).await
-    }
-
-    async fn commit(&mut self, checkpoint: nagare_core::CheckpointId) -> Result<(), EngineError> {
-        self.ask(|r| Command::Commit(checkpoint, r)).await
-    }
-
-    async fn finish(&mut self) -> Result<(), EngineError> {
-        self.ask(Command::Finish).await
-    }
+    tracing::debug!(file = %f.final_path.display(), rows = f.rows, bytes = size, "closed output file");
+    Ok((pending, size))
 }
 
 /// Flushes a file's data to disk, so that a committed file survives a machine crash, not only a process crash.
@@ -529,17 +427,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_write_fails_the_next_barrier() {
+    async fn a_file_that_cannot_be_created_fails_the_write() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let mut s = sink(&out);
-        // The directory vanishes: the file cannot be created. Writes are handed over without waiting, so the
-        // failure comes back at the barrier, before a checkpoint could cover the lost rows.
         std::fs::remove_dir(&out).unwrap();
-        s.write(batch(0, 10)).await.unwrap();
-        let e = s.pre_commit(CheckpointId(1), false).await.unwrap_err().to_string();
+        let e = s.write(batch(0, 10)).await.unwrap_err().to_string();
         assert!(e.contains("creating") && e.contains("out"), "{e}");
-        let again = s.pre_commit(CheckpointId(2), false).await.unwrap_err().to_string();
-        assert!(again.contains("an earlier write failed"), "{again}");
     }
 }
