@@ -172,3 +172,59 @@ async fn a_merged_generator_interleaves_its_lanes_in_sequence_order() {
                CREATE TABLE o WITH (connector = 'stdout');\nINSERT INTO o SELECT id, time FROM t;\n";
     a_merge_keeps_input_order(sql, 1).await;
 }
+
+/// Reads until `want` ids have come (a watching source never ends), or fails after 20 s.
+async fn read_ids(source: &mut Box<dyn Source>, want: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while ids.len() < want {
+        assert!(std::time::Instant::now() < deadline, "only {} of {want} rows came", ids.len());
+        match source.next().await.unwrap() {
+            SourceEvent::Batch(b) => {
+                let col = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+                ids.extend((0..col.len()).map(|i| col.value(i).to_string()));
+            }
+            SourceEvent::Idle(_) | SourceEvent::Pending => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            SourceEvent::End => panic!("a watching source ended"),
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn a_watching_source_resumes_with_the_files_it_had_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = |f: &str, n: usize| (0..n).map(|i| format!("{{\"id\":\"{f}-{i}\"}}\n")).collect::<String>();
+    std::fs::write(dir.path().join("a.jsonl"), lines("a", 1000)).unwrap();
+    let sql = format!(
+        "CREATE TABLE t (id TEXT) WITH (connector = 'filesystem', path = '{}', watch = true, watch_interval = '100ms');\n\
+         CREATE TABLE o WITH (connector = 'stdout');\nINSERT INTO o SELECT id FROM t;\n",
+        dir.path().display()
+    );
+    let (spec, schema) = source_spec(&sql, 1).await;
+    let mut first = open(&spec, &schema, 0, 1, None);
+    // Part of a, a checkpoint, the rest of a (read ahead or not, the position is that of what was handed on).
+    let before = read_ids(&mut first, 300).await;
+    let position = first.snapshot_position(CheckpointId(1)).unwrap();
+    let mut after = read_ids(&mut first, 1000 - before.len()).await;
+    drop(first);
+    // A file appears; the job restarts from the checkpoint: the rest of a, then b, each row once.
+    std::fs::write(dir.path().join("b.jsonl"), lines("b", 500)).unwrap();
+    let restore = SourceRestore { positions: vec![Some(position)] };
+    let mut second = open(&spec, &schema, 0, 1, Some(&restore));
+    let resumed = read_ids(&mut second, 1000 - before.len() + 500).await;
+    assert_eq!(resumed[..after.len()], after[..], "the rest of a, as the first run read it");
+    after.extend(resumed[after.len()..].iter().cloned());
+    let all: BTreeSet<String> = before.iter().chain(&after).cloned().collect();
+    assert_eq!(all.len(), 1500, "a and b, each row once");
+    assert_eq!(before.len() + after.len(), 1500);
+    // Nothing more: a is not read again.
+    for _ in 0..5 {
+        match second.next().await.unwrap() {
+            SourceEvent::Batch(b) => panic!("{} rows read again", b.num_rows()),
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}
