@@ -533,7 +533,8 @@ mod tests {
             use nagare_engine::connector::Connector;
             let fake = crate::testing::Fake::default();
             let endpoint = fake.serve().await;
-            let mut config = crate::config::BigQueryConfig::from_table(&nagare_sql::TableDef {
+            // The table as planned: its config is what the planner stores.
+            let table = |config: serde_json::Value| nagare_sql::TableDef {
                 name: "bq".into(),
                 connector: "bigquery".into(),
                 schema: id_schema(),
@@ -542,9 +543,10 @@ mod tests {
                 primary_key: Vec::new(),
                 options: nagare_sql::Options::default(),
                 raw_options: Vec::new(),
-                config: serde_json::Value::Null,
+                config,
                 location: None,
-            });
+            };
+            let mut config = crate::config::BigQueryConfig::from_table(&table(serde_json::Value::Null));
             config.project = "p".into();
             config.dataset = "d".into();
             config.table = "t".into();
@@ -553,18 +555,7 @@ mod tests {
             config.endpoint = endpoint;
             config.rest_endpoint = "http://127.0.0.1:9".into();
             config.stream_max_bytes = stream_max_bytes;
-            let table = nagare_sql::TableDef {
-                name: "bq".into(),
-                connector: "bigquery".into(),
-                schema: id_schema(),
-                has_columns: true,
-                watermark: None,
-                primary_key: Vec::new(),
-                options: nagare_sql::Options::default(),
-                raw_options: Vec::new(),
-                config: serde_json::to_value(&config).unwrap(),
-                location: None,
-            };
+            let table = table(serde_json::to_value(&config).unwrap());
             let spec = SinkSpec { table: Arc::new(table) };
             let committer = crate::BigQuerySpec.committer(&spec).unwrap();
             let mut job = Job {

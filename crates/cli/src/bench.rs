@@ -901,7 +901,8 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                           p: usize,
                           out: &str,
                           interval: Option<&str>,
-                          repeat: usize|
+                          repeat: usize,
+                          pinned: bool|
              -> Result<Measured> {
                 let output = dir.join(out);
                 let stats = dir.join(format!("{out}.json"));
@@ -928,7 +929,12 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                     // the next repetition's clean output directory no longer has.
                     args.push("--from-scratch".into());
                 }
-                run_child(label, &args, &stats, &output, repeat)
+                let exe = std::env::current_exe().context("locating the nagare binary")?;
+                if pinned && Command::new("taskset").arg("--version").output().is_ok_and(|o| o.status.success()) {
+                    let args: Vec<String> = ["-c".to_string(), "0".into(), s(&exe)].into_iter().chain(args).collect();
+                    return run_program(Path::new("taskset"), label, &args, &stats, &output, repeat);
+                }
+                run_program(&exe, label, &args, &stats, &output, repeat)
             };
             let df_out = dir.join("out-datafusion");
             let df_stats = dir.join("out-datafusion.json");
@@ -956,43 +962,9 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                 &df_out,
                 repeat,
             )?;
-            // One core means one CPU, not one tokio thread: the filesystem source and sink read and write on
-            // threads of their own, so the run is pinned to CPU 0 where taskset exists.
-            let one_core = {
-                let label = "nagare streaming, 1 core";
-                let output = dir.join("out-nagare-1");
-                let stats = dir.join("out-nagare-1.json");
-                let exe = std::env::current_exe().context("locating the nagare binary")?;
-                let args = vec![
-                    "run".into(),
-                    s(&sql),
-                    "--quiet".into(),
-                    "--var".into(),
-                    format!("INPUT={}", s(&input)),
-                    "--var".into(),
-                    format!("OUTPUT={}", s(&output)),
-                    "--parallelism".into(),
-                    "1".into(),
-                    "--threads".into(),
-                    "1".into(),
-                    "--stats-json".into(),
-                    s(&stats),
-                ];
-                let taskset = Command::new("taskset").arg("--version").output().is_ok_and(|o| o.status.success());
-                if taskset {
-                    let pinned: Vec<String> = ["-c".to_string(), "0".into(), s(&exe)].into_iter().chain(args).collect();
-                    run_program(Path::new("taskset"), label, &pinned, &stats, &output, repeat)?
-                } else {
-                    run_program(
-                        &exe,
-                        "nagare streaming, 1 thread (not pinned: no taskset)",
-                        &args,
-                        &stats,
-                        &output,
-                        repeat,
-                    )?
-                }
-            };
+            // One core means one CPU, not one tokio thread: the filesystem source reads on a thread of its own, so
+            // the run is pinned to CPU 0 where taskset exists.
+            let one_core = nagare("nagare streaming, 1 core", 1, "out-nagare-1", None, repeat, true)?;
             // Runs with and without checkpoints alternate, so that a machine whose speed drifts (shared hosts)
             // treats them alike; the best of each counts.
             let best = |a: Option<Measured>, b: Measured| match a {
@@ -1003,10 +975,10 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             let mut checkpointed: Vec<Option<Measured>> = checkpoint_intervals.iter().map(|_| None).collect();
             for _ in 0..repeat.max(1) {
                 let label = format!("nagare streaming, parallelism {threads}");
-                streaming = best(streaming.take(), nagare(&label, threads, "out-nagare", None, 1)?);
+                streaming = best(streaming.take(), nagare(&label, threads, "out-nagare", None, 1, false)?);
                 for (k, interval) in checkpoint_intervals.iter().enumerate() {
                     let label = format!("nagare streaming, parallelism {threads}, checkpoints every {interval}");
-                    let m = nagare(&label, threads, &format!("out-nagare-ckpt{k}"), Some(interval), 1)?;
+                    let m = nagare(&label, threads, &format!("out-nagare-ckpt{k}"), Some(interval), 1, false)?;
                     checkpointed[k] = best(checkpointed[k].take(), m);
                 }
             }
