@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use nagare_coordinator::model::{JobRecord, JobState, OperatorStats, get_job, now_ms, put_job};
+use nagare_coordinator::model::{
+    JobRecord, JobState, OperatorStats, apply_requests, delete_requests, get_job, list_requests, now_ms, put_job,
+};
 use nagare_coordinator::{FileStore, MemoryStore, MetadataStore};
 use nagare_engine::checkpoint::coordinator::CheckpointStats;
 use nagare_engine::metrics::JobMetrics;
@@ -59,6 +61,10 @@ pub async fn start(
     job.workers = vec!["local".into()];
     job.attempt = attempt;
     put_job(store.as_ref(), &job).await?;
+    // Asked of an earlier run of this job, which ended before carrying it out: not for this one.
+    if let Some(stale) = list_requests(store.as_ref(), Some(&id)).await?.remove(&id) {
+        delete_requests(store.as_ref(), &stale).await?;
+    }
     let listener = tokio::net::TcpListener::bind(socket).await.with_context(|| format!("listening on {addr}"))?;
     eprintln!("serving JobService on http://{} (job {id})", listener.local_addr()?);
     let service = nagare_coordinator::service::Jobs::embedded(store.clone(), nagare_cli::registry());
@@ -76,8 +82,14 @@ async fn follow(store: Arc<dyn MetadataStore>, id: String, run: RunHandles) {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let Ok(Some(mut job)) = get_job(store.as_ref(), &id).await else { continue };
+        // A StopJob is queued as a request: carried out here, where the record is written.
+        let asked = list_requests(store.as_ref(), Some(&id)).await.ok().and_then(|mut r| r.remove(&id));
+        let asked = asked.unwrap_or_default();
+        apply_requests(&mut job, &asked);
         if job.state == JobState::Stopping && !run.stop.is_cancelled() {
             if !job.stop_with_checkpoint {
+                // Not left queued for the next run of this job.
+                let _ = delete_requests(store.as_ref(), &asked).await;
                 eprintln!("\nstopped at once (StopJob)");
                 std::process::exit(130);
             }
@@ -87,6 +99,10 @@ async fn follow(store: Arc<dyn MetadataStore>, id: String, run: RunHandles) {
         refresh(&mut job, &run);
         if let Err(e) = put_job(store.as_ref(), &job).await {
             tracing::warn!(error = %e, "updating the job record failed");
+            continue;
+        }
+        if let Err(e) = delete_requests(store.as_ref(), &asked).await {
+            tracing::warn!(error = %e, "removing applied requests failed");
         }
     }
 }

@@ -19,6 +19,8 @@ pub mod keys {
     pub const JOBS: &str = "/jobs/";
     /// Prefix of worker registrations (each bound to the worker's lease): `<prefix>/workers/<id>`.
     pub const WORKERS: &str = "/workers/";
+    /// Prefix of what users asked of jobs (stop, rescale), queued for the scheduler: `<prefix>/requests/<job>/<seq>`.
+    pub const REQUESTS: &str = "/requests/";
     /// The election coordinators campaign in.
     pub const LEADER: &str = "/leader";
 }

@@ -163,6 +163,129 @@ impl OperatorStats {
     }
 }
 
+/// What a user asked of a running job. Requests are queued under [`crate::keys::REQUESTS`] and applied by the one
+/// process that writes the job's record (the leader's scheduler, or a single `nagare run`), so a stop or a rescale
+/// can never be overwritten by a status update read before it (which lost a rescale: the job ran on unrescaled).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum JobRequest {
+    /// Stop, with a final checkpoint or at once.
+    Stop {
+        /// With a final checkpoint.
+        checkpoint: bool,
+    },
+    /// Run at another parallelism, from a checkpoint taken for it.
+    Rescale {
+        /// The new parallelism.
+        parallelism: u32,
+        /// The plan at that parallelism (`nagare_sql::wire`), made when the rescale was asked for.
+        plan: String,
+        /// The graph's operators at that parallelism.
+        operators: Vec<(u32, String, u32)>,
+    },
+}
+
+impl JobRequest {
+    /// What the request asks, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            JobRequest::Stop { checkpoint: true } => "stop (with a checkpoint)".into(),
+            JobRequest::Stop { checkpoint: false } => "stop (at once)".into(),
+            JobRequest::Rescale { parallelism, .. } => format!("rescale to {parallelism}"),
+        }
+    }
+}
+
+impl JobRecord {
+    /// Whether a rescale may be asked of the job now; `Err` says why not.
+    pub fn rescalable(&self) -> Result<(), String> {
+        if matches!(self.state, JobState::Scheduling | JobState::Running) {
+            return Ok(());
+        }
+        Err(format!("job '{}' is {}: only a scheduling or running job can be rescaled", self.id, self.state_name()))
+    }
+
+    /// Carries out `request` on the record; `Err` says why the job's state does not allow it.
+    pub fn apply(&mut self, request: &JobRequest) -> Result<(), String> {
+        match request {
+            JobRequest::Stop { checkpoint } => {
+                if self.state.is_terminal() {
+                    return Err(format!("job '{}' is already {}", self.id, self.state_name()));
+                }
+                self.stop_with_checkpoint = *checkpoint;
+                self.state = if self.workers.is_empty() { JobState::Stopped } else { JobState::Stopping };
+            }
+            JobRequest::Rescale { parallelism, plan, operators } => {
+                self.rescalable()?;
+                self.operators = operators.clone();
+                if self.state == JobState::Scheduling {
+                    self.parallelism = *parallelism;
+                    self.plan = plan.clone();
+                } else {
+                    // Stop with a checkpoint; the scheduler deploys it again at the new parallelism from that
+                    // checkpoint.
+                    self.rescale_plan = Some(plan.clone());
+                    self.rescale_to = Some(*parallelism);
+                    self.stop_with_checkpoint = true;
+                    self.state = JobState::Rescaling;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Queues `request` for job `id`, after any queued before it.
+pub async fn put_request(store: &dyn MetadataStore, id: &str, request: &JobRequest) -> Result<(), StoreError> {
+    // Time first, so that requests sort in the order they were made.
+    let key = format!("{}{id}/{:016x}-{:08x}", crate::keys::REQUESTS, now_ms(), fastrand::u32(..));
+    let bytes =
+        serde_json::to_vec(request).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+    store.put(&key, bytes).await
+}
+
+/// Queued requests by job id, each with its key, in the order they were made. `job` limits them to one job.
+pub async fn list_requests(
+    store: &dyn MetadataStore,
+    job: Option<&str>,
+) -> Result<BTreeMap<String, Vec<(String, JobRequest)>>, StoreError> {
+    let prefix = match job {
+        Some(id) => format!("{}{id}/", crate::keys::REQUESTS),
+        None => crate::keys::REQUESTS.to_string(),
+    };
+    let mut out: BTreeMap<String, Vec<(String, JobRequest)>> = BTreeMap::new();
+    for (key, value) in store.list(&prefix).await? {
+        let rest = key.strip_prefix(crate::keys::REQUESTS).unwrap_or(&key);
+        let Some((id, _)) = rest.split_once('/') else { continue };
+        out.entry(id.to_string()).or_default().push((key.clone(), parse(&key, &value)?));
+    }
+    Ok(out)
+}
+
+/// Applies queued `requests` to `job` in order; one its state no longer allows is recorded in `last_error`.
+pub fn apply_requests(job: &mut JobRecord, requests: &[(String, JobRequest)]) {
+    for (_, request) in requests {
+        match job.apply(request) {
+            Ok(()) => tracing::info!(job = job.id, request = request.describe(), "applied"),
+            Err(why) => {
+                tracing::warn!(job = job.id, request = request.describe(), "not applied: {why}");
+                job.last_error = format!("{} was not applied: {why}", request.describe());
+            }
+        }
+    }
+}
+
+/// Removes applied requests.
+pub async fn delete_requests(
+    store: &dyn MetadataStore,
+    requests: &[(String, JobRequest)],
+) -> Result<(), StoreError> {
+    for (key, _) in requests {
+        store.delete(key).await?;
+    }
+    Ok(())
+}
+
 /// What a job record shows of a pipeline's graph: id, label and parallelism per operator.
 pub fn operators(pipeline: &nagare_sql::Pipeline) -> Vec<(u32, String, u32)> {
     pipeline.graph.nodes.iter().map(|n| (n.id as u32, n.label.clone(), n.parallelism as u32)).collect()

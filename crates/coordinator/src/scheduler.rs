@@ -14,7 +14,10 @@ use async_trait::async_trait;
 use nagare_rpc::v1 as pb;
 use tonic::transport::Channel;
 
-use crate::model::{JobRecord, JobState, WorkerRecord, list_jobs, list_workers, now_ms, put_job};
+use crate::model::{
+    JobRecord, JobState, WorkerRecord, apply_requests, delete_requests, list_jobs, list_requests, list_workers, now_ms,
+    put_job,
+};
 use crate::store::{MetadataStore, StoreError};
 
 /// What the scheduler asks of workers (gRPC in a cluster; a double in unit tests).
@@ -129,6 +132,8 @@ pub async fn reconcile_with(
         }
     }
     let mut jobs = list_jobs(store).await?;
+    // What users asked since the last pass: applied here, by the only writer of job records, before the pass.
+    let mut requests = list_requests(store, None).await?;
     let mut used: HashMap<String, u32> = HashMap::new();
     for j in jobs.iter().filter(|j| matches!(j.state, JobState::Running | JobState::Stopping | JobState::Rescaling)) {
         for w in &j.workers {
@@ -138,17 +143,30 @@ pub async fn reconcile_with(
     let mut changed = 0;
     // One job moves per pass: once it is placed again, the worker it went to is no longer idle.
     let mut may_rebalance = policy.rebalance && !jobs.iter().any(|j| j.state == JobState::Rescaling);
-    for job in jobs.iter_mut().filter(|j| !j.state.is_terminal()) {
+    for job in jobs.iter_mut() {
+        let asked = requests.remove(&job.id).unwrap_or_default();
+        if job.state.is_terminal() && asked.is_empty() {
+            continue;
+        }
         let before = job.clone();
-        step(job, &live, &tasks, &mut used, workers, &policy).await;
-        if may_rebalance && rebalance(job, &live, &used) {
-            may_rebalance = false;
+        apply_requests(job, &asked);
+        if !job.state.is_terminal() {
+            step(job, &live, &tasks, &mut used, workers, &policy).await;
+            if may_rebalance && rebalance(job, &live, &used) {
+                may_rebalance = false;
+            }
         }
         if *job != before {
             job.updated_ms = now_ms();
             put_job(store, job).await?;
             changed += 1;
         }
+        // Only once the record that carries them out is written.
+        delete_requests(store, &asked).await?;
+    }
+    // Requests for jobs that do not exist (any more).
+    for asked in requests.values() {
+        delete_requests(store, asked).await?;
     }
     Ok(changed)
 }
@@ -389,10 +407,18 @@ async fn step(
             // Every part has ended.
             let cancelled = statuses.iter().any(|(_, s)| state(s) == pb::TaskState::Cancelled);
             job.state = match job.state {
-                // (a bounded job may also have finished meanwhile: then there is nothing left to rescale)
                 JobState::Rescaling if cancelled => {
                     settle(job);
                     job.state
+                }
+                // A bounded job may finish before the rescale's checkpoint is taken: nothing is left to rescale.
+                JobState::Rescaling => {
+                    if let Some(p) = job.rescale_to.take() {
+                        job.last_error = format!("the input ended before the rescale to {p} took effect");
+                        tracing::info!(job = job.id, "{}", job.last_error);
+                    }
+                    job.rescale_plan = None;
+                    JobState::Finished
                 }
                 _ if cancelled || job.state == JobState::Stopping => JobState::Stopped,
                 _ => JobState::Finished,
@@ -470,7 +496,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::model::get_job;
+    use crate::model::{JobRequest, get_job, put_request};
     use crate::store::MemoryStore;
 
     /// Workers that do what they are told and report it.
@@ -479,6 +505,8 @@ mod tests {
         tasks: Mutex<HashMap<String, Vec<pb::TaskStatus>>>,
         cancelled: Mutex<Vec<(String, bool)>>,
         deployed: Mutex<Vec<(String, pb::DeployRequest)>>,
+        /// A request a user makes while a deploy is under way (in the middle of a pass), once.
+        during_deploy: Mutex<Option<(MemoryStore, JobRequest)>>,
     }
 
     #[async_trait]
@@ -495,6 +523,10 @@ mod tests {
                 part: r.part,
                 ..Default::default()
             };
+            let asked = self.during_deploy.lock().unwrap().take();
+            if let Some((store, request)) = asked {
+                crate::model::put_request(&store, &r.job_id, &request).await.unwrap();
+            }
             self.deployed.lock().unwrap().push((w.id.clone(), r));
             self.tasks.lock().unwrap().entry(w.id.clone()).or_default().push(status);
             Ok(())
@@ -545,7 +577,7 @@ mod tests {
         put_job(&store, &job("a", 2)).await.unwrap();
         reconcile(&store, &workers).await.unwrap();
         // w1's lease expires; w2 joins.
-        store.map_remove(&format!("{}w1", crate::keys::WORKERS));
+        store.delete(&format!("{}w1", crate::keys::WORKERS)).await.unwrap();
         add_worker(&store, "w2", 4).await;
         reconcile(&store, &workers).await.unwrap();
         let a = get_job(&store, "a").await.unwrap().unwrap();
@@ -665,6 +697,50 @@ mod tests {
         reconcile(&store, &workers).await.unwrap();
         let a = get_job(&store, "a").await.unwrap().unwrap();
         assert_eq!((a.state, a.attempt, a.slot_parts.len()), (JobState::Running, 2, 4));
+    }
+
+    #[tokio::test]
+    async fn a_stop_asked_while_a_pass_deploys_the_job_is_carried_out_not_overwritten() {
+        let store = MemoryStore::default();
+        let workers = FakeWorkers::default();
+        add_worker(&store, "w1", 2).await;
+        put_job(&store, &job("a", 2)).await.unwrap();
+        // The pass read the job before the stop was asked, and writes it (deployed) after.
+        *workers.during_deploy.lock().unwrap() = Some((store.clone(), JobRequest::Stop { checkpoint: true }));
+        reconcile(&store, &workers).await.unwrap();
+        assert_eq!(get_job(&store, "a").await.unwrap().unwrap().state, JobState::Running);
+        reconcile(&store, &workers).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!((a.state, a.stop_with_checkpoint), (JobState::Stopping, true));
+        assert_eq!(workers.cancelled.lock().unwrap().as_slice(), &[("a".to_string(), true)]);
+        assert!(store.list(crate::keys::REQUESTS).await.unwrap().is_empty(), "carried out, then removed");
+    }
+
+    #[tokio::test]
+    async fn a_rescale_the_input_outran_says_so_and_a_request_too_late_is_recorded() {
+        let store = MemoryStore::default();
+        let workers = FakeWorkers::default();
+        add_worker(&store, "w1", 4).await;
+        put_job(&store, &job("a", 2)).await.unwrap();
+        reconcile(&store, &workers).await.unwrap();
+        let rescale = JobRequest::Rescale { parallelism: 4, plan: String::new(), operators: Vec::new() };
+        put_request(&store, "a", &rescale).await.unwrap();
+        reconcile(&store, &workers).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!((a.state, a.rescale_to), (JobState::Rescaling, Some(4)));
+        // The input ends before the parts take the rescale's checkpoint.
+        workers.tasks.lock().unwrap().get_mut("w1").unwrap()[0].state = pb::TaskState::Finished as i32;
+        reconcile(&store, &workers).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!((a.state, a.parallelism, a.rescale_to), (JobState::Finished, 2, None));
+        assert_eq!(a.last_error, "the input ended before the rescale to 4 took effect");
+        // A stop that reaches a finished job is not carried out, and says why.
+        put_request(&store, "a", &JobRequest::Stop { checkpoint: false }).await.unwrap();
+        reconcile(&store, &workers).await.unwrap();
+        let a = get_job(&store, "a").await.unwrap().unwrap();
+        assert_eq!(a.state, JobState::Finished);
+        assert_eq!(a.last_error, "stop (at once) was not applied: job 'a' is already finished");
+        assert!(store.list(crate::keys::REQUESTS).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use nagare_rpc::v1 as pb;
 use nagare_rpc::v1::job_service_server::JobService;
 use tonic::{Request, Response, Status};
 
-use crate::model::{JobRecord, JobState, get_job, list_jobs, list_workers, now_ms, put_job};
+use crate::model::{JobRecord, JobRequest, JobState, get_job, list_jobs, list_workers, put_job, put_request};
 use crate::store::{MetadataStore, StoreError};
 
 /// The service; `checkpoint_base` is where jobs' checkpoints go (`<base>/<job id>`).
@@ -50,6 +50,18 @@ impl Jobs {
             )));
         }
         Ok(())
+    }
+}
+
+impl Jobs {
+    /// Checks `request` against the job as it is now, queues it for the process that writes the record, and
+    /// answers with the job as the request leaves it.
+    async fn queue(&self, mut job: JobRecord, request: JobRequest) -> Result<Response<pb::Job>, Status> {
+        let id = job.id.clone();
+        job.apply(&request).map_err(Status::failed_precondition)?;
+        put_request(self.store.as_ref(), &id, &request).await.map_err(unavailable)?;
+        tracing::info!(job = id, request = request.describe(), "queued");
+        Ok(Response::new(job.to_pb()))
     }
 }
 
@@ -143,28 +155,17 @@ impl JobService for Jobs {
 
     async fn stop_job(&self, request: Request<pb::StopJobRequest>) -> Result<Response<pb::Job>, Status> {
         let req = request.into_inner();
-        let mut job = job_or_not_found(self.store.as_ref(), &req.id).await?;
-        if job.state.is_terminal() {
-            return Err(Status::failed_precondition(format!("job '{}' is already {}", job.id, job.state_name())));
-        }
-        job.stop_with_checkpoint = req.mode != pb::StopMode::Immediate as i32;
-        job.state = if !job.workers.is_empty() { JobState::Stopping } else { JobState::Stopped };
-        job.updated_ms = now_ms();
-        put_job(self.store.as_ref(), &job).await.map_err(unavailable)?;
-        Ok(Response::new(job.to_pb()))
+        let job = job_or_not_found(self.store.as_ref(), &req.id).await?;
+        let stop = JobRequest::Stop { checkpoint: req.mode != pb::StopMode::Immediate as i32 };
+        self.queue(job, stop).await
     }
 
     async fn rescale_job(&self, request: Request<pb::RescaleJobRequest>) -> Result<Response<pb::Job>, Status> {
         self.refuse_if_embedded("rescale (restart it with --parallelism from its checkpoints)")?;
         let req = request.into_inner();
-        let mut job = job_or_not_found(self.store.as_ref(), &req.id).await?;
-        if !matches!(job.state, JobState::Scheduling | JobState::Running) {
-            return Err(Status::failed_precondition(format!(
-                "job '{}' is {}: only a scheduling or running job can be rescaled",
-                job.id,
-                job.state_name()
-            )));
-        }
+        let job = job_or_not_found(self.store.as_ref(), &req.id).await?;
+        // Before planning: a job that cannot be rescaled is refused as it would be when the request is applied.
+        job.rescalable().map_err(Status::failed_precondition)?;
         // Planned at the new parallelism first, so that a parallelism the pipeline cannot take is refused now.
         let pipeline = self
             .registry
@@ -178,21 +179,13 @@ impl JobService for Jobs {
                 req.parallelism
             )));
         }
-        job.operators = crate::model::operators(&pipeline);
         let plan = nagare_sql::wire::encode(&pipeline).map_err(|e| plan_error(&e))?;
-        if job.state == JobState::Scheduling {
-            job.parallelism = req.parallelism;
-            job.plan = plan;
-        } else {
-            job.rescale_plan = Some(plan);
-            // Stop with a checkpoint; the scheduler deploys it again at the new parallelism from that checkpoint.
-            job.rescale_to = Some(req.parallelism);
-            job.stop_with_checkpoint = true;
-            job.state = JobState::Rescaling;
-        }
-        job.updated_ms = now_ms();
-        put_job(self.store.as_ref(), &job).await.map_err(unavailable)?;
-        Ok(Response::new(job.to_pb()))
+        let rescale = JobRequest::Rescale {
+            parallelism: req.parallelism,
+            plan,
+            operators: crate::model::operators(&pipeline),
+        };
+        self.queue(job, rescale).await
     }
 
     async fn list_workers(

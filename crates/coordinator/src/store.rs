@@ -31,6 +31,8 @@ pub trait MetadataStore: Send + Sync {
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
     /// Every key under `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Removes `key` (absent is not an error).
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
 }
 
 /// etcd (v3 API); every key is put under a prefix, so several clusters (or tests) can share an etcd.
@@ -105,6 +107,11 @@ impl MetadataStore for EtcdStore {
             })
             .collect())
     }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.client.clone().delete(self.key(key), None).await?;
+        Ok(())
+    }
 }
 
 /// In memory (one process; tests).
@@ -132,14 +139,10 @@ impl MetadataStore for MemoryStore {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
-}
 
-impl MemoryStore {
-    /// Removes a key (what a lease expiry does to a worker's registration).
-    pub fn map_remove(&self, key: &str) {
-        if let Ok(mut m) = self.map.lock() {
-            m.remove(key);
-        }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.map.lock().map_err(|_| poisoned(key))?.remove(key);
+        Ok(())
     }
 }
 
@@ -197,6 +200,14 @@ impl MetadataStore for FileStore {
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
             .collect())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let mut map = self.map.lock().map_err(|_| poisoned(key))?;
+        if map.remove(key).is_some() {
+            self.write(&map)?;
+        }
+        Ok(())
     }
 }
 
