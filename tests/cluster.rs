@@ -621,3 +621,101 @@ fn rescaling_down_a_job_over_many_splits_keeps_every_row_and_every_window() {
         assert_eq!(window_counts(&out), expected_windows, "{from} -> 1: windows as in the run never rescaled");
     }
 }
+
+/// The SQS source given its keys as secret options (`'${VAR}'` references): the workers, whose environment holds
+/// them, sign with them (this moto refuses any other signature); the coordinator, which plans, never has them; and
+/// the secret is in no value etcd holds, in no checkpoint file, in GetJob or in any log, even when it was also
+/// (wrongly) passed with `--var` at submission.
+#[test]
+fn a_secret_option_is_resolved_by_the_workers_and_never_stored() {
+    const N: usize = 40;
+    let iam = common::services::moto_iam();
+    let (key_id, secret) = (iam["AWS_ACCESS_KEY_ID"].clone(), iam["AWS_SECRET_ACCESS_KEY"].clone());
+    let etcd = etcd()["ETCD_ENDPOINTS"].clone();
+    let prefix = format!("/nagare-secret-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("secret{}x{}", std::process::id(), fastrand::u32(..));
+    let queue = common::services::aws_at(iam, &["queue", &name]);
+    let bodies = dir.path().join("bodies.txt");
+    let body = |n: usize| format!(r#"{{"id": "e{n}", "time": "2026-01-01T00:00:{:02}Z"}}"#, n % 60);
+    std::fs::write(&bodies, (0..N).map(body).collect::<Vec<_>>().join("\n")).unwrap();
+    assert_eq!(common::services::aws_at(iam, &["send", &queue, bodies.to_str().unwrap()]), N.to_string());
+
+    let plain: &[(&str, &str)] = &[("AWS_REGION", "us-east-1")];
+    let (api, coordinator) = insecure_coordinator(dir.path(), &etcd, &prefix, TOKEN, "c", &[], plain);
+    let worker_env = [
+        ("AWS_REGION", "us-east-1"),
+        ("NAGARE_TEST_SQS_KEY_ID", key_id.as_str()),
+        ("NAGARE_TEST_SQS_SECRET", secret.as_str()),
+    ];
+    let worker = insecure_worker(dir.path(), &etcd, &prefix, TOKEN, "w1", &worker_env);
+    wait_for(
+        "the coordinator and a worker",
+        Duration::from_secs(30),
+        || cli(&api, Some(TOKEN), &["workers"]).1.lines().count() == 2,
+        &|| coordinator.log(),
+    );
+    let out = dir.path().join("out");
+    let sql = dir.path().join("p.sql");
+    std::fs::write(
+        &sql,
+        "SET parallelism = 1;\nSET checkpoint_interval = '1s';\nSET dedup_ttl = '1 hour';\n\
+         CREATE TABLE events (id TEXT, time TIMESTAMP, WATERMARK FOR time AS time - INTERVAL '1' SECOND)\n\
+         WITH (connector = 'sqs', queue_url = '${QUEUE}', endpoint = '${AWS}', wait_time = '1s', receivers = 1,\n\
+               access_key_id = '${NAGARE_TEST_SQS_KEY_ID}', secret_access_key = '${NAGARE_TEST_SQS_SECRET}');\n\
+         CREATE TABLE ids WITH (connector = 'filesystem', path = '${OUT}', format = 'json');\n\
+         INSERT INTO ids SELECT id FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY time) AS rn\n\
+         FROM events) WHERE rn = 1;\n",
+    )
+    .unwrap();
+    let vars = [
+        format!("QUEUE={queue}"),
+        format!("AWS={}", iam["AWS_ENDPOINT_URL"]),
+        format!("OUT={}", out.display()),
+        format!("NAGARE_TEST_SQS_SECRET={secret}"),
+    ];
+    let mut args = vec!["submit", sql.to_str().unwrap(), "--name", "secret"];
+    for v in &vars {
+        args.extend(["--var", v.as_str()]);
+    }
+    let (ok, job, err) = cli(&api, Some(TOKEN), &args);
+    assert!(ok, "{err}");
+    let job = job.trim().to_string();
+    let logs = || format!("{}\n{}\n{}", coordinator.log(), worker.log(), status(&api, &job));
+    wait_for(
+        "every event written and the queue drained",
+        Duration::from_secs(120),
+        || {
+            common::read_json_rows(&out).len() >= N
+                && common::services::aws_at(iam, &["counts", &queue]).starts_with("0 ")
+        },
+        &logs,
+    );
+    let (ok, _, err) = cli(&api, Some(TOKEN), &["stop", &job]);
+    assert!(ok, "{err}");
+    wait_for("the job to stop", Duration::from_secs(60), || status(&api, &job)["state"] == "stopped", &logs);
+    let rows: Vec<String> =
+        common::read_json_rows(&out).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    let ids: std::collections::BTreeSet<&String> = rows.iter().collect();
+    assert_eq!((ids.len(), rows.len()), (N, N), "every event exactly once");
+
+    // Nowhere the cluster keeps or shows things.
+    let stored = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={etcd}"))
+        .args(["get", &prefix, "--prefix"])
+        .output()
+        .unwrap();
+    assert!(stored.status.success(), "{}", String::from_utf8_lossy(&stored.stderr));
+    let stored = String::from_utf8_lossy(&stored.stdout).into_owned();
+    assert!(stored.contains("${NAGARE_TEST_SQS_SECRET}"), "the job keeps the reference: {stored}");
+    let shown = cli(&api, Some(TOKEN), &["status", &job, "--json"]).1;
+    let mut checkpoints = String::new();
+    for f in common::files_with(&dir.path().join("checkpoints"), &[""]) {
+        checkpoints.push_str(&String::from_utf8_lossy(&std::fs::read(f).unwrap()));
+    }
+    for (what, text) in [("etcd", &stored), ("GetJob", &shown), ("checkpoints", &checkpoints), ("logs", &logs())] {
+        assert!(!text.contains(&secret), "the secret is in {what}");
+    }
+    assert!(!checkpoints.is_empty(), "checkpoints were read");
+}

@@ -81,6 +81,7 @@ fn queue_counts(queue: &str) -> (u64, u64) {
         visibility_timeout: Duration::from_secs(30),
         bad_records: BadRecordPolicy::Fail,
         dead_letter_path: None,
+        keys: None,
     };
     let client = SqsClient::with_keys(&cfg, &moto()["AWS_ACCESS_KEY_ID"], &moto()["AWS_SECRET_ACCESS_KEY"]).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -324,6 +324,7 @@ impl<'a> EndToEnd<'a> {
             visibility_timeout: Duration::from_secs(30),
             bad_records: BadRecordPolicy::Fail,
             dead_letter_path: None,
+            keys: None,
         };
         Ok(SqsClient::with_keys(&cfg, &self.key_id, &self.secret)?)
     }

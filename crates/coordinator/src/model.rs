@@ -276,10 +276,7 @@ pub fn apply_requests(job: &mut JobRecord, requests: &[(String, JobRequest)]) {
 }
 
 /// Removes applied requests.
-pub async fn delete_requests(
-    store: &dyn MetadataStore,
-    requests: &[(String, JobRequest)],
-) -> Result<(), StoreError> {
+pub async fn delete_requests(store: &dyn MetadataStore, requests: &[(String, JobRequest)]) -> Result<(), StoreError> {
     for (key, _) in requests {
         store.delete(key).await?;
     }

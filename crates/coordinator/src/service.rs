@@ -110,6 +110,15 @@ impl JobService for Jobs {
         }
         job.settings = settings;
         job.variables = variables;
+        // A secret option's variable is read from the workers' environment; a value given for it is not stored.
+        for name in pipeline.tables.values().flat_map(|t| t.options.secret_references()) {
+            if job.variables.remove(&name).is_some() {
+                tracing::warn!(
+                    job = id,
+                    "variable {name} is used by a secret option: it is read from the environment of the workers,                      and the value given for it was not stored"
+                );
+            }
+        }
         put_job(self.store.as_ref(), &job).await.map_err(unavailable)?;
         tracing::info!(job = job.id, name = job.name, plan_bytes = job.plan.len(), "job submitted");
         for w in &pipeline.warnings {
@@ -180,11 +189,8 @@ impl JobService for Jobs {
             )));
         }
         let plan = nagare_sql::wire::encode(&pipeline).map_err(|e| plan_error(&e))?;
-        let rescale = JobRequest::Rescale {
-            parallelism: req.parallelism,
-            plan,
-            operators: crate::model::operators(&pipeline),
-        };
+        let rescale =
+            JobRequest::Rescale { parallelism: req.parallelism, plan, operators: crate::model::operators(&pipeline) };
         self.queue(job, rescale).await
     }
 

@@ -85,17 +85,26 @@ impl OptionSpec {
 /// The value of a secret option, with its `${NAME}` references filled from this process's environment: secrets
 /// are resolved where they are used, never in the plan.
 pub fn resolve_secret(option: &str, text: &str) -> std::result::Result<String, String> {
+    substitute_references(option, text, |name| {
+        std::env::var(name).map_err(|_| {
+            format!("option '{option}': the environment variable {name} is not set in this process (secrets are read where they are used)")
+        })
+    })
+}
+
+/// `text` with each `${NAME}` replaced by `value(NAME)`.
+fn substitute_references(
+    option: &str,
+    text: &str,
+    mut value: impl FnMut(&str) -> std::result::Result<String, String>,
+) -> std::result::Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let end = after.find('}').ok_or_else(|| format!("option '{option}': unclosed '${{'"))?;
-        let name = &after[..end];
-        let value = std::env::var(name).map_err(|_| {
-            format!("option '{option}': the environment variable {name} is not set in this process (secrets are read where they are used)")
-        })?;
-        out.push_str(&value);
+        out.push_str(&value(&after[..end])?);
         rest = &after[end + 1..];
     }
     out.push_str(rest);
@@ -261,6 +270,20 @@ impl Options {
     /// Where the option was written.
     pub fn location(&self, name: &str) -> Option<Location> {
         self.values.get(name).and_then(|(_, l)| *l)
+    }
+
+    /// The `${NAME}` variables that secret options refer to: they are read from the environment of the processes
+    /// that use them, so a value given for one at submission is not stored with the job.
+    pub fn secret_references(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for spec in self.specs.iter().filter(|s| s.secret) {
+            let Some((OptionValue::String(text), _)) = self.values.get(spec.name) else { continue };
+            let _ = substitute_references(spec.name, text, |name| {
+                names.push(name.to_string());
+                Ok(String::new())
+            });
+        }
+        names
     }
 
     /// Text (or enum) value.

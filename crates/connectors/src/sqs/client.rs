@@ -160,8 +160,16 @@ impl SqsClient {
     /// A client for `cfg`'s queue, with credentials from the standard AWS chain (as object_store resolves them for
     /// S3: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, `AWS_ROLE_ARN` +
     /// `AWS_WEB_IDENTITY_TOKEN_FILE`, ECS/EKS container credentials, EC2 instance metadata), refreshed as they expire.
+    /// Keys given as options (`cfg.keys`) replace the chain; their references are resolved here, where they sign.
     pub fn new(cfg: &SqsConfig) -> Result<SqsClient, SqsError> {
-        Self::build(cfg, AmazonS3Builder::from_env())
+        let Some(keys) = &cfg.keys else { return Self::build(cfg, AmazonS3Builder::from_env()) };
+        let (key_id, secret, token) =
+            keys.resolve().map_err(|reason| SqsError::Credentials { queue_url: cfg.queue_url.clone(), reason })?;
+        let mut builder = AmazonS3Builder::new().with_access_key_id(key_id).with_secret_access_key(secret);
+        if let Some(token) = token {
+            builder = builder.with_token(token);
+        }
+        Self::build(cfg, builder)
     }
 
     /// A client signing with the given keys instead of the credential chain (tools and tests holding keys).

@@ -72,6 +72,27 @@ pub const OPTIONS: &[OptionSpec] = &[
         "malformed messages: stop the job, dead-letter them (then delete), or skip them (then delete)",
     ),
     OptionSpec::optional(
+        "access_key_id",
+        OptionKind::String,
+        None,
+        "with secret_access_key: sign with this key instead of the AWS credential chain (e.g. '${SQS_KEY_ID}')",
+    )
+    .as_secret(),
+    OptionSpec::optional(
+        "secret_access_key",
+        OptionKind::String,
+        None,
+        "the key's secret; write '${VARIABLE}': resolved from the environment of the processes that read the queue, never stored",
+    )
+    .as_secret(),
+    OptionSpec::optional(
+        "session_token",
+        OptionKind::String,
+        None,
+        "with temporary keys: their session token (a '${VARIABLE}' too)",
+    )
+    .as_secret(),
+    OptionSpec::optional(
         "dead_letter_path",
         OptionKind::String,
         None,
@@ -153,6 +174,40 @@ pub struct SqsConfig {
     pub bad_records: BadRecordPolicy,
     /// Dead-letter directory of this source, when set on the table.
     pub dead_letter_path: Option<String>,
+    /// Keys given as options, as written (`${VARIABLE}` references): resolved by the process that signs with them.
+    #[serde(default)]
+    pub keys: Option<StaticKeys>,
+}
+
+/// An access key given in the pipeline rather than found by the credential chain: a job reading a queue of another
+/// account than the one the workers' own credentials are for. Each field keeps its `${VARIABLE}` references.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct StaticKeys {
+    /// `access_key_id`, as written.
+    pub access_key_id: String,
+    /// `secret_access_key`, as written.
+    pub secret_access_key: String,
+    /// `session_token`, as written.
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for StaticKeys {
+    // A secret written into the SQL text (against the planner's warning) is still never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StaticKeys(..)")
+    }
+}
+
+impl StaticKeys {
+    /// The key id, secret and token with their references filled from this process's environment.
+    pub fn resolve(&self) -> Result<(String, String, Option<String>), String> {
+        use nagare_sql::options::resolve_secret;
+        Ok((
+            resolve_secret("access_key_id", &self.access_key_id)?,
+            resolve_secret("secret_access_key", &self.secret_access_key)?,
+            self.session_token.as_deref().map(|t| resolve_secret("session_token", t)).transpose()?,
+        ))
+    }
 }
 
 mod millis {
@@ -244,7 +299,27 @@ impl SqsConfig {
             Some("skip") => BadRecordPolicy::Skip,
             _ => BadRecordPolicy::Fail,
         };
+        let keys = match (o.get_str("access_key_id"), o.get_str("secret_access_key")) {
+            (Some(access_key_id), Some(secret_access_key)) => {
+                Some(StaticKeys { access_key_id, secret_access_key, session_token: o.get_str("session_token") })
+            }
+            (None, None) if o.get_str("session_token").is_some() => {
+                return Err(o.error("session_token", "goes with access_key_id and secret_access_key"));
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(
+                    o.error("access_key_id", "needs secret_access_key too (or neither, for the credential chain)")
+                );
+            }
+            (None, Some(_)) => {
+                return Err(
+                    o.error("secret_access_key", "needs access_key_id too (or neither, for the credential chain)")
+                );
+            }
+        };
         let cfg = SqsConfig {
+            keys,
             queue_url,
             region,
             endpoint,
@@ -419,6 +494,9 @@ mod tests {
                 "'_sent_time' of SQS source 'q' must be TIMESTAMP",
             ),
             ("region = 'x'", "id TEXT", "queue_url"),
+            ("queue_url = 'http://h/1/q', access_key_id = '${K}'", "id TEXT", "needs secret_access_key too"),
+            ("queue_url = 'http://h/1/q', secret_access_key = '${S}'", "id TEXT", "needs access_key_id too"),
+            ("queue_url = 'http://h/1/q', session_token = '${T}'", "id TEXT", "option 'session_token'"),
         ] {
             let e = plan(with, columns).await.unwrap_err().to_string();
             assert!(e.contains(says), "{with}: {e}");
@@ -426,6 +504,22 @@ mod tests {
         // Positioned: the error carries the option's line and column.
         let e = plan("\n  wait_time = '21s', queue_url = 'http://h/1/q'", "id TEXT").await.unwrap_err();
         assert!(e.to_string().contains("2:"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn keys_given_as_options_keep_their_references_and_resolve_where_they_sign() {
+        let c = plan(
+            "queue_url = 'http://h/1/q', access_key_id = '${NAGARE_UNIT_KEY}', secret_access_key = '${HOME}'",
+            "id TEXT",
+        )
+        .await
+        .unwrap();
+        let keys = c.keys.clone().unwrap();
+        assert_eq!((keys.access_key_id.as_str(), keys.secret_access_key.as_str()), ("${NAGARE_UNIT_KEY}", "${HOME}"));
+        assert_eq!(format!("{keys:?}"), "StaticKeys(..)");
+        // Unset here: the client names the variable, and the queue, not a value.
+        let e = client::SqsClient::new(&c).unwrap_err().to_string();
+        assert!(e.contains("NAGARE_UNIT_KEY is not set in this process") && e.contains("http://h/1/q"), "{e}");
     }
 
     #[test]

@@ -729,6 +729,7 @@ mod tests {
             visibility_timeout: Duration::from_secs(30),
             bad_records: BadRecordPolicy::Skip,
             dead_letter_path: None,
+            keys: None,
         };
         use arrow::datatypes::{DataType, Field, TimeUnit};
         let schema = Arc::new(Schema::new(vec![
