@@ -416,6 +416,8 @@ pub(crate) mod testing {
 
     /// One step of input: rows (key, event time, value), then a watermark.
     pub type Step = (Vec<(i64, i64, i64)>, i64);
+    /// One step of input for two subtasks: rows, then a watermark for each.
+    pub type Step2 = (Vec<(i64, i64, i64)>, i64, i64);
 
     /// Builds an operator owning key groups `range` (of 128).
     pub type Make<'a> = &'a dyn Fn(KeyGroupRange) -> Box<dyn Operator>;
@@ -485,7 +487,7 @@ pub(crate) mod testing {
     pub fn run_rescaled(
         make: Make,
         batch: Batch,
-        before: &[(Vec<(i64, i64, i64)>, i64, i64)],
+        before: &[Step2],
         after: &[Step],
         ranges: &[KeyGroupRange],
         seed: u64,

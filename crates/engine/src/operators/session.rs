@@ -34,6 +34,8 @@ use crate::operator::{Operator, PartKind, StatePart, take_part};
 use crate::state::{Chain, Origins, StateRows, chained_meta, rows_in};
 
 type Accumulators = Vec<Box<dyn Accumulator>>;
+/// A session in a chain of snapshots: its key (as an arrow row) and when it opened.
+type SessionId = (Box<[u8]>, i64);
 
 struct Session {
     key: OwnedRow,
@@ -493,7 +495,7 @@ impl Operator for SessionOperator {
             let opened = if has_opened { int(n_keys + 3) } else { starts.clone() };
             let first_state = n_keys + 3 + usize::from(has_opened);
             // The parts of each session (base and deltas), merged: extents by union, states in any order.
-            let mut merged: HashMap<(Box<[u8]>, i64), (u16, Session)> = HashMap::new();
+            let mut merged: HashMap<SessionId, (u16, Session)> = HashMap::new();
             for i in 0..state.num_rows() {
                 let id = (keys.row(i).as_ref().into(), opened.value(i));
                 let (_, session) = match merged.entry(id) {
