@@ -79,6 +79,27 @@ pub enum BenchCommand {
         #[arg(long, default_value = "target/bench-state")]
         dir: PathBuf,
     },
+    /// Window checkpoint state: a TUMBLE COUNT/SUM aggregate holding --keys keys in each of --windows open windows
+    /// takes --checkpoints checkpoints, each after --touched rows (random keys, random windows). Each checkpoint is
+    /// taken incrementally (base, then deltas) and, by a second operator fed the same rows, whole (every open window,
+    /// as before chains); then both are restored and their windows compared.
+    WindowState {
+        /// Keys in each window.
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+        /// Open windows.
+        #[arg(long, default_value_t = 10)]
+        windows: usize,
+        /// Rows between checkpoints.
+        #[arg(long, default_value_t = 10_000)]
+        touched: usize,
+        /// Checkpoints after the first.
+        #[arg(long, default_value_t = 10)]
+        checkpoints: usize,
+        /// Working directory (the checkpoint store).
+        #[arg(long, default_value = "target/bench-window-state")]
+        dir: PathBuf,
+    },
     /// W1 into BigQuery (`append`, exactly once, checkpoints) vs the same job into the Parquet sink, in the same run;
     /// the sinks' own CPU per row is measured against a run whose sink receives nothing.
     Bigquery {
@@ -535,6 +556,186 @@ async fn bench_state(keys: usize, new_keys: usize, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A TUMBLE (1 minute) COUNT(v), SUM(v) by k over (k Int64, t timestamp, v Int64), on all key groups.
+fn tumble_count_sum() -> Result<(nagare_engine::operators::window::WindowAggregateOperator, Arc<Schema>)> {
+    use datafusion::common::DFSchema;
+    use datafusion::functions_aggregate::expr_fn::{count, sum};
+    use datafusion::logical_expr::col;
+    use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+    use datafusion::physical_expr::aggregate::LoweredAggregateBuilder;
+    use datafusion::physical_expr::execution_props::ExecutionProps;
+    use datafusion::physical_expr::expressions::Column;
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, None);
+    let input = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, true),
+        Field::new("t", ts.clone(), true),
+        Field::new("v", DataType::Int64, true),
+    ]));
+    let df = DFSchema::try_from(input.as_ref().clone())?;
+    let mut aggregates = Vec::new();
+    for e in [count(col("v")), sum(col("v"))] {
+        let lowered =
+            LoweredAggregateBuilder::new(&e, &df, &input, &ExecutionProps::new(), &PhysicalPlanningContext::default())
+                .build()?;
+        aggregates.push(nagare_sql::AggregateSpec { expr: lowered.aggregate, filter: None });
+    }
+    let spec = nagare_sql::WindowAggregateSpec {
+        window: nagare_sql::window::WindowKind::Tumble { size_us: 60_000_000 },
+        time_column: 1,
+        window_position: 1,
+        keys: vec![Arc::new(Column::new("k", 0))],
+        aggregates,
+        input_schema: input.clone(),
+    };
+    let out = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, true),
+        Field::new("w", nagare_sql::window::window_struct_type(&ts), true),
+        Field::new("n", DataType::Int64, false),
+        Field::new("s", DataType::Int64, true),
+    ]));
+    let ctx = nagare_engine::operators::OperatorContext {
+        label: "window".into(),
+        metrics: Arc::new(nagare_engine::metrics::NodeMetrics::new(0, "window".into(), "window", 1)),
+        late_rows: nagare_sql::LateRowPolicy::Drop,
+        dead_letter: None,
+        max_parallelism: 128,
+        key_groups: nagare_core::KeyGroupRange { start: 0, end: 128 },
+    };
+    Ok((nagare_engine::operators::window::WindowAggregateOperator::new(&spec, out, ctx)?, input))
+}
+
+/// Every emitted window row as (key, window start, count, sum), sorted.
+fn window_rows(out: &[arrow::record_batch::RecordBatch]) -> Vec<(i64, i64, i64, i64)> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+    let mut rows = Vec::new();
+    for b in out {
+        let k = b.column(0).as_primitive::<Int64Type>();
+        let start = b.column(1).as_struct().column(0).as_primitive::<TimestampMicrosecondType>();
+        let (n, s) = (b.column(2).as_primitive::<Int64Type>(), b.column(3).as_primitive::<Int64Type>());
+        for i in 0..b.num_rows() {
+            rows.push((k.value(i), start.value(i), n.value(i), s.value(i)));
+        }
+    }
+    rows.sort_unstable();
+    rows
+}
+
+async fn bench_window_state(keys: usize, windows: usize, touched: usize, checkpoints: usize, dir: &Path) -> Result<()> {
+    use nagare_engine::checkpoint::store::CheckpointStore;
+    use nagare_engine::operator::{Operator, PartKind};
+    let _ = std::fs::remove_dir_all(dir);
+    let store = CheckpointStore::open(&dir.to_string_lossy())?;
+    let (mut incremental, input) = tumble_count_sum()?;
+    let (mut whole, _) = tumble_count_sum()?;
+    let minute = 60_000_000i64;
+    let batch = |rows: &[(i64, i64, i64)]| -> Result<arrow::record_batch::RecordBatch> {
+        Ok(arrow::record_batch::RecordBatch::try_new(
+            input.clone(),
+            vec![
+                Arc::new(arrow::array::Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(arrow::array::TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(arrow::array::Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            ],
+        )?)
+    };
+    let mut out = Vec::new();
+    let t = Instant::now();
+    for w in 0..windows {
+        for start in (0..keys).step_by(100_000) {
+            let rows: Vec<_> = (start..keys.min(start + 100_000)).map(|k| (k as i64, w as i64 * minute, 1)).collect();
+            let b = batch(&rows)?;
+            incremental.process(b.clone(), &mut out)?;
+            whole.process(b, &mut out)?;
+        }
+    }
+    println!(
+        "window state: {} windows x {keys} keys = {} groups (filled in {:.2}s)",
+        windows,
+        whole.state_entries(),
+        t.elapsed().as_secs_f64()
+    );
+    // (time to Arrow, time to encode + write, bytes) per checkpoint, incremental and whole.
+    let mut inc = Vec::new();
+    let mut full = Vec::new();
+    let mut files = Vec::new();
+    let mut whole_files = Vec::new();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as i64
+    };
+    for id in 1..=checkpoints as u64 + 1 {
+        if id > 1 {
+            let rows: Vec<_> =
+                (0..touched).map(|_| (next(keys), next(windows) * minute + next(60) * 1_000_000, 1)).collect();
+            let b = batch(&rows)?;
+            incremental.process(b.clone(), &mut out)?;
+            whole.process(b, &mut out)?;
+        }
+        for (op, force, times, files) in
+            [(&mut incremental, false, &mut inc, &mut files), (&mut whole, true, &mut full, &mut whole_files)]
+        {
+            let t = Instant::now();
+            let parts = op.snapshot(force)?;
+            let to_arrow = t.elapsed();
+            let kind = parts.iter().find(|p| p.name == "windows").map(|p| p.kind);
+            let expected = if force || id == 1 { PartKind::Base } else { PartKind::Delta };
+            anyhow::ensure!(kind == Some(expected), "checkpoint {id}: {kind:?}, not {expected:?}");
+            let t = Instant::now();
+            let (written, bytes) = write_parts(&store, id + if force { 1_000 } else { 0 }, &parts).await?;
+            let upload = t.elapsed();
+            if id > 1 {
+                times.push((to_arrow, upload, bytes));
+            }
+            // What a restore reads: the chain (base and deltas) and the last meta; or the last whole snapshot.
+            if force {
+                *files = written;
+            } else {
+                files.retain(|f: &nagare_core::checkpoint::StateFile| f.part == "windows");
+                files.extend(written);
+            }
+        }
+    }
+    let mean = |v: &[(Duration, Duration, u64)]| {
+        let n = v.len().max(1) as f64;
+        (
+            v.iter().map(|x| x.0.as_secs_f64()).sum::<f64>() / n,
+            v.iter().map(|x| x.1.as_secs_f64()).sum::<f64>() / n,
+            v.iter().map(|x| x.2 as f64).sum::<f64>() / n,
+        )
+    };
+    let restore = |files: Vec<nagare_core::checkpoint::StateFile>| {
+        let store = &store;
+        async move {
+            let t = Instant::now();
+            let (mut op, _) = tumble_count_sum()?;
+            op.restore(store.read_parts(&files).await?)?;
+            let took = t.elapsed();
+            let mut out = Vec::new();
+            op.on_watermark(i64::MAX, &mut out)?;
+            anyhow::Ok((took, window_rows(&out)))
+        }
+    };
+    let (inc_restore, inc_rows) = restore(files).await?;
+    let (full_restore, full_rows) = restore(whole_files).await?;
+    anyhow::ensure!(inc_rows == full_rows, "the chain restored other windows than the whole snapshot");
+    let (a, b) = (mean(&inc), mean(&full));
+    println!("{:<44} {:>14} {:>16} {:>12}", "per checkpoint (mean)", "to Arrow (ms)", "encode+write (ms)", "MB");
+    println!("{:<44} {:>14.1} {:>16.1} {:>12.2}", "whole (every open window)", b.0 * 1e3, b.1 * 1e3, b.2 / 1e6);
+    println!("{:<44} {:>14.1} {:>16.1} {:>12.2}", "incremental (delta)", a.0 * 1e3, a.1 * 1e3, a.2 / 1e6);
+    println!(
+        "restore: whole {:.2}s, base + {} deltas {:.2}s; {} window rows, the same from both",
+        full_restore.as_secs_f64(),
+        checkpoints,
+        inc_restore.as_secs_f64(),
+        inc_rows.len()
+    );
+    Ok(())
+}
+
 /// CPU seconds (user + system) used by waited-for child processes so far (`cutime` + `cstime` of
 /// /proc/self/stat, in USER_HZ = 100 ticks per second on Linux).
 fn children_cpu_seconds() -> f64 {
@@ -878,6 +1079,9 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Sqs(args) => crate::bench_sqs::bench_sqs(args).await,
         BenchCommand::Json { rows, dir, repeat } => crate::bench_json::bench_json(rows, &dir, repeat),
         BenchCommand::State { keys, new_keys, dir } => bench_state(keys, new_keys, &dir).await,
+        BenchCommand::WindowState { keys, windows, touched, checkpoints, dir } => {
+            bench_window_state(keys, windows, touched, checkpoints, &dir).await
+        }
         BenchCommand::Cluster { rows, dir, parallelism, exchange_mb } => {
             crate::bench_cluster::bench_cluster(rows, &dir, parallelism, exchange_mb).await
         }

@@ -40,6 +40,7 @@ use super::{OperatorContext, event_times, key_groups_of, meta_part, meta_value};
 use crate::error::{EngineError, Result};
 use crate::metrics::NodeMetrics;
 use crate::operator::{Operator, PartKind, StatePart, take_part};
+use crate::state::Chain;
 
 /// Input rows not yet behind the watermark, with their keys evaluated once at arrival.
 struct Pending {
@@ -243,8 +244,8 @@ pub struct DedupOperator {
     scratch: Vec<u8>,
     /// Keep-first, after the first snapshot: groups started since the last snapshot, for an incremental one.
     changes: Option<Changes>,
-    /// Snapshots in the current chain (base and deltas) and the rows they hold.
-    chain: (usize, usize),
+    /// The current chain of snapshots (base and deltas).
+    chain: Chain,
     /// Restoring window-bounded state written before keys began with their window.
     legacy_window_keys: bool,
     ctx: OperatorContext,
@@ -270,10 +271,8 @@ impl Changes {
     }
 }
 
-/// A chain of incremental snapshots is compacted into a new base after this many deltas ...
-const MAX_DELTAS: usize = 50;
-/// ... or once its deltas hold more rows than this many times the live groups (restores would read mostly dead rows).
-const MAX_DELTA_ROWS_PER_GROUP: usize = 1;
+/// A chain of snapshots holds at most this many rows per live group (see [`Chain::new`]).
+const CHAIN_ROWS_PER_GROUP: usize = 1;
 
 impl DedupOperator {
     /// A dedup for `spec`; `in_schema` is its input and `out_schema` its output (input plus the row number).
@@ -319,7 +318,7 @@ impl DedupOperator {
             reported_entries: 0,
             scratch: Vec::with_capacity(64),
             changes: None,
-            chain: (0, 0),
+            chain: Chain::new(CHAIN_ROWS_PER_GROUP),
             legacy_window_keys: false,
             ctx,
         })
@@ -981,9 +980,7 @@ impl Operator for DedupOperator {
         if self.keep == Keep::First {
             kind = PartKind::Base;
             if let Some(changes) = self.changes.as_mut()
-                && !force_full
-                && self.chain.0 <= MAX_DELTAS
-                && self.chain.1 + changes.ends.len() <= self.groups.len().max(1024) * MAX_DELTA_ROWS_PER_GROUP
+                && self.chain.extends(force_full, changes.ends.len(), self.groups.len())
             {
                 let keys = changes.keys.finish();
                 let ends = std::mem::take(&mut changes.ends);
@@ -994,7 +991,7 @@ impl Operator for DedupOperator {
                 let ends = arrow::compute::filter(&Int64Array::from(ends), &live)?;
                 let keep_until = arrow::compute::filter(&Int64Array::from(keep_until), &live)?;
                 let delta = self.groups_batch(keys, ends, keep_until, Vec::new())?;
-                self.chain = (self.chain.0 + 1, self.chain.1 + delta.num_rows());
+                self.chain.wrote(PartKind::Delta, delta.num_rows());
                 return Ok(vec![
                     StatePart::chained("groups", delta, PartKind::Delta),
                     self.pending_part()?,
@@ -1034,7 +1031,7 @@ impl Operator for DedupOperator {
             extra_cols.push((Field::new("last", last.data_type().clone(), false), Arc::new(last)));
         }
         let groups = held.finish(self, extra_cols)?;
-        self.chain = (0, groups.num_rows());
+        self.chain.wrote(kind, groups.num_rows());
         let mut parts = vec![StatePart::chained("groups", groups, kind), self.pending_part()?, self.meta_part()?];
         if self.keep == Keep::Last {
             parts.push(StatePart::new("remembered", remembered.finish(self, Vec::new())?));
@@ -1089,6 +1086,7 @@ mod tests {
 
     use super::*;
     use crate::metrics::NodeMetrics;
+    use crate::state::MAX_DELTAS;
 
     fn schemas() -> (SchemaRef, SchemaRef) {
         let fields = vec![

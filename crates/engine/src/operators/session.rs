@@ -3,6 +3,15 @@
 //! Rows wait until the watermark passes them, then each key's rows are folded in event-time order into its open
 //! session (or start a new one). A session closes when the watermark reaches `last + gap - 1`. A row that arrives
 //! behind the watermark still joins its key's open session if it falls within the gap; otherwise it is late.
+//!
+//! State is checkpointed incrementally, like windows': each session keeps its aggregates as of the last snapshot
+//! (`base`) and those of the rows it got since (`fresh`). A delta holds the sessions opened or extended since the last
+//! snapshot, with their whole extent and `fresh`'s partial aggregate state; a base holds every session whole. Each
+//! row also carries `opened`, the event time of the row that opened the session, which never changes and tells
+//! sessions of one key apart: a restore merges the rows of each (key, opened) into one session (extents grow, so
+//! the union is the latest; partial states merge in any order), then drops the sessions that had closed at the
+//! watermark of the subtask that wrote them. Merging by the gap rule instead would be wrong: a late row may extend
+//! an open session back to within the gap of a closed one of the same key, and the two would be joined.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,16 +28,59 @@ use nagare_sql::window::WindowKind;
 use nagare_sql::{AggregateSpec, WindowAggregateSpec};
 
 use super::window::aggregate_inputs;
-use super::{OperatorContext, event_times, key_groups_of, meta_part, meta_value};
+use super::{OperatorContext, event_times, key_groups_of, meta_value};
 use crate::error::{EngineError, Result};
-use crate::operator::{Operator, StatePart, take_part};
-use crate::state::{StateRows, rows_in};
+use crate::operator::{Operator, PartKind, StatePart, take_part};
+use crate::state::{Chain, Origins, StateRows, chained_meta, rows_in};
+
+type Accumulators = Vec<Box<dyn Accumulator>>;
+/// A session in a chain of snapshots: its key (as an arrow row) and when it opened.
+type SessionId = (Box<[u8]>, i64);
 
 struct Session {
     key: OwnedRow,
+    /// Event time of the row that opened the session: it tells a key's sessions apart in a chain of snapshots.
+    opened: i64,
     start: i64,
     last: i64,
-    accumulators: Vec<Box<dyn Accumulator>>,
+    /// Aggregates as of the last snapshot (none for a session opened since).
+    base: Option<Accumulators>,
+    /// Aggregates of the rows since the last snapshot (none if it got none).
+    fresh: Option<Accumulators>,
+}
+
+fn new_accumulators(aggregates: &[AggregateSpec]) -> Result<Accumulators> {
+    Ok(aggregates.iter().map(|a| a.expr.create_accumulator()).collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Each accumulator's state (which `state()` may consume, so `accs` must not be used after).
+fn states(accs: &mut Accumulators) -> Result<Vec<Vec<ScalarValue>>> {
+    Ok(accs.iter_mut().map(|a| a.state()).collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Merges states (one per accumulator) into `accs`.
+fn merge_states(accs: &mut Accumulators, states: &[Vec<ScalarValue>]) -> Result<()> {
+    for (acc, st) in accs.iter_mut().zip(states) {
+        let arrays = st.iter().map(|v| v.to_array()).collect::<Result<Vec<_>, _>>()?;
+        acc.merge_batch(&arrays)?;
+    }
+    Ok(())
+}
+
+impl Session {
+    /// Folds `fresh` into `base`, returning all the session's aggregates.
+    fn fold(&mut self, aggregates: &[AggregateSpec]) -> Result<&mut Accumulators> {
+        if let Some(mut fresh) = self.fresh.take() {
+            match self.base.as_mut() {
+                None => self.base = Some(fresh),
+                Some(base) => merge_states(base, &states(&mut fresh)?)?,
+            }
+        }
+        if self.base.is_none() {
+            self.base = Some(new_accumulators(aggregates)?);
+        }
+        self.base.as_mut().ok_or_else(|| EngineError::Internal("session without aggregates".into()))
+    }
 }
 
 /// A SESSION aggregate of one subtask.
@@ -47,8 +99,13 @@ pub struct SessionOperator {
     sessions: HashMap<Box<[u8]>, Session>,
     watermark: i64,
     reported_entries: i64,
+    chain: Chain,
     ctx: OperatorContext,
 }
+
+/// A chain of snapshots holds at most this many rows per live one (see [`Chain::new`]): the base about one each, the
+/// deltas (rows updated since, and rows that close before the next base) up to as many again.
+const CHAIN_ROWS_PER_LIVE: usize = 2;
 
 impl SessionOperator {
     /// An operator for `spec` producing `out_schema`.
@@ -76,12 +133,14 @@ impl SessionOperator {
             sessions: HashMap::new(),
             watermark: i64::MIN,
             reported_entries: 0,
+            chain: Chain::new(CHAIN_ROWS_PER_LIVE),
             ctx,
         })
     }
 
-    /// Columns of the `sessions` state part: keys, key group, start, last, then each aggregate's state.
-    fn state_schema(&self) -> Result<SchemaRef> {
+    /// Columns of the `sessions` state part: keys, key group, start, last, opened, then each aggregate's state
+    /// (checkpoints written before snapshots were chained have no `opened`).
+    fn state_schema(&self, opened: bool) -> Result<SchemaRef> {
         let mut fields: Vec<arrow::datatypes::Field> = self
             .key_types
             .iter()
@@ -91,6 +150,9 @@ impl SessionOperator {
         fields.push(arrow::datatypes::Field::new(crate::state::KEY_GROUP, DataType::UInt16, false));
         fields.push(arrow::datatypes::Field::new("start", DataType::Int64, false));
         fields.push(arrow::datatypes::Field::new("last", DataType::Int64, false));
+        if opened {
+            fields.push(arrow::datatypes::Field::new("opened", DataType::Int64, false));
+        }
         for (a, spec) in self.aggregates.iter().enumerate() {
             for (i, f) in spec.expr.state_fields()?.iter().enumerate() {
                 fields.push(arrow::datatypes::Field::new(format!("s{a}_{i}"), f.data_type().clone(), true));
@@ -108,15 +170,23 @@ impl SessionOperator {
     }
 
     fn new_session(&self, key: OwnedRow, t: i64) -> Result<Session> {
-        let accumulators =
-            self.aggregates.iter().map(|a| a.expr.create_accumulator()).collect::<Result<Vec<_>, _>>()?;
-        Ok(Session { key, start: t, last: t, accumulators })
+        let fresh = Some(new_accumulators(&self.aggregates)?);
+        Ok(Session { key, opened: t, start: t, last: t, base: None, fresh })
     }
 
-    /// Folds rows `idx` (of one key, one session) into `session`.
-    fn update(session: &mut Session, inputs: &[(Vec<ArrayRef>, Option<BooleanArray>)], idx: &[u32]) -> Result<()> {
+    /// Folds rows `idx` (of one key, one session) into `session`'s rows since the last snapshot.
+    fn update(
+        session: &mut Session,
+        aggregates: &[AggregateSpec],
+        inputs: &[(Vec<ArrayRef>, Option<BooleanArray>)],
+        idx: &[u32],
+    ) -> Result<()> {
         let idx = UInt32Array::from(idx.to_vec());
-        for (acc, (args, filter)) in session.accumulators.iter_mut().zip(inputs) {
+        let fresh = match &mut session.fresh {
+            Some(fresh) => fresh,
+            None => session.fresh.insert(new_accumulators(aggregates)?),
+        };
+        for (acc, (args, filter)) in fresh.iter_mut().zip(inputs) {
             let mut cols = args.iter().map(|a| take(a, &idx, None)).collect::<Result<Vec<_>, _>>()?;
             if let Some(f) = filter {
                 let f = take(f, &idx, None)?;
@@ -164,9 +234,12 @@ impl SessionOperator {
             }
         }
         let mut closed = closed;
+        let mut all = Vec::with_capacity(closed.len());
+        for s in &mut closed {
+            all.push(s.fold(&self.aggregates)?);
+        }
         for a in 0..self.aggregates.len() {
-            let values =
-                closed.iter_mut().map(|s| s.accumulators[a].evaluate()).collect::<Result<Vec<ScalarValue>, _>>()?;
+            let values = all.iter_mut().map(|accs| accs[a].evaluate()).collect::<Result<Vec<ScalarValue>, _>>()?;
             cols.push(ScalarValue::iter_to_array(values)?);
         }
         let cols = cols
@@ -216,7 +289,7 @@ impl Operator for SessionOperator {
                 Some(s) if t != i64::MIN && t > s.start - self.gap_us && t < s.last + self.gap_us => {
                     s.start = s.start.min(t);
                     s.last = s.last.max(t);
-                    Self::update(s, &inputs, &[i as u32])?;
+                    Self::update(s, &self.aggregates, &inputs, &[i as u32])?;
                 }
                 _ => late.push(i as u32),
             }
@@ -286,7 +359,7 @@ impl Operator for SessionOperator {
                         _ => {
                             if let Some(mut s) = session.take() {
                                 if !segment.is_empty() {
-                                    Self::update(&mut s, &inputs, &segment)?;
+                                    Self::update(&mut s, &self.aggregates, &inputs, &segment)?;
                                     segment.clear();
                                 }
                                 closed.push(s);
@@ -298,7 +371,7 @@ impl Operator for SessionOperator {
                 }
                 if let Some(mut s) = session {
                     if !segment.is_empty() {
-                        Self::update(&mut s, &inputs, &segment)?;
+                        Self::update(&mut s, &self.aggregates, &inputs, &segment)?;
                     }
                     self.sessions.insert(key.as_ref().into(), s);
                 }
@@ -328,34 +401,53 @@ impl Operator for SessionOperator {
         self.sessions.len()
     }
 
-    fn snapshot(&mut self, _force_full: bool) -> Result<Vec<StatePart>> {
-        let schema = self.state_schema()?;
-        let sessions: Vec<&mut Session> = self.sessions.values_mut().collect();
-        let n = sessions.len();
-        let keys = self.converter.convert_rows(sessions.iter().map(|s| s.key.row()))?;
+    fn snapshot(&mut self, force_full: bool) -> Result<Vec<StatePart>> {
+        let schema = self.state_schema(true)?;
+        let touched = self.sessions.values().filter(|s| s.fresh.is_some()).count();
+        let kind = self.chain.next_kind(force_full, touched, self.sessions.len());
+        let aggregates = &self.aggregates;
+        // (session, aggregate states) of each session written.
+        let mut written: Vec<(&Session, Vec<Vec<ScalarValue>>)> = Vec::new();
+        for s in self.sessions.values_mut() {
+            let states = match kind {
+                // Sessions opened or extended since the last snapshot: their extent and the rows' partial state,
+                // which then joins the base.
+                PartKind::Delta => {
+                    let Some(mut fresh) = s.fresh.take() else { continue };
+                    let states = states(&mut fresh)?;
+                    match &mut s.base {
+                        Some(base) => merge_states(base, &states)?,
+                        None => {
+                            let mut base = new_accumulators(aggregates)?;
+                            merge_states(&mut base, &states)?;
+                            s.base = Some(base);
+                        }
+                    }
+                    states
+                }
+                // Every session whole; state() may consume, so it is merged back into new accumulators.
+                PartKind::Base | PartKind::Whole => {
+                    let all = s.fold(aggregates)?;
+                    let states = states(all)?;
+                    let mut base = new_accumulators(aggregates)?;
+                    merge_states(&mut base, &states)?;
+                    s.base = Some(base);
+                    states
+                }
+            };
+            written.push((s, states));
+        }
+        let n = written.len();
+        let keys = self.converter.convert_rows(written.iter().map(|(s, _)| s.key.row()))?;
         let key_groups = key_groups_of(&keys, n, self.ctx.max_parallelism)?;
         let mut cols: Vec<ArrayRef> = keys;
         cols.push(Arc::new(arrow::array::UInt16Array::from(key_groups)));
-        cols.push(Arc::new(arrow::array::Int64Array::from(sessions.iter().map(|s| s.start).collect::<Vec<_>>())));
-        cols.push(Arc::new(arrow::array::Int64Array::from(sessions.iter().map(|s| s.last).collect::<Vec<_>>())));
-        let mut per_session: Vec<Vec<Vec<ScalarValue>>> = Vec::with_capacity(n);
-        let mut sessions = sessions;
-        for s in sessions.iter_mut() {
-            let states = s.accumulators.iter_mut().map(|a| a.state()).collect::<Result<Vec<_>, _>>()?;
-            per_session.push(states);
-        }
-        // state() may consume: fold each session's state back into fresh accumulators.
-        for (s, states) in sessions.iter_mut().zip(&per_session) {
-            for (a, (acc, st)) in s.accumulators.iter_mut().zip(states).enumerate() {
-                let mut fresh = self.aggregates[a].expr.create_accumulator()?;
-                let arrays = st.iter().map(|v| v.to_array()).collect::<Result<Vec<_>, _>>()?;
-                fresh.merge_batch(&arrays)?;
-                *acc = fresh;
-            }
+        for f in [|s: &Session| s.start, |s: &Session| s.last, |s: &Session| s.opened] {
+            cols.push(Arc::new(arrow::array::Int64Array::from(written.iter().map(|(s, _)| f(s)).collect::<Vec<_>>())));
         }
         for (a, spec) in self.aggregates.iter().enumerate() {
             for i in 0..spec.expr.state_fields()?.len() {
-                let values: Vec<ScalarValue> = per_session.iter().map(|s| s[a][i].clone()).collect();
+                let values: Vec<ScalarValue> = written.iter().map(|(_, st)| st[a][i].clone()).collect();
                 let field = schema.field(cols.len());
                 cols.push(if values.is_empty() {
                     arrow::array::new_empty_array(field.data_type())
@@ -370,41 +462,79 @@ impl Operator for SessionOperator {
             .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { arrow::compute::cast(&c, f.data_type()) })
             .collect::<Result<Vec<_>, _>>()?;
         let sessions = RecordBatch::try_new(schema, cols)?;
+        self.chain.wrote(kind, sessions.num_rows());
         let held: Vec<RecordBatch> = self.pending.iter().map(|(b, _)| b.clone()).collect();
         let pending = match held.first() {
             Some(first) => arrow::compute::concat_batches(&first.schema(), &held)?,
             None => RecordBatch::new_empty(self.input_schema.clone()),
         };
         Ok(vec![
-            StatePart::new("sessions", sessions),
+            StatePart::chained("sessions", sessions, kind),
             StatePart::new("pending", pending),
-            meta_part(&[("watermark", self.watermark)])?,
+            chained_meta(self.watermark, self.ctx.key_groups, &[])?,
         ])
     }
 
     fn restore(&mut self, mut parts: Vec<StatePart>) -> Result<()> {
+        let mut origins = Origins::default();
         if let Some(meta) = take_part(&mut parts, "meta") {
             self.watermark = meta_value(&meta, "watermark")?.unwrap_or(i64::MIN);
+            origins = Origins::from_meta(&meta)?;
         }
         if let Some(state) = take_part(&mut parts, "sessions") {
             // By name and type, this subtask's key groups only; then in the operator's own column order.
-            let state = StateRows::mine(state, self.ctx.key_groups, "session state")?.columns(&self.state_schema()?)?;
+            let state = StateRows::mine(state, self.ctx.key_groups, "session state")?;
+            let has_opened = state.has("opened");
+            let state = state.columns(&self.state_schema(has_opened)?)?;
             let n_keys = self.key_types.len();
             let keys = self.converter.convert_columns(&state.columns()[..n_keys])?;
-            let starts = state.column(n_keys + 1).as_primitive::<arrow::datatypes::Int64Type>().clone();
-            let lasts = state.column(n_keys + 2).as_primitive::<arrow::datatypes::Int64Type>().clone();
+            let int = |i: usize| state.column(i).as_primitive::<arrow::datatypes::Int64Type>().clone();
+            let key_groups = state.column(n_keys).as_primitive::<arrow::datatypes::UInt16Type>().clone();
+            let (starts, lasts) = (int(n_keys + 1), int(n_keys + 2));
+            // Whole sessions written before chains: one per key, so its start tells it apart.
+            let opened = if has_opened { int(n_keys + 3) } else { starts.clone() };
+            let first_state = n_keys + 3 + usize::from(has_opened);
+            // The parts of each session (base and deltas), merged: extents by union, states in any order.
+            let mut merged: HashMap<SessionId, (u16, Session)> = HashMap::new();
             for i in 0..state.num_rows() {
-                let mut session = self.new_session(keys.row(i).owned(), starts.value(i))?;
-                session.last = lasts.value(i);
-                let mut col = n_keys + 3;
-                for (acc, spec) in session.accumulators.iter_mut().zip(&self.aggregates) {
+                let id = (keys.row(i).as_ref().into(), opened.value(i));
+                let (_, session) = match merged.entry(id) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let session = Session {
+                            key: keys.row(i).owned(),
+                            opened: opened.value(i),
+                            start: starts.value(i),
+                            last: lasts.value(i),
+                            base: Some(new_accumulators(&self.aggregates)?),
+                            fresh: None,
+                        };
+                        e.insert((key_groups.value(i), session))
+                    }
+                };
+                session.start = session.start.min(starts.value(i));
+                session.last = session.last.max(lasts.value(i));
+                let base = session.base.as_mut().ok_or_else(|| EngineError::Internal("restored session".into()))?;
+                let mut col = first_state;
+                for (acc, spec) in base.iter_mut().zip(&self.aggregates) {
                     let width = spec.expr.state_fields()?.len();
                     let arrays: Vec<ArrayRef> =
                         state.columns()[col..col + width].iter().map(|c| c.slice(i, 1)).collect();
                     acc.merge_batch(&arrays)?;
                     col += width;
                 }
-                self.sessions.insert(keys.row(i).as_ref().into(), session);
+            }
+            // A chain's base and deltas may hold sessions that closed (and were emitted) after they were written.
+            let gap = self.gap_us;
+            for ((key, _), (group, session)) in merged {
+                if origins.closed(group, session.last.saturating_add(gap).saturating_sub(1)) {
+                    continue;
+                }
+                if self.sessions.insert(key, session).is_some() {
+                    return Err(EngineError::Internal(
+                        "the checkpoint holds two open sessions of one key (a bug in how it was written)".into(),
+                    ));
+                }
             }
         }
         if let Some(pending) = take_part(&mut parts, "pending")
@@ -438,8 +568,13 @@ mod tests {
 
     use super::*;
     use crate::metrics::NodeMetrics;
+    use crate::state::testing::{self, ALL, Rng, Step, Stored};
 
     fn setup() -> (SessionOperator, SchemaRef, Arc<NodeMetrics>) {
+        setup_in(ALL)
+    }
+
+    fn setup_in(key_groups: nagare_core::KeyGroupRange) -> (SessionOperator, SchemaRef, Arc<NodeMetrics>) {
         let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None);
         let input = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Int64, true),
@@ -476,7 +611,7 @@ mod tests {
             late_rows: nagare_sql::LateRowPolicy::Drop,
             dead_letter: None,
             max_parallelism: 128,
-            key_groups: nagare_core::KeyGroupRange { start: 0, end: 128 },
+            key_groups,
         };
         (SessionOperator::new(&spec, out, ctx).unwrap(), input, metrics)
     }
@@ -564,5 +699,127 @@ mod tests {
         for cut in 1..3 {
             assert_eq!(run(Some(cut)), whole, "restored before batch {cut}");
         }
+    }
+
+    fn make(range: nagare_core::KeyGroupRange) -> Box<dyn Operator> {
+        Box::new(setup_in(range).0)
+    }
+
+    fn input(rows: &[(i64, i64, i64)]) -> RecordBatch {
+        batch(&setup().1, rows)
+    }
+
+    /// Steps of 5 µs: rows of 8 keys up to 15 behind and 10 ahead of the step, watermark 12 behind; with a gap of 10,
+    /// sessions run over several steps and snapshots, and late rows join open sessions (at either end) or are late.
+    fn random_steps(rng: &mut Rng, from: i64, steps: usize) -> Vec<Step> {
+        (0..steps)
+            .map(|i| {
+                let now = from + i as i64 * 5;
+                let rows = (0..rng.below(7))
+                    .map(|_| (rng.below(8) as i64, now - 15 + rng.below(26) as i64, rng.below(100) as i64))
+                    .collect();
+                (rows, now - 12)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn base_and_deltas_restore_like_an_uninterrupted_run() {
+        let mut deltas = 0;
+        for seed in 0..40 {
+            let steps = random_steps(&mut Rng::new(seed), 0, 60);
+            let plain = rows(&testing::run_plain(&make, &input, &steps));
+            assert!(plain.len() > 10);
+            let (got, restored_deltas) = testing::run_with_restores(&make, &input, &steps, seed);
+            assert_eq!(rows(&got), plain, "seed {seed}");
+            deltas += restored_deltas;
+        }
+        assert!(deltas > 40, "restores read chains with deltas ({deltas})");
+    }
+
+    #[test]
+    fn a_session_closed_after_its_base_is_not_emitted_again_nor_joined_to_the_next() {
+        let (mut op, s, _) = setup();
+        let mut stored = Stored::default();
+        let mut out = Vec::new();
+        op.process(batch(&s, &[(1, 0, 1), (1, 8, 2), (2, 5, 100)]), &mut out).unwrap();
+        op.on_watermark(9, &mut out).unwrap();
+        assert_eq!(stored.store(op.snapshot(false).unwrap()), PartKind::Base);
+        op.on_watermark(17, &mut out).unwrap();
+        assert_eq!(rows(&out), vec![(1, 0, 18, 3), (2, 5, 15, 100)], "closed at 8 + 10 - 1 and 5 + 10 - 1");
+        out.clear();
+        op.process(batch(&s, &[(1, 20, 4)]), &mut out).unwrap();
+        op.on_watermark(25, &mut out).unwrap();
+        // Behind the watermark, 12 joins the open session (12 > 20 - 10), which now starts within the gap of the
+        // closed one: the sessions of key 1 must not be merged by the gap rule on restore.
+        op.process(batch(&s, &[(1, 12, 8)]), &mut out).unwrap();
+        let delta = op.snapshot(false).unwrap();
+        assert_eq!(delta[0].batch.num_rows(), 1, "only the extended session");
+        assert_eq!(stored.store(delta), PartKind::Delta);
+        let (mut restored, _, _) = setup();
+        restored.restore(Stored::parts(&[&stored])).unwrap();
+        assert_eq!(restored.state_entries(), 1);
+        restored.on_watermark(i64::MAX, &mut out).unwrap();
+        assert_eq!(rows(&out), vec![(1, 12, 30, 12)]);
+        assert_eq!(restored.snapshot(false).unwrap()[0].kind, PartKind::Base, "a restore starts a new chain");
+    }
+
+    #[test]
+    fn chains_of_two_subtasks_rescale_to_other_ranges_with_every_session_once() {
+        let ranges = |cuts: &[u32]| -> Vec<nagare_core::KeyGroupRange> {
+            cuts.windows(2).map(|c| nagare_core::KeyGroupRange { start: c[0], end: c[1] }).collect()
+        };
+        for seed in 0..15 {
+            let mut rng = Rng::new(seed);
+            // The second subtask's watermark lags 30 µs behind the first's.
+            let before: Vec<_> = random_steps(&mut rng, 0, 50).into_iter().map(|(rows, w)| (rows, w, w - 30)).collect();
+            let cut = before.last().unwrap().1;
+            // After the restore no row is behind either old subtask's watermark (see the window test).
+            let after: Vec<Step> = random_steps(&mut rng, cut + 20, 30)
+                .into_iter()
+                .map(|(rows, w)| (rows.into_iter().filter(|r| r.1 > cut).collect(), w))
+                .collect();
+            for cuts in [&[0, 128][..], &[0, 40, 128], &[0, 100, 128]] {
+                let (got, want) = testing::run_rescaled(&make, &input, &before, &after, &ranges(cuts), seed);
+                assert_eq!(rows(&got), rows(&want), "seed {seed} into {cuts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn checkpoints_of_whole_session_state_still_restore() {
+        let steps = random_steps(&mut Rng::new(3), 0, 60);
+        let plain = rows(&testing::run_plain(&make, &input, &steps));
+        let (mut op, s, _) = setup();
+        let mut out = Vec::new();
+        for (rows, wm) in &steps[..30] {
+            op.process(batch(&s, rows), &mut out).unwrap();
+            op.on_watermark(*wm, &mut out).unwrap();
+        }
+        // The layout before chains: every session in a whole part without `opened`, meta with the watermark only.
+        let parts: Vec<StatePart> = op
+            .snapshot(true)
+            .unwrap()
+            .into_iter()
+            .map(|p| match p.name.as_str() {
+                "meta" => crate::operators::meta_part(&[("watermark", op.watermark)]).unwrap(),
+                "sessions" => {
+                    let mut b = p.batch;
+                    b.remove_column(b.schema().index_of("opened").unwrap());
+                    StatePart::new("sessions", b)
+                }
+                _ => p,
+            })
+            .collect();
+        assert!(parts.iter().any(|p| p.name == "sessions" && p.batch.num_rows() > 0));
+        assert!(parts.iter().any(|p| p.name == "pending" && p.batch.num_rows() > 0));
+        let (mut restored, _, _) = setup();
+        restored.restore(parts).unwrap();
+        for (rows, wm) in &steps[30..] {
+            restored.process(batch(&s, rows), &mut out).unwrap();
+            restored.on_watermark(*wm, &mut out).unwrap();
+        }
+        restored.on_watermark(i64::MAX, &mut out).unwrap();
+        assert_eq!(rows(&out), plain);
     }
 }

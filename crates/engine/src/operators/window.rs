@@ -3,6 +3,13 @@
 //! Each open window keeps DataFusion's [`GroupValues`] (key → group index) and one [`GroupsAccumulator`] per
 //! aggregate, so rows are folded in batch at a time. A window `[start, end)` closes when the watermark reaches
 //! `end - 1`; then all its groups are evaluated at once. A row whose windows have all closed is late.
+//!
+//! State is checkpointed incrementally. Each window keeps two sets of groups: `base`, its aggregates as of the last
+//! snapshot, and `fresh`, the aggregates of the rows since (which is all `process` touches). A delta holds `fresh`'s
+//! partial aggregate states for the windows touched since the last snapshot, which are then merged into `base`; a
+//! base holds every open window whole. Restoring merges the base and every delta (partial states merge in any
+//! order). Windows that closed after a base was written are still in it: a restore drops the rows whose window had
+//! closed at the watermark of the subtask that wrote them (its `meta` row gives its key-group range and watermark).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,14 +26,72 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use nagare_sql::window::WindowKind;
 use nagare_sql::{AggregateSpec, WindowAggregateSpec};
 
-use super::{OperatorContext, event_times, key_groups_of, meta_part, meta_value};
+use super::{OperatorContext, event_times, key_groups_of, meta_value};
 use crate::error::{EngineError, Result};
-use crate::operator::{Operator, StatePart, take_part};
-use crate::state::StateRows;
+use crate::operator::{Operator, PartKind, StatePart, take_part};
+use crate::state::{Chain, Origins, StateRows, chained_meta};
 
-struct OpenWindow {
+/// Keys (group values) and their aggregate states.
+struct Groups {
     groups: Box<dyn GroupValues>,
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
+}
+
+impl Groups {
+    fn new(key_schema: &SchemaRef, aggregates: &[AggregateSpec]) -> Result<Groups> {
+        let groups = new_group_values(key_schema.clone(), &GroupOrdering::None)?;
+        let accumulators = aggregates.iter().map(|a| new_accumulator(&a.expr)).collect::<Result<_>>()?;
+        Ok(Groups { groups, accumulators })
+    }
+
+    fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Takes every group out: its keys, and each aggregate's state columns.
+    fn take(&mut self) -> Result<(Vec<ArrayRef>, Vec<Vec<ArrayRef>>)> {
+        let keys = self.groups.emit(EmitTo::All)?;
+        let states = self.accumulators.iter_mut().map(|a| a.state(EmitTo::All)).collect::<Result<Vec<_>, _>>()?;
+        Ok((keys, states))
+    }
+
+    /// Merges partial states (of keys `keys`, one set of state columns per aggregate) into these groups.
+    fn merge(&mut self, keys: &[ArrayRef], states: &[Vec<ArrayRef>]) -> Result<()> {
+        let mut ids = Vec::new();
+        self.groups.intern(keys, &mut ids)?;
+        let total = self.groups.len();
+        for (acc, st) in self.accumulators.iter_mut().zip(states) {
+            acc.merge_batch(st, &ids, total)?;
+        }
+        Ok(())
+    }
+}
+
+/// One open window: its aggregates as of the last snapshot, and those of the rows it got since.
+struct OpenWindow {
+    base: Option<Groups>,
+    fresh: Option<Groups>,
+}
+
+impl OpenWindow {
+    /// Folds `fresh` into `base`, returning the window's every group.
+    fn fold(&mut self) -> Result<Option<&mut Groups>> {
+        if let Some(mut fresh) = self.fresh.take() {
+            match self.base.as_mut() {
+                None => self.base = Some(fresh),
+                Some(base) => {
+                    let (keys, states) = fresh.take()?;
+                    base.merge(&keys, &states)?;
+                }
+            }
+        }
+        Ok(self.base.as_mut())
+    }
+
+    /// Groups held, counting a key updated since the last snapshot twice (once in each set).
+    fn len(&self) -> usize {
+        self.base.as_ref().map_or(0, Groups::len) + self.fresh.as_ref().map_or(0, Groups::len)
+    }
 }
 
 /// A TUMBLE or HOP aggregate of one subtask.
@@ -43,8 +108,13 @@ pub struct WindowAggregateOperator {
     windows: BTreeMap<i64, OpenWindow>,
     watermark: i64,
     reported_entries: i64,
+    chain: Chain,
     ctx: OperatorContext,
 }
+
+/// A chain of snapshots holds at most this many rows per live one (see [`Chain::new`]): the base about one each, the
+/// deltas (rows updated since, and rows that close before the next base) up to as many again.
+const CHAIN_ROWS_PER_LIVE: usize = 2;
 
 impl WindowAggregateOperator {
     /// An operator for `spec` producing `out_schema`.
@@ -79,6 +149,7 @@ impl WindowAggregateOperator {
             windows: BTreeMap::new(),
             watermark: i64::MIN,
             reported_entries: 0,
+            chain: Chain::new(CHAIN_ROWS_PER_LIVE),
             ctx,
         })
     }
@@ -96,10 +167,26 @@ impl WindowAggregateOperator {
         Ok(Arc::new(Schema::new(fields)))
     }
 
-    fn new_window(&self) -> Result<OpenWindow> {
-        let groups = new_group_values(self.key_schema.clone(), &GroupOrdering::None)?;
-        let accumulators = self.aggregates.iter().map(|a| new_accumulator(&a.expr)).collect::<Result<_>>()?;
-        Ok(OpenWindow { groups, accumulators })
+    /// The last event time of the window starting at `start`: it closes when the watermark reaches it.
+    fn closes_at(&self, start: i64) -> i64 {
+        start.saturating_add(self.size_us).saturating_sub(1)
+    }
+
+    /// State rows of window `start`: keys `keys` with aggregate states `states`.
+    fn state_rows(
+        &self,
+        schema: &SchemaRef,
+        start: i64,
+        keys: Vec<ArrayRef>,
+        states: Vec<Vec<ArrayRef>>,
+    ) -> Result<RecordBatch> {
+        let n = keys.first().map_or(0, |k| k.len());
+        let key_groups = key_groups_of(&keys, n, self.ctx.max_parallelism)?;
+        let mut cols: Vec<ArrayRef> = vec![Arc::new(arrow::array::Int64Array::from_value(start, n))];
+        cols.extend(keys);
+        cols.push(Arc::new(arrow::array::UInt16Array::from(key_groups)));
+        cols.extend(states.into_iter().flatten());
+        Ok(RecordBatch::try_new(schema.clone(), cols)?)
     }
 
     /// The windows (starts) containing `t`.
@@ -113,7 +200,7 @@ impl WindowAggregateOperator {
         }
     }
 
-    fn emit(&self, start: i64, mut window: OpenWindow) -> Result<Option<RecordBatch>> {
+    fn emit(&self, start: i64, window: &mut Groups) -> Result<Option<RecordBatch>> {
         let n = window.groups.len();
         if n == 0 {
             return Ok(None);
@@ -162,7 +249,7 @@ impl WindowAggregateOperator {
     }
 
     fn report_state(&mut self) {
-        let entries: i64 = self.windows.values().map(|w| w.groups.len() as i64).sum();
+        let entries = self.state_entries() as i64;
         self.ctx.metrics.state_entries.fetch_add(entries - self.reported_entries, std::sync::atomic::Ordering::Relaxed);
         self.reported_entries = entries;
     }
@@ -248,11 +335,11 @@ impl Operator for WindowAggregateOperator {
         }
         let mut group_ids = Vec::new();
         for (start, rows) in by_window {
-            if !self.windows.contains_key(&start) {
-                let w = self.new_window()?;
-                self.windows.insert(start, w);
+            let window = self.windows.entry(start).or_insert(OpenWindow { base: None, fresh: None });
+            if window.fresh.is_none() {
+                window.fresh = Some(Groups::new(&self.key_schema, &self.aggregates)?);
             }
-            let window = self.windows.get_mut(&start).ok_or_else(|| EngineError::Internal("window vanished".into()))?;
+            let window = window.fresh.as_mut().ok_or_else(|| EngineError::Internal("window vanished".into()))?;
             let all = rows.len() == n;
             let idx = UInt32Array::from(rows);
             let key_cols = if all { keys.clone() } else { take_all(&keys, &idx)? };
@@ -284,8 +371,10 @@ impl Operator for WindowAggregateOperator {
             if start.saturating_add(self.size_us).saturating_sub(1) > watermark {
                 break;
             }
-            let Some((start, window)) = self.windows.pop_first() else { break };
-            if let Some(batch) = self.emit(start, window)? {
+            let Some((start, mut window)) = self.windows.pop_first() else { break };
+            if let Some(groups) = window.fold()?
+                && let Some(batch) = self.emit(start, groups)?
+            {
                 out.push(batch);
             }
         }
@@ -294,66 +383,92 @@ impl Operator for WindowAggregateOperator {
     }
 
     fn state_entries(&self) -> usize {
-        self.windows.values().map(|w| w.groups.len()).sum()
+        self.windows.values().map(OpenWindow::len).sum()
     }
 
-    fn snapshot(&mut self, _force_full: bool) -> Result<Vec<StatePart>> {
+    fn snapshot(&mut self, force_full: bool) -> Result<Vec<StatePart>> {
         let schema = self.state_schema()?;
-        let mut batches = Vec::with_capacity(self.windows.len());
-        let starts: Vec<i64> = self.windows.keys().copied().collect();
-        for start in starts {
-            let Some(window) = self.windows.get_mut(&start) else { continue };
-            let n = window.groups.len();
-            if n == 0 {
-                continue;
+        let touched: usize = self.windows.values().filter_map(|w| w.fresh.as_ref()).map(Groups::len).sum();
+        let kind = self.chain.next_kind(force_full, touched, self.state_entries());
+        let mut windows = std::mem::take(&mut self.windows);
+        let mut batches = Vec::new();
+        let mut write = |start: i64, window: &mut OpenWindow| -> Result<()> {
+            match kind {
+                // The rows since the last snapshot, as partial aggregates; then part of the base.
+                PartKind::Delta => {
+                    let Some(mut fresh) = window.fresh.take() else { return Ok(()) };
+                    if fresh.len() == 0 {
+                        return Ok(());
+                    }
+                    let (keys, states) = fresh.take()?;
+                    match window.base.as_mut() {
+                        Some(base) => base.merge(&keys, &states)?,
+                        None => {
+                            let mut base = Groups::new(&self.key_schema, &self.aggregates)?;
+                            base.merge(&keys, &states)?;
+                            window.base = Some(base);
+                        }
+                    }
+                    batches.push(self.state_rows(&schema, start, keys, states)?);
+                }
+                // Every group; emitting empties them, so the same values are merged straight back.
+                PartKind::Base | PartKind::Whole => {
+                    let Some(groups) = window.fold()? else { return Ok(()) };
+                    if groups.len() == 0 {
+                        return Ok(());
+                    }
+                    let (keys, states) = groups.take()?;
+                    groups.merge(&keys, &states)?;
+                    batches.push(self.state_rows(&schema, start, keys, states)?);
+                }
             }
-            // Emitting empties the window; the same values are merged straight back.
-            let keys = window.groups.emit(EmitTo::All)?;
-            let states = window.accumulators.iter_mut().map(|a| a.state(EmitTo::All)).collect::<Result<Vec<_>, _>>()?;
-            let mut ids = Vec::new();
-            window.groups.intern(&keys, &mut ids)?;
-            for (acc, st) in window.accumulators.iter_mut().zip(&states) {
-                acc.merge_batch(st, &ids, n)?;
-            }
-            let key_groups = key_groups_of(&keys, n, self.ctx.max_parallelism)?;
-            let mut cols: Vec<ArrayRef> = vec![Arc::new(arrow::array::Int64Array::from_value(start, n))];
-            cols.extend(keys);
-            cols.push(Arc::new(arrow::array::UInt16Array::from(key_groups)));
-            cols.extend(states.into_iter().flatten());
-            batches.push(RecordBatch::try_new(schema.clone(), cols)?);
-        }
-        let windows = arrow::compute::concat_batches(&schema, &batches)?;
-        Ok(vec![StatePart::new("windows", windows), meta_part(&[("watermark", self.watermark)])?])
+            Ok(())
+        };
+        let written = windows.iter_mut().try_for_each(|(start, window)| write(*start, window));
+        self.windows = windows;
+        written?;
+        let rows = arrow::compute::concat_batches(&schema, &batches)?;
+        self.chain.wrote(kind, rows.num_rows());
+        Ok(vec![StatePart::chained("windows", rows, kind), chained_meta(self.watermark, self.ctx.key_groups, &[])?])
     }
 
     fn restore(&mut self, mut parts: Vec<StatePart>) -> Result<()> {
+        let mut origins = Origins::default();
         if let Some(meta) = take_part(&mut parts, "meta") {
             self.watermark = meta_value(&meta, "watermark")?.unwrap_or(i64::MIN);
+            origins = Origins::from_meta(&meta)?;
         }
         if let Some(state) = take_part(&mut parts, "windows") {
             // By name and type, this subtask's key groups only; then in the operator's own column order.
             let state = StateRows::mine(state, self.ctx.key_groups, "window state")?.columns(&self.state_schema()?)?;
+            // A chain's base and deltas may hold windows that closed (and were emitted) after they were written.
+            let starts = state.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+            let closes: Vec<i64> = starts.values().iter().map(|s| self.closes_at(*s)).collect();
+            let state = origins.keep_open(&state, &closes)?;
             let n_keys = self.key_schema.fields().len();
             let starts = state.column(0).as_primitive::<arrow::datatypes::Int64Type>().clone();
             let mut by_window: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
             for i in 0..state.num_rows() {
                 by_window.entry(starts.value(i)).or_default().push(i as u32);
             }
-            let mut ids = Vec::new();
+            let mut widths = Vec::new();
+            for spec in &self.aggregates {
+                widths.push(spec.expr.state_fields()?.len());
+            }
+            // Partial aggregates of one key (a base's and deltas') merge into one group, in any order.
             for (start, rows) in by_window {
                 let idx = UInt32Array::from(rows);
                 let rows = arrow::compute::take_record_batch(&state, &idx)?;
                 let keys: Vec<ArrayRef> = rows.columns()[1..1 + n_keys].to_vec();
-                let mut window = self.new_window()?;
-                window.groups.intern(&keys, &mut ids)?;
-                let total = window.groups.len();
+                let mut states = Vec::with_capacity(widths.len());
                 let mut col = 2 + n_keys;
-                for (acc, spec) in window.accumulators.iter_mut().zip(&self.aggregates) {
-                    let width = spec.expr.state_fields()?.len();
-                    acc.merge_batch(&rows.columns()[col..col + width], &ids, total)?;
+                for width in &widths {
+                    states.push(rows.columns()[col..col + width].to_vec());
                     col += width;
                 }
-                self.windows.insert(start, window);
+                let mut window = Groups::new(&self.key_schema, &self.aggregates)?;
+                window.merge(&keys, &states)?;
+                self.windows.insert(start, OpenWindow { base: Some(window), fresh: None });
             }
         }
         if let Some(p) = parts.first() {
@@ -378,6 +493,7 @@ mod tests {
 
     use super::*;
     use crate::metrics::NodeMetrics;
+    use crate::state::testing::{self, ALL, Rng, Step, Stored};
 
     fn input_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -407,6 +523,13 @@ mod tests {
     }
 
     fn op(window: WindowKind) -> (WindowAggregateOperator, SchemaRef, Arc<NodeMetrics>) {
+        op_in(window, ALL)
+    }
+
+    fn op_in(
+        window: WindowKind,
+        key_groups: nagare_core::KeyGroupRange,
+    ) -> (WindowAggregateOperator, SchemaRef, Arc<NodeMetrics>) {
         let input = input_schema();
         let ts = input.field(1).data_type().clone();
         let out = Arc::new(Schema::new(vec![
@@ -430,7 +553,7 @@ mod tests {
             late_rows: nagare_sql::LateRowPolicy::Drop,
             dead_letter: None,
             max_parallelism: 128,
-            key_groups: nagare_core::KeyGroupRange { start: 0, end: 128 },
+            key_groups,
         };
         (WindowAggregateOperator::new(&spec, out, ctx).unwrap(), input, metrics)
     }
@@ -529,6 +652,136 @@ mod tests {
             for cut in 1..3 {
                 assert_eq!(run(Some(cut)), whole, "{window:?} restored before batch {cut}");
             }
+        }
+    }
+
+    const WINDOWS: [WindowKind; 2] =
+        [WindowKind::Tumble { size_us: 100 }, WindowKind::Hop { slide_us: 50, size_us: 150 }];
+
+    fn make(window: WindowKind) -> impl Fn(nagare_core::KeyGroupRange) -> Box<dyn Operator> {
+        move |range| Box::new(op_in(window, range).0)
+    }
+
+    fn input(rows: &[(i64, i64, i64)]) -> RecordBatch {
+        batch(&input_schema(), rows)
+    }
+
+    /// Steps of 20 µs: rows of 12 keys up to 50 behind and 30 ahead of the step, watermark 40 behind (so some rows
+    /// are late, and a window gets rows over several steps).
+    fn random_steps(rng: &mut Rng, from: i64, steps: usize) -> Vec<Step> {
+        (0..steps)
+            .map(|i| {
+                let now = from + i as i64 * 20;
+                let rows = (0..rng.below(10))
+                    .map(|_| (rng.below(12) as i64, now - 50 + rng.below(80) as i64, rng.below(100) as i64))
+                    .collect();
+                (rows, now - 40)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn base_and_deltas_restore_like_an_uninterrupted_run() {
+        for window in WINDOWS {
+            let mut deltas = 0;
+            for seed in 0..30 {
+                let steps = random_steps(&mut Rng::new(seed), 0, 40);
+                let plain = rows(&testing::run_plain(&make(window), &input, &steps));
+                assert!(!plain.is_empty());
+                let (got, restored_deltas) = testing::run_with_restores(&make(window), &input, &steps, seed);
+                assert_eq!(rows(&got), plain, "{window:?} seed {seed}");
+                deltas += restored_deltas;
+            }
+            assert!(deltas > 30, "{window:?}: restores read chains with deltas ({deltas})");
+        }
+    }
+
+    #[test]
+    fn a_window_closed_after_its_base_was_written_is_not_emitted_again() {
+        for window in WINDOWS {
+            let (mut w, s, _) = op(window);
+            let mut stored = Stored::default();
+            let mut out = Vec::new();
+            w.process(batch(&s, &[(1, 10, 1), (2, 20, 2), (3, 160, 3)]), &mut out).unwrap();
+            let base = w.snapshot(false).unwrap();
+            let base_rows = base[0].batch.num_rows();
+            assert_eq!(stored.store(base), PartKind::Base);
+            w.on_watermark(149, &mut out).unwrap();
+            assert!(!out.is_empty(), "{window:?}: windows before 150 have closed");
+            let before = rows(&out);
+            w.process(batch(&s, &[(3, 170, 4)]), &mut out).unwrap();
+            let delta = w.snapshot(false).unwrap();
+            assert!(delta[0].batch.num_rows() < base_rows, "{window:?}: the delta holds the touched windows only");
+            assert_eq!(stored.store(delta), PartKind::Delta);
+            let (mut restored, _, _) = op(window);
+            restored.restore(Stored::parts(&[&stored])).unwrap();
+            let mut after = Vec::new();
+            restored.on_watermark(i64::MAX, &mut after).unwrap();
+            w.on_watermark(i64::MAX, &mut out).unwrap();
+            let after = rows(&after);
+            assert!(after.iter().all(|r| !before.contains(r)), "{window:?}: emitted again: {after:?}");
+            assert_eq!([before, after].concat(), rows(&out), "{window:?}");
+            assert_eq!(restored.snapshot(false).unwrap()[0].kind, PartKind::Base, "a restore starts a new chain");
+        }
+    }
+
+    #[test]
+    fn chains_of_two_subtasks_rescale_to_other_ranges_with_every_window_once() {
+        let ranges = |cuts: &[u32]| -> Vec<nagare_core::KeyGroupRange> {
+            cuts.windows(2).map(|c| nagare_core::KeyGroupRange { start: c[0], end: c[1] }).collect()
+        };
+        for window in WINDOWS {
+            for seed in 0..10 {
+                let mut rng = Rng::new(seed);
+                // The second subtask's watermark lags 100 µs behind the first's.
+                let before: Vec<_> =
+                    random_steps(&mut rng, 0, 30).into_iter().map(|(rows, w)| (rows, w, w - 100)).collect();
+                let cut = before.last().unwrap().1;
+                // After the restore, no row is late at either old subtask (a row late at one but not at the other
+                // would be counted by a merged subtask, whose watermark is the smaller one, as it was before).
+                let after: Vec<Step> = random_steps(&mut rng, cut + 60, 20)
+                    .into_iter()
+                    .map(|(rows, w)| (rows.into_iter().filter(|r| r.1 > cut).collect(), w))
+                    .collect();
+                for cuts in [&[0, 128][..], &[0, 40, 128], &[0, 100, 128]] {
+                    let (got, want) =
+                        testing::run_rescaled(&make(window), &input, &before, &after, &ranges(cuts), seed);
+                    assert_eq!(rows(&got), rows(&want), "{window:?} seed {seed} into {cuts:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn checkpoints_of_whole_window_state_still_restore() {
+        for window in WINDOWS {
+            let steps = random_steps(&mut Rng::new(7), 0, 30);
+            let plain = rows(&testing::run_plain(&make(window), &input, &steps));
+            let (mut w, s, _) = op(window);
+            let mut out = Vec::new();
+            for (rows, wm) in &steps[..15] {
+                w.process(batch(&s, rows), &mut out).unwrap();
+                w.on_watermark(*wm, &mut out).unwrap();
+            }
+            // The layout before chains: every open window in a whole part, meta with the watermark only.
+            let parts: Vec<StatePart> = w
+                .snapshot(true)
+                .unwrap()
+                .into_iter()
+                .map(|p| match p.name.as_str() {
+                    "meta" => crate::operators::meta_part(&[("watermark", w.watermark)]).unwrap(),
+                    _ => StatePart::new(&p.name, p.batch),
+                })
+                .collect();
+            assert!(parts.iter().any(|p| p.name == "windows" && p.batch.num_rows() > 0));
+            let (mut restored, _, _) = op(window);
+            restored.restore(parts).unwrap();
+            for (rows, wm) in &steps[15..] {
+                restored.process(batch(&s, rows), &mut out).unwrap();
+                restored.on_watermark(*wm, &mut out).unwrap();
+            }
+            restored.on_watermark(i64::MAX, &mut out).unwrap();
+            assert_eq!(rows(&out), plain, "{window:?}");
         }
     }
 }
