@@ -271,7 +271,9 @@ impl Changes {
     }
 }
 
-/// A chain of snapshots holds at most this many rows per live group (see [`Chain::new`]).
+/// A chain of snapshots holds at most this many rows per group in the table (see [`Chain::new`]). The table counts
+/// expired groups until a sweep and a base leaves them out, so even at 1 a dedup whose keys expire as fast as new
+/// ones come (its usual steady state) writes several deltas per base (tested below).
 const CHAIN_ROWS_PER_GROUP: usize = 1;
 
 impl DedupOperator {
@@ -1600,6 +1602,26 @@ mod tests {
                 assert_eq!(deltas > 0, keep == Keep::First && cut > 1, "{keep:?} {scope:?} cut {cut}: {deltas}");
             }
         }
+    }
+
+    #[test]
+    fn a_dedup_whose_keys_expire_as_fast_as_new_ones_come_still_writes_deltas() {
+        let (mut d, s, _) = op(Keep::First, DedupScope::Ttl { ttl_us: 4_000 });
+        let mut out = Vec::new();
+        let kind = |parts: &[StatePart]| parts.iter().find(|p| p.name == "groups").unwrap().kind;
+        let mut kinds = Vec::new();
+        // 1,000 new keys every 1,000 µs, remembered for 4,000 µs: some 4,000-5,000 live keys once steady.
+        for step in 0..40i64 {
+            let ids: Vec<String> = (0..1_000).map(|i| format!("k{step}-{i}")).collect();
+            let rows: Vec<(&str, i64, &str)> = ids.iter().map(|id| (id.as_str(), step * 1_000 + 500, "x")).collect();
+            d.process(batch(&s, &rows), &mut out).unwrap();
+            d.on_watermark(step * 1_000 + 999, &mut out).unwrap();
+            kinds.push(kind(&d.snapshot(false).unwrap()));
+        }
+        let steady = &kinds[20..];
+        let deltas = steady.iter().filter(|k| **k == PartKind::Delta).count();
+        assert!(deltas * 2 >= steady.len(), "steady state: at least every other snapshot a delta: {steady:?}");
+        assert!(steady.contains(&PartKind::Base), "and a new base once the deltas hold as many rows as the state");
     }
 
     #[test]
