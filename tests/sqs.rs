@@ -92,6 +92,13 @@ fn queue_counts(queue: &str) -> (u64, u64) {
     (n("ApproximateNumberOfMessages"), n("ApproximateNumberOfMessagesNotVisible"))
 }
 
+/// A figure of the SQS source's line in a run's summary, e.g. `figure(err, "deleted")`.
+fn figure(err: &str, label: &str) -> u64 {
+    let line = err.lines().rev().find(|l| l.contains("sqs received")).unwrap_or_else(|| panic!("no summary in: {err}"));
+    let after = line.split(&format!("{label} ")).nth(1).unwrap_or_else(|| panic!("no '{label}' in: {err}"));
+    after.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}
+
 /// Every message of the queue deleted. Runs stop only then: a copy that moto's concurrent receives handed out twice
 /// is dropped by the dedup and deleted while the job runs, but one received after the final checkpoint would stay
 /// in flight until its visibility timeout (as designed: it was never handed downstream).
@@ -152,10 +159,7 @@ fn eventbridge_events_land_in_bigquery_once_with_their_fields() {
     // The run's summary has the source's own figures: every message received was deleted (EventBridge and SQS may
     // deliver one more than once; a second copy's delete may then fail because the first one's removed the
     // message: the queue being empty below is what counts).
-    let figure = |label: &str| -> u64 {
-        let after = err.split(&format!("{label} ")).nth(1).unwrap_or_else(|| panic!("no '{label}' in: {err}"));
-        after.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
-    };
+    let figure = |label: &str| figure(&err, label);
     assert!(figure("sqs received") >= N as u64, "{err}");
     assert_eq!(figure("deleted") + figure("delete errors"), figure("sqs received"), "{err}");
     assert!(figure("deleted") >= N as u64, "{err}");
@@ -540,6 +544,41 @@ fn web_identity_credentials_sign_the_calls_and_wrong_keys_are_refused() {
         assert!(err.contains(code) && err.contains(&queue), "{code}: {err}");
         assert!(!err.contains(secret), "the secret reached the output: {err}");
     }
+}
+
+#[test]
+fn a_stopped_job_gives_back_the_messages_it_had_not_handed_on() {
+    const N: usize = 200;
+    let _ = bigquery();
+    let name = unique("sqsstop");
+    bq_dataset(&name);
+    // Received messages stay hidden for 10 minutes: a stop that left them so would hold them back that long.
+    let queue = aws(&["queue", &name, "600"]);
+    let dir = tempfile::tempdir().unwrap();
+    let bodies = dir.path().join("bodies.txt");
+    std::fs::write(&bodies, (0..N).map(|n| event_body(n, &name)).collect::<Vec<_>>().join("\n")).unwrap();
+    assert_eq!(aws(&["send", &queue, bodies.to_str().unwrap()]), N.to_string());
+    let sql = dir.path().join("p.sql");
+    // 10 rows a second: the receivers fill the hand-over channel well ahead of what the source hands on.
+    let settings = "SET checkpoint_interval = '500ms';\nSET source_rate_limit = 10;";
+    std::fs::write(&sql, pipeline(settings, ", visibility_timeout = '10m'")).unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let (status, err) = run_until(run_cmd(&sql, &name, "events", &queue, &ckpt), Duration::from_secs(60), || {
+        rows_so_far(&name, "events") >= 10
+    });
+    assert!(status.success(), "{err}");
+    assert!(figure(&err, "returned") > 0, "{err}");
+    assert_eq!(figure(&err, "in flight"), 0, "{err}");
+    let (visible, hidden) = queue_counts(&queue);
+    assert_eq!(hidden, 0, "nothing left hidden for its visibility timeout: {err}");
+    assert!(visible > 0 && (visible as usize) < N, "{visible} visible");
+    // The next run takes the rest at once: every event exactly once.
+    std::fs::write(&sql, pipeline("SET checkpoint_interval = '500ms';", ", visibility_timeout = '10m'")).unwrap();
+    let (status, err) = run_until(run_cmd(&sql, &name, "events", &queue, &ckpt), Duration::from_secs(90), || {
+        rows_so_far(&name, "events") >= N as i64 && drained(&queue)
+    });
+    assert!(status.success(), "{err}");
+    assert_eq!(events_in(&name, "events"), (N as i64, N as i64));
 }
 
 #[test]

@@ -69,6 +69,7 @@ struct Counters {
     delete_errors: AtomicU64,
     extensions: AtomicU64,
     receive_errors: AtomicU64,
+    returned: AtomicU64,
 }
 
 /// What the subtask shares with its background tasks.
@@ -144,6 +145,12 @@ impl ConnectorMetrics for Shared {
                 get(&c.receive_errors),
             ),
             counter(
+                "nagare_sqs_messages_returned_total",
+                "SQS messages received but not handed downstream when the job stopped, made visible again at once.",
+                "returned",
+                get(&c.returned),
+            ),
+            counter(
                 "nagare_sqs_delete_errors_total",
                 "SQS messages whose delete failed (they reappear).",
                 "delete errors",
@@ -173,7 +180,10 @@ pub struct SqsSource {
     origin: String,
     shared: Arc<Shared>,
     rx: Option<mpsc::Receiver<Result<Vec<Message>, SqsError>>>,
+    /// The receivers, then the visibility keeper.
     background: Vec<JoinHandle<()>>,
+    /// Tells the receivers to stop after the receive in progress.
+    halt: tokio_util::sync::CancellationToken,
     /// Handles of messages handed downstream since the last checkpoint barrier.
     emitted: Vec<Arc<str>>,
     /// Handles by the checkpoint that covers them, until it completes.
@@ -242,6 +252,7 @@ impl SqsSource {
             shared,
             rx: None,
             background: Vec::new(),
+            halt: tokio_util::sync::CancellationToken::new(),
             emitted: Vec::new(),
             pending: BTreeMap::new(),
             deleter: None,
@@ -268,12 +279,58 @@ impl SqsSource {
         for _ in 0..self.cfg.receivers {
             let (client, shared, cfg, stop, tx) =
                 (self.client.clone(), self.shared.clone(), self.cfg.clone(), self.ctx.stop.clone(), tx.clone());
-            self.background.push(tokio::spawn(receive_loop(client, shared, cfg, stop, tx)));
+            self.background.push(tokio::spawn(receive_loop(client, shared, cfg, stop, self.halt.clone(), tx)));
         }
         let (client, shared, vis) = (self.client.clone(), self.shared.clone(), self.cfg.visibility_timeout);
         self.background.push(tokio::spawn(keep_hidden(client, shared, vis)));
         self.rx = Some(rx);
         self.delete_restored();
+    }
+
+    /// Ends the receivers (each after the receive in progress, which may hand out messages: waiting briefly for it
+    /// keeps them ours to give back) and the visibility keeper; messages they received stay held.
+    async fn stop_receiving(&mut self) {
+        self.halt.cancel();
+        let receivers = self.background.len().saturating_sub(1);
+        let wait = self.cfg.wait_time.min(Duration::from_secs(5)) + Duration::from_secs(1);
+        let deadline = tokio::time::Instant::now() + wait;
+        for t in self.background.iter_mut().take(receivers) {
+            let _ = tokio::time::timeout_at(deadline, t).await;
+        }
+        for t in self.background.drain(..) {
+            t.abort();
+        }
+        self.rx = None;
+    }
+
+    /// Makes the messages still held (received after the final barrier, never handed downstream) visible again at
+    /// once, instead of hidden until their visibility timeout: after a stop or a rescale the next run, or another
+    /// consumer, gets them straight away. One that fails reappears after its timeout as it would have.
+    async fn return_unread(&mut self) {
+        let held: Vec<Arc<str>> = match self.shared.held.lock() {
+            Ok(held) => held.keys().cloned().collect(),
+            Err(_) => return,
+        };
+        if held.is_empty() {
+            return;
+        }
+        let chunks: Vec<Vec<Arc<str>>> = held.chunks(10).map(<[Arc<str>]>::to_vec).collect();
+        let (client, shared) = (&self.client, &self.shared);
+        futures::stream::iter(chunks)
+            .for_each_concurrent(CALLS_IN_FLIGHT, |chunk| async move {
+                let refs: Vec<&str> = chunk.iter().map(|h| &**h).collect();
+                match client.change_visibility_batch(&refs, Duration::ZERO).await {
+                    Ok(failed) => {
+                        let returned = (chunk.len() - failed.len()) as u64;
+                        shared.counters.returned.fetch_add(returned, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(error = %e, messages = chunk.len(), "returning SQS messages failed; they reappear after their visibility timeout"),
+                }
+                shared.release(chunk.iter());
+            })
+            .await;
+        let returned = self.shared.counters.returned.load(Ordering::Relaxed);
+        tracing::info!(returned, queue = %self.cfg.queue_url, "returned messages not handed downstream to the queue");
     }
 
     /// Hands the restored checkpoint's handles to the deleter (once).
@@ -469,22 +526,26 @@ async fn receive_loop(
     shared: Arc<Shared>,
     cfg: SqsConfig,
     stop: tokio_util::sync::CancellationToken,
+    halt: tokio_util::sync::CancellationToken,
     tx: mpsc::Sender<Result<Vec<Message>, SqsError>>,
 ) {
     let mut backoff = Backoff::default();
     loop {
+        if halt.is_cancelled() {
+            return;
+        }
         // Backpressure: no receive call without room for its answer.
         let permit = tokio::select! {
             _ = stop.cancelled() => return,
+            _ = halt.cancelled() => return,
             p = tx.reserve() => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
         };
-        let answer = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = client.receive(cfg.max_messages, cfg.wait_time, cfg.visibility_timeout) => a,
-        };
+        // Never abandoned once sent: SQS may already have handed out messages, which would then stay hidden for
+        // their visibility timeout. A stopping job waits briefly for it (`stop_receiving`) and gives them back.
+        let answer = client.receive(cfg.max_messages, cfg.wait_time, cfg.visibility_timeout).await;
         match answer {
             Ok(messages) => {
                 backoff.reset();
@@ -695,12 +756,15 @@ impl Source for SqsSource {
             self.delete(handles);
         }
         if last {
-            // The task ends after this: every queued delete is done first, so a finished job leaves nothing behind.
+            // The task ends after this: no more receives; every queued delete is done first, so a finished job
+            // leaves nothing behind; what was received but never handed downstream goes back to the queue.
+            self.stop_receiving().await;
             self.delete_restored();
             if let Some((tx, deleter)) = self.deleter.take() {
                 drop(tx);
                 deleter.await.map_err(|e| EngineError::Internal(format!("SQS deleter failed: {e}")))?;
             }
+            self.return_unread().await;
         }
         Ok(())
     }
