@@ -287,18 +287,22 @@ impl SqsSource {
         self.delete_restored();
     }
 
-    /// Ends the receivers (each after the receive in progress, which may hand out messages: waiting briefly for it
-    /// keeps them ours to give back) and the visibility keeper; messages they received stay held.
+    /// Ends the receivers (each after the receive in progress, which may hand out messages that are then ours to
+    /// give back) and the visibility keeper; messages they received stay held. Waiting for a receive in progress
+    /// pays only when its messages would stay hidden longer than it lasts, so the wait is up to the long poll plus
+    /// 10 s when the visibility timeout is longer than that, else 1 s; a receiver still out after the wait gives its
+    /// messages back itself when its answer comes.
     async fn stop_receiving(&mut self) {
         self.halt.cancel();
         let receivers = self.background.len().saturating_sub(1);
-        let wait = self.cfg.wait_time.min(Duration::from_secs(5)) + Duration::from_secs(1);
-        let deadline = tokio::time::Instant::now() + wait;
-        for t in self.background.iter_mut().take(receivers) {
+        let deadline = tokio::time::Instant::now() + receive_grace(&self.cfg);
+        let mut background = std::mem::take(&mut self.background);
+        let keeper = background.pop();
+        for t in background.iter_mut().take(receivers) {
             let _ = tokio::time::timeout_at(deadline, t).await;
         }
-        for t in self.background.drain(..) {
-            t.abort();
+        if let Some(keeper) = keeper {
+            keeper.abort();
         }
         self.rx = None;
     }
@@ -311,24 +315,7 @@ impl SqsSource {
             Ok(held) => held.keys().cloned().collect(),
             Err(_) => return,
         };
-        if held.is_empty() {
-            return;
-        }
-        let chunks: Vec<Vec<Arc<str>>> = held.chunks(10).map(<[Arc<str>]>::to_vec).collect();
-        let (client, shared) = (&self.client, &self.shared);
-        futures::stream::iter(chunks)
-            .for_each_concurrent(CALLS_IN_FLIGHT, |chunk| async move {
-                let refs: Vec<&str> = chunk.iter().map(|h| &**h).collect();
-                match client.change_visibility_batch(&refs, Duration::ZERO).await {
-                    Ok(failed) => {
-                        let returned = (chunk.len() - failed.len()) as u64;
-                        shared.counters.returned.fetch_add(returned, Ordering::Relaxed);
-                    }
-                    Err(e) => tracing::warn!(error = %e, messages = chunk.len(), "returning SQS messages failed; they reappear after their visibility timeout"),
-                }
-                shared.release(chunk.iter());
-            })
-            .await;
+        give_back(&self.client, &self.shared, held).await;
         let returned = self.shared.counters.returned.load(Ordering::Relaxed);
         tracing::info!(returned, queue = %self.cfg.queue_url, "returned messages not handed downstream to the queue");
     }
@@ -544,7 +531,8 @@ async fn receive_loop(
             },
         };
         // Never abandoned once sent: SQS may already have handed out messages, which would then stay hidden for
-        // their visibility timeout. A stopping job waits briefly for it (`stop_receiving`) and gives them back.
+        // their visibility timeout. A stopping job waits for it a while (`stop_receiving`); what it brings after
+        // that, the receiver gives back itself.
         let answer = client.receive(cfg.max_messages, cfg.wait_time, cfg.visibility_timeout).await;
         match answer {
             Ok(messages) => {
@@ -552,8 +540,15 @@ async fn receive_loop(
                 if messages.is_empty() {
                     continue;
                 }
-                shared.hold(&messages, cfg.visibility_timeout);
                 shared.counters.received.fetch_add(messages.len() as u64, Ordering::Relaxed);
+                if halt.is_cancelled() {
+                    // The job stopped while this receive was out and no longer reads: give them back now (this task
+                    // outlives the source when the stop did not wait for it).
+                    give_back(&client, &shared, messages.into_iter().map(|m| Arc::from(m.receipt_handle)).collect())
+                        .await;
+                    return;
+                }
+                shared.hold(&messages, cfg.visibility_timeout);
                 permit.send(Ok(messages));
             }
             Err(e) if e.retriable() => {
@@ -576,6 +571,34 @@ async fn receive_loop(
             }
         }
     }
+}
+
+/// How long a stopping source waits for a receive in progress (see `SqsSource::stop_receiving`).
+fn receive_grace(cfg: &SqsConfig) -> Duration {
+    let longest_receive = cfg.wait_time + Duration::from_secs(10);
+    if cfg.visibility_timeout > longest_receive { longest_receive } else { Duration::from_secs(1) }
+}
+
+/// Makes `handles` visible again at once (ChangeMessageVisibility 0), counted as returned; one that fails reappears
+/// after its visibility timeout.
+async fn give_back(client: &SqsClient, shared: &Arc<Shared>, handles: Vec<Arc<str>>) {
+    if handles.is_empty() {
+        return;
+    }
+    let chunks: Vec<Vec<Arc<str>>> = handles.chunks(10).map(<[Arc<str>]>::to_vec).collect();
+    futures::stream::iter(chunks)
+        .for_each_concurrent(CALLS_IN_FLIGHT, |chunk| async move {
+            let refs: Vec<&str> = chunk.iter().map(|h| &**h).collect();
+            match client.change_visibility_batch(&refs, Duration::ZERO).await {
+                Ok(failed) => {
+                    let returned = (chunk.len() - failed.len()) as u64;
+                    shared.counters.returned.fetch_add(returned, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = %e, messages = chunk.len(), "returning SQS messages failed; they reappear after their visibility timeout"),
+            }
+            shared.release(chunk.iter());
+        })
+        .await;
 }
 
 /// Keeps held messages hidden: once half a message's visibility timeout has passed, renews it.
