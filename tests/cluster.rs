@@ -718,4 +718,18 @@ fn a_secret_option_is_resolved_by_the_workers_and_never_stored() {
         assert!(!text.contains(&secret), "the secret is in {what}");
     }
     assert!(!checkpoints.is_empty(), "checkpoints were read");
+
+    // A secret written into the SQL would be stored with the job: refused at submission, naming the option and
+    // where it is, and not stored.
+    let literal = std::fs::read_to_string(&sql).unwrap().replace("${NAGARE_TEST_SQS_SECRET}", "wR0ngLiteralSecret");
+    std::fs::write(&sql, literal).unwrap();
+    let (ok, _, err) = cli(&api, Some(TOKEN), &args[..args.len() - 2]);
+    assert!(!ok, "a literal secret was accepted");
+    assert!(
+        err.contains("6:")
+            && err.contains("option 'secret_access_key' of table 'events' is a secret written in the SQL"),
+        "{err}"
+    );
+    let (_, jobs, _) = cli(&api, Some(TOKEN), &["jobs"]);
+    assert_eq!(jobs.lines().filter(|l| l.contains("secret")).count(), 1, "not stored: {jobs}");
 }

@@ -94,6 +94,17 @@ impl JobService for Jobs {
         let variables: BTreeMap<String, String> = req.variables.into_iter().collect();
         let pipeline =
             self.registry.plan(&req.sql, req.parallelism, &settings, &variables).await.map_err(|e| plan_error(&e))?;
+        // A cluster keeps a job's SQL and plan in etcd: a secret written into them would be stored as written.
+        for table in pipeline.tables.values() {
+            if let Some((option, at)) = table.options.secret_literals().into_iter().next() {
+                let e = nagare_sql::PlanError::invalid(format!(
+                    "option '{option}' of table '{}' is a secret written in the SQL text, which a cluster stores with                      the job; write '${{VARIABLE}}' and set the variable in the environment of the workers",
+                    table.name
+                ))
+                .at(at);
+                return Err(plan_error(&e));
+            }
+        }
         let name = if req.name.is_empty() { "pipeline".to_string() } else { req.name };
         let jobs = list_jobs(self.store.as_ref()).await.map_err(unavailable)?;
         if let Some(j) = jobs.iter().find(|j| j.name == name && !j.state.is_terminal()) {

@@ -272,6 +272,18 @@ impl Options {
         self.values.get(name).and_then(|(_, l)| *l)
     }
 
+    /// Secret options written as literal values (no `${NAME}`), with where: a cluster would store them with the job.
+    pub fn secret_literals(&self) -> Vec<(&'static str, Option<Location>)> {
+        self.specs
+            .iter()
+            .filter(|s| s.secret)
+            .filter_map(|s| match self.values.get(s.name) {
+                Some((OptionValue::String(text), at)) if !text.contains("${") => Some((s.name, *at)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The `${NAME}` variables that secret options refer to: they are read from the environment of the processes
     /// that use them, so a value given for one at submission is not stored with the job.
     pub fn secret_references(&self) -> Vec<String> {
