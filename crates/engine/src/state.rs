@@ -165,6 +165,12 @@ impl Origins {
         Ok(Origins { ranges })
     }
 
+    /// The highest watermark of any origin: once a restored subtask's own watermark passes it, the origins no longer
+    /// decide anything.
+    pub fn max_watermark(&self) -> Option<i64> {
+        self.ranges.iter().map(|(_, w)| *w).max()
+    }
+
     /// The watermark of the subtask that wrote rows of `key_group`; none for state written without ranges.
     pub fn watermark_of(&self, key_group: u16) -> Option<i64> {
         self.ranges.iter().find(|(r, _)| r.contains(u32::from(key_group))).map(|(_, w)| *w)
