@@ -707,18 +707,17 @@ async fn delete_all(client: SqsClient, shared: Arc<Shared>, handles: Vec<Arc<str
 }
 
 /// Checks before the job starts that the queue exists and these credentials may read it; the error names the AWS
-/// error code and the queue URL.
+/// error code and the queue URL. A missing queue or a refused signature fails at once; an SQS that is unavailable
+/// or throttling (5xx, 429, no answer) is retried with backoff for about a minute first, as a running job would.
 pub async fn prepare(cfg: &SqsConfig) -> Result<(), EngineError> {
     let client = SqsClient::new(cfg)?;
     let mut backoff = Backoff::default();
-    let mut attempts = 0;
     loop {
-        attempts += 1;
         match client.queue_attributes(&["VisibilityTimeout"]).await {
             Ok(_) => return Ok(()),
-            Err(e @ SqsError::Network { .. }) | Err(e @ SqsError::Aws { .. }) if e.retriable() && attempts < 4 => {
-                let d = backoff.next_delay().unwrap_or(Duration::from_secs(1));
-                tracing::warn!(error = %e, "checking the SQS queue failed; retrying");
+            Err(e @ SqsError::Network { .. }) | Err(e @ SqsError::Aws { .. }) if e.retriable() => {
+                let Some(d) = backoff.next_delay() else { return Err(EngineError::Config(e.to_string())) };
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "checking the SQS queue failed; retrying");
                 tokio::time::sleep(d).await;
             }
             Err(e) => return Err(EngineError::Config(e.to_string())),
