@@ -358,14 +358,7 @@ fn dedup_with_keys(keys: usize) -> Result<(nagare_engine::operators::dedup::Dedu
         keep: nagare_sql::Keep::First,
         scope: nagare_sql::DedupScope::Ttl { ttl_us: 600_000_000 },
     };
-    let ctx = nagare_engine::operators::OperatorContext {
-        label: "dedup".into(),
-        metrics: Arc::new(nagare_engine::metrics::NodeMetrics::new(0, "dedup".into(), "dedup", 1)),
-        late_rows: nagare_sql::LateRowPolicy::Drop,
-        dead_letter: None,
-        max_parallelism: 128,
-        key_groups: nagare_core::KeyGroupRange { start: 0, end: 128 },
-    };
+    let ctx = whole_range_context("dedup");
     let mut op = nagare_engine::operators::dedup::DedupOperator::new(&spec, input.clone(), output, ctx.clone())?;
     add_keys(&mut op, &input, 0..keys)?;
     Ok((op, input))
@@ -593,14 +586,7 @@ fn tumble_count_sum() -> Result<(nagare_engine::operators::window::WindowAggrega
         Field::new("n", DataType::Int64, false),
         Field::new("s", DataType::Int64, true),
     ]));
-    let ctx = nagare_engine::operators::OperatorContext {
-        label: "window".into(),
-        metrics: Arc::new(nagare_engine::metrics::NodeMetrics::new(0, "window".into(), "window", 1)),
-        late_rows: nagare_sql::LateRowPolicy::Drop,
-        dead_letter: None,
-        max_parallelism: 128,
-        key_groups: nagare_core::KeyGroupRange { start: 0, end: 128 },
-    };
+    let ctx = whole_range_context("window");
     Ok((nagare_engine::operators::window::WindowAggregateOperator::new(&spec, out, ctx)?, input))
 }
 
@@ -1245,5 +1231,17 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The context of a lone operator subtask holding every key group, for the state benchmarks.
+fn whole_range_context(label: &'static str) -> nagare_engine::operators::OperatorContext {
+    nagare_engine::operators::OperatorContext {
+        label: label.into(),
+        metrics: Arc::new(nagare_engine::metrics::NodeMetrics::new(0, label.into(), label, 1)),
+        late_rows: nagare_sql::LateRowPolicy::Drop,
+        dead_letter: None,
+        max_parallelism: 128,
+        key_groups: nagare_core::KeyGroupRange { start: 0, end: 128 },
     }
 }

@@ -366,6 +366,35 @@ pub(crate) mod testing {
         }
     }
 
+    /// How random input steps look: a step every `every` µs with up to `max_rows - 1` rows of `keys` keys, each at
+    /// an event time from `behind` µs before the step to `span - behind - 1` after, and the watermark `lag` behind.
+    pub struct Shape {
+        pub every: i64,
+        pub max_rows: u64,
+        pub keys: u64,
+        pub behind: i64,
+        pub span: u64,
+        pub lag: i64,
+    }
+
+    impl Shape {
+        /// `steps` steps from `from`: rows `(key, time, value)` and the watermark after them.
+        pub fn steps(&self, rng: &mut Rng, from: i64, steps: usize) -> Vec<Step> {
+            (0..steps)
+                .map(|i| {
+                    let now = from + i as i64 * self.every;
+                    let rows = (0..rng.below(self.max_rows))
+                        .map(|_| {
+                            let key = rng.below(self.keys) as i64;
+                            (key, now - self.behind + rng.below(self.span) as i64, rng.below(100) as i64)
+                        })
+                        .collect();
+                    (rows, now - self.lag)
+                })
+                .collect()
+        }
+    }
+
     /// What the task keeps of one subtask's snapshots: the whole parts of the last one, and each chain (base and
     /// deltas) as the uploader extends it.
     #[derive(Default, Clone)]

@@ -294,11 +294,11 @@ impl SqsSource {
     /// messages back itself when its answer comes.
     async fn stop_receiving(&mut self) {
         self.halt.cancel();
-        let receivers = self.background.len().saturating_sub(1);
         let deadline = tokio::time::Instant::now() + receive_grace(&self.cfg);
-        let mut background = std::mem::take(&mut self.background);
-        let keeper = background.pop();
-        for t in background.iter_mut().take(receivers) {
+        // `start` pushed the receivers, then the keeper.
+        let mut receivers = std::mem::take(&mut self.background);
+        let keeper = receivers.pop();
+        for t in &mut receivers {
             let _ = tokio::time::timeout_at(deadline, t).await;
         }
         if let Some(keeper) = keeper {

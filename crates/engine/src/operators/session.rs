@@ -589,7 +589,7 @@ mod tests {
 
     use super::*;
     use crate::metrics::NodeMetrics;
-    use crate::state::testing::{self, ALL, Rng, Step, Stored};
+    use crate::state::testing::{self, ALL, Rng, Shape, Step, Stored};
 
     fn setup() -> (SessionOperator, SchemaRef, Arc<NodeMetrics>) {
         setup_in(ALL)
@@ -733,15 +733,7 @@ mod tests {
     /// Steps of 5 µs: rows of 8 keys up to 15 behind and 10 ahead of the step, watermark 12 behind; with a gap of 10,
     /// sessions run over several steps and snapshots, and late rows join open sessions (at either end) or are late.
     fn random_steps(rng: &mut Rng, from: i64, steps: usize) -> Vec<Step> {
-        (0..steps)
-            .map(|i| {
-                let now = from + i as i64 * 5;
-                let rows = (0..rng.below(7))
-                    .map(|_| (rng.below(8) as i64, now - 15 + rng.below(26) as i64, rng.below(100) as i64))
-                    .collect();
-                (rows, now - 12)
-            })
-            .collect()
+        Shape { every: 5, max_rows: 7, keys: 8, behind: 15, span: 26, lag: 12 }.steps(rng, from, steps)
     }
 
     #[test]

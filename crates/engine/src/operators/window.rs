@@ -515,7 +515,7 @@ mod tests {
 
     use super::*;
     use crate::metrics::NodeMetrics;
-    use crate::state::testing::{self, ALL, Rng, Step, Stored};
+    use crate::state::testing::{self, ALL, Rng, Shape, Step, Stored};
 
     fn input_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -691,15 +691,7 @@ mod tests {
     /// Steps of 20 µs: rows of 12 keys up to 50 behind and 30 ahead of the step, watermark 40 behind (so some rows
     /// are late, and a window gets rows over several steps).
     fn random_steps(rng: &mut Rng, from: i64, steps: usize) -> Vec<Step> {
-        (0..steps)
-            .map(|i| {
-                let now = from + i as i64 * 20;
-                let rows = (0..rng.below(10))
-                    .map(|_| (rng.below(12) as i64, now - 50 + rng.below(80) as i64, rng.below(100) as i64))
-                    .collect();
-                (rows, now - 40)
-            })
-            .collect()
+        Shape { every: 20, max_rows: 10, keys: 12, behind: 50, span: 80, lag: 40 }.steps(rng, from, steps)
     }
 
     #[test]
