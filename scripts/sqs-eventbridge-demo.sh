@@ -12,7 +12,9 @@ eval "$(scripts/services/start-moto.sh | grep -E '^(AWS_|MOTO_PYTHON)' | sed 's/
 eval "$(scripts/services/start-bqemulator.sh | grep -E '^BIGQUERY_' | sed 's/ .*//; s/^/export /')"
 PY="$MOTO_PYTHON"; AWS="scripts/services/moto-aws.py"
 cargo build -q -p nagare-cli
-NAGARE="${CARGO_TARGET_DIR:-target}/debug/nagare"
+# Wherever cargo puts it (the repo's .cargo/config.toml sets a shared target directory).
+NAGARE="$(cargo metadata -q --no-deps --format-version 1 | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/nagare"
+[ -x "$NAGARE" ] || { echo "no nagare binary at $NAGARE" >&2; exit 1; }
 
 RUN="demo$(date +%s)"
 WORK="$(mktemp -d)"; trap 'kill "$PID" 2>/dev/null || true; rm -rf "$WORK"' EXIT
